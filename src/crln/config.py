@@ -1,0 +1,339 @@
+"""Typed run configuration: YAML presets (safe loader), ``key=value`` overrides, strict keys.
+
+A run is described by one :class:`RunConfig` tree. YAML files give any subset of it; ``key=value``
+overrides address nested fields with dots (``optim.lr=0.01``, ``data.patch_size=[64,64,48]``) and
+their values are parsed as YAML scalars/lists. Unknown keys are rejected with the nearest valid
+spelling. The ``method`` section is typed by the chosen method's own config class (see
+:mod:`crln.methods`), so ``method.ema_decay=0.99`` is checked against that method's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crln.errors import CrlnError
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "build_config",
+    "config_to_dict",
+    "load_config",
+    "resolve_preset",
+]
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the cases are and how training patches are drawn."""
+
+    name: str = "LA"  # dataset name, used in the run folder path
+    format: str = "h5"  # {"h5", "nifti"}
+    root: str = ""  # dataset root folder (relative paths are relative to the working directory)
+    train_split: str = "train"  # case list of the training pool (train.list / train.txt / imagesTr)
+    test_split: str = "test"  # case list reported by `crln evaluate`
+    labeled: int = 8  # the first N cases of the training list are labelled (field convention)
+    validation: int = 0  # the last N training cases are held out for checkpoint selection
+    num_classes: int = 2
+    patch_size: tuple[int, int, int] = (112, 112, 80)
+    labeled_batch_size: int = 2
+    unlabeled_batch_size: int = 2
+    rot_flip: bool = True
+    noise_sigma: float = 0.0  # Gaussian noise on training patches (0 = off)
+    noise_clip: float = 0.2
+    num_workers: int = 2
+    pin_memory: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Network architecture."""
+
+    name: str = "vnet"
+    in_channels: int = 1
+    n_filters: int = 16
+    normalization: str = "batchnorm"
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """SGD with a poly learning-rate schedule (the field's and the CRLN paper's setting)."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    grad_clip: float = 0.0  # max gradient norm, 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, seeds, devices, logging and checkpoint cadence."""
+
+    iterations: int = 6000
+    seed: int = 1337
+    deterministic: bool = False  # bit-reproducible kernels (slower on CUDA)
+    device: str = "auto"  # {"auto", "cpu", "cuda", "cuda:N"}
+    amp: str = "auto"  # {"auto", "none", "bf16", "fp16"}; auto = bf16 on CUDA, none on CPU
+    channels_last: str = "auto"  # {"auto", "on", "off"}; auto = on for CUDA
+    compile: bool = False  # torch.compile the networks (CUDA only)
+    threads: int = 0  # torch intra-op threads on CPU, 0 = torch default
+    log_every: int = 10
+    val_every: int = 0  # 0 = validate only at the end (needs data.validation > 0)
+    checkpoint_every: int = 500
+    output_dir: str = "runs"
+    tag: str = "default"
+
+
+@dataclass
+class EvalConfig:
+    """Sliding-window evaluation protocol."""
+
+    stride: tuple[int, int, int] = (18, 18, 4)
+    sw_batch_size: int = 4
+    largest_component: bool = False
+    bootstrap_resamples: int = 100
+    checkpoint: str = "final"  # {"final", "best", "latest"}
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved resolved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # the registered method's config dataclass (has a ``name`` field)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"valid keys: {', '.join(sorted(valid))}{hint}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the field's annotated type, or raise a CrlnError naming ``where``."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            value = [value] * len(args)  # a scalar broadcasts (e.g. patch_size=96)
+        if len(value) != len(args):
+            raise CrlnError(f"config key {where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise CrlnError(f"config key {where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise CrlnError(f"config key {where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CrlnError(f"config key {where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise CrlnError(f"config key {where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise CrlnError(f"config key {where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            full = f"{where}.{key}" if where else str(key)
+            raise CrlnError(f"unknown config key {full}: {_suggest(str(key), list(fields))}")
+        sub = f"{where}.{key}" if where else str(key)
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build_dataclass(annotation, value or {}, sub)
+        else:
+            kwargs[key] = _coerce(value, annotation, sub)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CrlnError(f"config section {where or 'top level'}: {err}") from err
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested mapping.
+
+    Raises:
+        CrlnError: on an unknown key, a value of the wrong type, or an unknown method name.
+    """
+    from crln.methods import method_config_class  # late import: methods depend on config
+
+    raw = dict(raw or {})
+    method_raw = dict(raw.pop("method", None) or {"name": "supervised"})
+    method_name = method_raw.get("name", "supervised")
+    method_cls = method_config_class(str(method_name))
+    config = _build_dataclass(RunConfig, raw, "")
+    config.method = _build_dataclass(method_cls, method_raw, "method")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: RunConfig) -> None:
+    """Range checks that span fields; raises :class:`CrlnError` naming the key."""
+    from crln.models import DOWNSAMPLING_FACTOR
+
+    d = config.data
+    if d.format not in ("h5", "nifti"):
+        raise CrlnError(f"config key data.format: expected 'h5' or 'nifti', got {d.format!r}")
+    if any(s < DOWNSAMPLING_FACTOR or s % DOWNSAMPLING_FACTOR for s in d.patch_size):
+        raise CrlnError(
+            f"config key data.patch_size: every side must be a positive multiple of {DOWNSAMPLING_FACTOR} "
+            f"(VNet down-samples four times), got {list(d.patch_size)}; e.g. 64x64x48 at 0.5 scale"
+        )
+    checks = [
+        ("data.num_classes", d.num_classes >= 2, "an integer >= 2"),
+        ("data.labeled", d.labeled >= 1, "an integer >= 1"),
+        ("data.validation", d.validation >= 0, "an integer >= 0"),
+        ("data.labeled_batch_size", d.labeled_batch_size >= 1, "an integer >= 1"),
+        ("data.unlabeled_batch_size", d.unlabeled_batch_size >= 0, "an integer >= 0"),
+        ("data.num_workers", d.num_workers >= 0, "an integer >= 0"),
+        ("data.noise_sigma", d.noise_sigma >= 0, "a number >= 0"),
+        ("optim.lr", config.optim.lr > 0, "a number > 0"),
+        ("optim.momentum", 0 <= config.optim.momentum < 1, "a number in [0, 1)"),
+        ("optim.weight_decay", config.optim.weight_decay >= 0, "a number >= 0"),
+        ("train.iterations", config.train.iterations >= 1, "an integer >= 1"),
+        ("train.log_every", config.train.log_every >= 1, "an integer >= 1"),
+        ("train.checkpoint_every", config.train.checkpoint_every >= 1, "an integer >= 1"),
+        ("train.val_every", config.train.val_every >= 0, "an integer >= 0"),
+        ("train.amp", config.train.amp in ("auto", "none", "bf16", "fp16"), "one of auto, none, bf16, fp16"),
+        ("train.channels_last", config.train.channels_last in ("auto", "on", "off"), "one of auto, on, off"),
+        ("eval.checkpoint", config.eval.checkpoint in ("final", "best", "latest"), "one of final, best, latest"),
+        ("eval.sw_batch_size", config.eval.sw_batch_size >= 1, "an integer >= 1"),
+        ("eval.stride", all(s >= 1 for s in config.eval.stride), "three integers >= 1"),
+        ("model.name", config.model.name == "vnet", "'vnet'"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            raise CrlnError(f"config key {key}: expected {expected}, got {value!r}")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise CrlnError(f"override {item!r}: expected key=value, e.g. optim.lr=0.01")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise CrlnError(f"override {item!r}: expected a dotted key such as train.iterations")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise CrlnError(f"override {item!r}: value is not valid YAML ({err.__class__.__name__})") from err
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key=value`` override set (dotted keys, YAML values)."""
+    import copy
+
+    out = copy.deepcopy(raw or {})
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise CrlnError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A config path, or the name of a preset in ``configs/`` (``la``, ``la_cpu``, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (PRESET_DIR / name_or_path, PRESET_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+    hint = _suggest(name_or_path, presets).replace("valid keys", "presets") if presets else "no presets found"
+    raise CrlnError(f"config {name_or_path!r}: no such file or preset ({hint})")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise CrlnError(f"config {path}: cannot read ({err.strerror})") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise CrlnError(f"config {path}: invalid YAML{where}") from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CrlnError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset or YAML file, apply ``key=value`` overrides, and validate."""
+    raw = load_yaml(resolve_preset(name_or_path)) if name_or_path else {}
+    return build_config(apply_overrides(raw, overrides or []))
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (lists for tuples) for YAML, JSON and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)

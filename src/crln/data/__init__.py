@@ -1,0 +1,45 @@
+"""Data: readers (h5, NIfTI), validation, phantoms, splits, transforms and the two-stream loader."""
+
+from __future__ import annotations
+
+from crln.data.case import Case
+from crln.data.h5 import H5Dataset, clear_h5_cache, locate_case, read_case_list, read_h5_case, write_h5_case
+from crln.data.loader import Batch, PatchDataset, TwoStreamBatchSampler, collate_two_stream, make_train_loader
+from crln.data.nifti import NiftiDataset, read_nifti_volume, write_nifti
+from crln.data.phantom import make_phantom, write_phantom_h5_dataset, write_phantom_nifti_dataset
+from crln.data.prepare import prepare_h5_dataset, resample_image, resample_label
+from crln.data.splits import Split, split_train
+from crln.data.transforms import AugmentConfig, gaussian_noise, pad_to_size, random_crop, random_rot_flip
+from crln.data.validate import validate_case
+
+__all__ = [
+    "AugmentConfig",
+    "Batch",
+    "Case",
+    "H5Dataset",
+    "NiftiDataset",
+    "PatchDataset",
+    "Split",
+    "TwoStreamBatchSampler",
+    "clear_h5_cache",
+    "collate_two_stream",
+    "gaussian_noise",
+    "locate_case",
+    "make_phantom",
+    "make_train_loader",
+    "pad_to_size",
+    "prepare_h5_dataset",
+    "random_crop",
+    "random_rot_flip",
+    "read_case_list",
+    "read_h5_case",
+    "read_nifti_volume",
+    "resample_image",
+    "resample_label",
+    "split_train",
+    "validate_case",
+    "write_h5_case",
+    "write_nifti",
+    "write_phantom_h5_dataset",
+    "write_phantom_nifti_dataset",
+]

@@ -1,0 +1,292 @@
+"""Deterministic two-stream (labelled + unlabelled) training data.
+
+Every random choice is a pure function of ``(seed, step, slot)`` or ``(seed, stream, epoch)``, so a
+run resumed at step k sees exactly the batches of a straight run, whatever the number of workers:
+
+- :class:`TwoStreamBatchSampler` yields, for each step, keys ``(step, slot, case_index, is_labeled)``;
+- :class:`PatchDataset` turns one key into one augmented patch, drawing from
+  ``np.random.default_rng([seed, step, slot])``;
+- :func:`collate_two_stream` stacks the patches into a :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from crln.data.case import Case
+from crln.data.transforms import AugmentConfig, gaussian_noise, random_crop, random_rot_flip
+from crln.errors import CrlnError
+
+__all__ = [
+    "Batch",
+    "PatchDataset",
+    "TwoStreamBatchSampler",
+    "collate_two_stream",
+    "make_train_loader",
+]
+
+Key = tuple[int, int, int, bool]
+_LABELED_STREAM, _UNLABELED_STREAM = 0, 1
+
+
+@dataclass
+class Batch:
+    """One training step's data.
+
+    Attributes:
+        labeled_image: ``(Bl, C, H, W, D)`` float32 (C = 1 for single-channel data).
+        labeled_label: ``(Bl, H, W, D)`` int64.
+        unlabeled_image: ``(Bu, C, H, W, D)`` float32, or ``None`` when ``Bu = 0``.
+        step: the training step this batch belongs to.
+        case_indices: case index of each labelled then unlabelled item (provenance, determinism checks).
+    """
+
+    labeled_image: torch.Tensor
+    labeled_label: torch.Tensor
+    unlabeled_image: torch.Tensor | None = None
+    step: int = -1
+    case_indices: list[int] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """Move the tensors to ``device``."""
+        return Batch(
+            labeled_image=self.labeled_image.to(device, non_blocking=non_blocking),
+            labeled_label=self.labeled_label.to(device, non_blocking=non_blocking),
+            unlabeled_image=None
+            if self.unlabeled_image is None
+            else self.unlabeled_image.to(device, non_blocking=non_blocking),
+            step=self.step,
+            case_indices=list(self.case_indices),
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (called by ``DataLoader(pin_memory=True)``)."""
+        return Batch(
+            labeled_image=self.labeled_image.pin_memory(),
+            labeled_label=self.labeled_label.pin_memory(),
+            unlabeled_image=None if self.unlabeled_image is None else self.unlabeled_image.pin_memory(),
+            step=self.step,
+            case_indices=list(self.case_indices),
+        )
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Labelled then unlabelled images concatenated, ``(Bl + Bu, C, H, W, D)``."""
+        if self.unlabeled_image is None:
+            return self.labeled_image
+        return torch.cat([self.labeled_image, self.unlabeled_image])
+
+
+class _EpochStream:
+    """An endless walk over ``indices``: epoch e is a permutation, a pure function of (seed, stream, e).
+
+    Each epoch yields ``len // batch`` whole batches (the tail is dropped, as the field's grouper
+    does), so no case repeats within a batch; a set smaller than the batch fills one batch per epoch
+    from successive permutations (repeats unavoidable then).
+    """
+
+    def __init__(self, indices: Sequence[int], batch_size: int, seed: int, stream: int) -> None:
+        self.indices = np.asarray(list(indices), dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
+        n = len(self.indices)
+        self.per_epoch = max(n // batch_size, 1) if batch_size > 0 and n > 0 else 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        n = len(self.indices)
+        reps = -(-self.batch_size // n) if n < self.batch_size else 1
+        order = np.concatenate(
+            [np.random.default_rng([self.seed, self.stream, epoch, r]).permutation(n) for r in range(reps)]
+        )
+        self._cache = (epoch, order)
+        return order
+
+    def batch(self, step: int) -> list[int]:
+        if self.batch_size == 0:
+            return []
+        epoch, b = divmod(step, self.per_epoch)
+        order = self._perm(epoch)
+        return self.indices[order[b * self.batch_size : (b + 1) * self.batch_size]].tolist()
+
+
+class TwoStreamBatchSampler(Sampler[list[Key]]):
+    """Yields, for steps ``start_step .. num_steps - 1``, the keys ``(step, slot, case_index, is_labeled)``.
+
+    Slots ``0 .. Bl-1`` are labelled, ``Bl .. Bl+Bu-1`` unlabelled. Each stream walks a fresh
+    permutation of its own set per epoch (a pure function of ``(seed, epoch)``), so the batch of step s
+    does not depend on ``start_step``. ``unlabeled_batch_size = 0`` gives a supervised sampler.
+    """
+
+    def __init__(
+        self,
+        labeled_indices: Sequence[int],
+        unlabeled_indices: Sequence[int],
+        labeled_batch_size: int,
+        unlabeled_batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        num_steps: int | None = None,
+    ) -> None:
+        if num_steps is None:
+            raise ValueError("num_steps is required")
+        if labeled_batch_size < 1:
+            raise CrlnError(f"labeled_batch_size = {labeled_batch_size}, expected at least 1")
+        if unlabeled_batch_size < 0:
+            raise CrlnError(f"unlabeled_batch_size = {unlabeled_batch_size}, expected 0 or more")
+        if len(labeled_indices) == 0:
+            raise CrlnError("no labelled cases, expected at least 1")
+        if unlabeled_batch_size > 0 and len(unlabeled_indices) == 0:
+            raise CrlnError(
+                f"unlabeled_batch_size = {unlabeled_batch_size} but there are no unlabelled cases"
+            )
+        if not 0 <= start_step <= num_steps:
+            raise CrlnError(f"start_step = {start_step}, expected within [0, num_steps = {num_steps}]")
+        self.labeled_batch_size = labeled_batch_size
+        self.unlabeled_batch_size = unlabeled_batch_size
+        self.seed = int(seed)
+        self.start_step = int(start_step)
+        self.num_steps = int(num_steps)
+        self._labeled = _EpochStream(labeled_indices, labeled_batch_size, self.seed, _LABELED_STREAM)
+        self._unlabeled = _EpochStream(unlabeled_indices, unlabeled_batch_size, self.seed, _UNLABELED_STREAM)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Labelled batches per labelled epoch."""
+        return self._labeled.per_epoch
+
+    def keys(self, step: int) -> list[Key]:
+        """The keys of one step (a pure function of the step)."""
+        out: list[Key] = [(step, j, i, True) for j, i in enumerate(self._labeled.batch(step))]
+        off = self.labeled_batch_size
+        out += [(step, off + j, i, False) for j, i in enumerate(self._unlabeled.batch(step))]
+        return out
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for step in range(self.start_step, self.num_steps):
+            yield self.keys(step)
+
+    def __len__(self) -> int:
+        return self.num_steps - self.start_step
+
+
+class PatchDataset(Dataset):
+    """Augmented patches of in-memory cases, addressed by sampler keys.
+
+    ``__getitem__((step, slot, case_index, is_labeled))`` draws all randomness from
+    ``np.random.default_rng([seed, step, slot])``: rot/flip (on the whole volume, as the field does),
+    random crop (padding volumes smaller than the patch), then Gaussian noise.
+
+    Returns a dict: ``image`` ``(C, h, w, d)`` float32 tensor, ``label`` ``(h, w, d)`` int64 tensor
+    (labelled keys only), ``is_labeled``, ``step``, ``case_index``.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        patch_size: Sequence[int],
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise CrlnError(f"patch_size = {tuple(patch_size)}, expected three positive sizes (h, w, d)")
+        self.cases = list(cases)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.augment = augment if augment is not None else AugmentConfig()
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        step, slot, index, is_labeled = key
+        case = self.cases[index]
+        rng = np.random.default_rng([self.seed, step, slot])
+        image = case.image if case.image.ndim == 4 else case.image[None]
+        label = case.label if is_labeled else None
+        if is_labeled and label is None:
+            raise CrlnError(f"{case.source or case.case_id}: case used as labelled but has no label")
+        if self.augment.rot_flip:
+            image, label = random_rot_flip(image, label, rng)
+        image, label = random_crop(image, label, self.patch_size, rng)
+        image = gaussian_noise(image, rng, self.augment.noise_sigma, self.augment.noise_clip)
+        out: dict[str, Any] = {
+            "image": torch.from_numpy(np.array(image, dtype=np.float32, copy=True, order="C")),
+            "is_labeled": bool(is_labeled),
+            "step": int(step),
+            "case_index": int(index),
+        }
+        if label is not None:
+            out["label"] = torch.from_numpy(np.array(label, dtype=np.int64, copy=True, order="C"))
+        return out
+
+
+def collate_two_stream(items: Sequence[dict[str, Any]]) -> Batch:
+    """Stack items into a :class:`Batch`, splitting by each item's ``is_labeled`` flag (order kept)."""
+    lab = [it for it in items if it["is_labeled"]]
+    unl = [it for it in items if not it["is_labeled"]]
+    if not lab:
+        raise CrlnError("batch holds no labelled item, expected at least 1")
+    return Batch(
+        labeled_image=torch.stack([it["image"] for it in lab]),
+        labeled_label=torch.stack([it["label"] for it in lab]),
+        unlabeled_image=torch.stack([it["image"] for it in unl]) if unl else None,
+        step=int(items[0].get("step", -1)),
+        case_indices=[int(it.get("case_index", -1)) for it in lab + unl],
+    )
+
+
+def _worker_init(worker_id: int) -> None:
+    # workers decode numpy; more torch threads per worker only oversubscribe the cores
+    del worker_id
+    torch.set_num_threads(1)
+
+
+def make_train_loader(
+    labeled_cases: Sequence[Case],
+    unlabeled_cases: Sequence[Case],
+    *,
+    patch_size: Sequence[int],
+    labeled_batch_size: int,
+    unlabeled_batch_size: int,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    start_step: int = 0,
+    num_steps: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader yielding ``num_steps - start_step`` :class:`Batch` es, identical for any ``num_workers``.
+
+    Case indices are ``0 .. Nl-1`` for ``labeled_cases`` then ``Nl .. Nl+Nu-1`` for ``unlabeled_cases``.
+    """
+    cases = list(labeled_cases) + list(unlabeled_cases)
+    n_lab = len(labeled_cases)
+    sampler = TwoStreamBatchSampler(
+        range(n_lab),
+        range(n_lab, len(cases)),
+        labeled_batch_size,
+        unlabeled_batch_size,
+        seed,
+        start_step=start_step,
+        num_steps=num_steps,
+    )
+    dataset = PatchDataset(cases, patch_size, augment, seed)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_two_stream,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )

@@ -1,0 +1,280 @@
+"""nnU-Net / Medical Segmentation Decathlon folders of NIfTI files (read with nibabel).
+
+Layout::
+
+    <root>/dataset.json          optional: file_ending, labels, channel_names (or MSD modality), numTraining
+    <root>/imagesTr/<id>_0000.nii.gz [<id>_0001.nii.gz ...]   (nnU-Net; MSD: <id>.nii.gz, maybe 4D)
+    <root>/labelsTr/<id>.nii.gz
+    <root>/imagesTs/...          optional, same naming
+    <root>/labelsTs/<id>.nii.gz  optional
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from crln.data._io import atomic_path
+from crln.data.case import Case
+from crln.errors import CrlnError
+
+__all__ = ["NiftiDataset", "read_nifti_volume", "write_nifti"]
+
+_CHANNEL_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
+_AFFINE_TOL = 1e-4
+_SPLIT_DIRS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
+
+
+def _strip_ending(name: str, ending: str) -> str | None:
+    return name[: -len(ending)] if name.endswith(ending) else None
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Return ``(data, affine, zooms)``; wrap every nibabel failure in a one-line :class:`CrlnError`."""
+    if not path.is_file():
+        raise CrlnError(f"{path}: file not found, expected a NIfTI volume")
+    if path.stat().st_size == 0:
+        raise CrlnError(f"{path}: file is empty (0 bytes), expected a NIfTI volume")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CrlnError(f"{path}: unreadable NIfTI file: {msg}") from None
+    return data, affine, zooms
+
+
+def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CrlnError(f"{path}: label has shape {data.shape} ({data.ndim}D), expected 3D (H, W, D)")
+    if np.issubdtype(data.dtype, np.floating):
+        rounded = np.round(data)
+        if np.abs(data - rounded).max(initial=0.0) > 1e-3:
+            raise CrlnError(f"{path}: label holds non-integer values, expected integer class indices")
+        data = rounded
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise CrlnError(
+            f"{path}: label values in [{data.min()}, {data.max()}], expected class indices in [0, 255]"
+        )
+    return data.astype(np.uint8)
+
+
+def _as_image(data: np.ndarray, path: Path) -> np.ndarray:
+    """``(H, W, D)`` stays; MSD's 4D ``(H, W, D, C)`` becomes channel-first ``(C, H, W, D)``."""
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    elif data.ndim != 3:
+        raise CrlnError(f"{path}: image has shape {data.shape} ({data.ndim}D), expected 3D (H, W, D)")
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _check_affine(ref: np.ndarray, other: np.ndarray, ref_path: Path, path: Path) -> None:
+    diff = float(np.abs(ref - other).max())
+    if diff > _AFFINE_TOL:
+        raise CrlnError(
+            f"{path}: affine differs from {ref_path.name} by {diff:.3g}, expected equal (tol {_AFFINE_TOL})"
+        )
+
+
+def read_nifti_volume(path: str | Path, case_id: str | None = None) -> Case:
+    """Read one NIfTI image (no label), e.g. for ``crln predict`` on a single file.
+
+    Returns:
+        A :class:`Case` with image ``(H, W, D)`` float32 (4D files: ``(C, H, W, D)``), the file's
+        affine and spacing (header zooms).
+    """
+    path = Path(path)
+    data, affine, zooms = _load_nifti(path)
+    image = _as_image(data, path)
+    if case_id is None:
+        stem = path.name
+        for ending in (".nii.gz", ".nii"):
+            stem = _strip_ending(stem, ending) or stem
+        m = _CHANNEL_RE.match(stem)
+        case_id = m.group("id") if m else stem
+    spacing = (*zooms, 1.0, 1.0, 1.0)[:3]
+    return Case(case_id=case_id, image=image, label=None, spacing=spacing, affine=affine, source=str(path))
+
+
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Write ``array`` ``(H, W, D)`` with ``affine`` ``(4, 4)`` atomically (``.nii.gz`` compresses).
+
+    Integer arrays keep their dtype (labels stay uint8); other arrays are written as float32.
+    """
+    path = Path(path)
+    if not path.name.endswith((".nii.gz", ".nii")):
+        raise CrlnError(f"{path}: output name must end with .nii.gz or .nii")
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif not np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+class NiftiDataset:
+    """An nnU-Net v2 raw folder or an MSD task folder.
+
+    Example:
+        >>> ds = NiftiDataset("Dataset001_Heart")
+        >>> case = ds.load(ds.ids("train")[0])   # image (C, H, W, D) or (H, W, D), label (H, W, D)
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise CrlnError(f"{self.root}: dataset folder not found")
+        self.meta: dict[str, Any] = self._read_meta()
+        self.file_ending: str = str(self.meta.get("file_ending", ".nii.gz"))
+        if not (self.root / "imagesTr").is_dir() and not (self.root / "imagesTs").is_dir():
+            raise CrlnError(f"{self.root}: no imagesTr/ or imagesTs/ folder, expected an nnU-Net/MSD dataset")
+        self._files: dict[str, dict[str, list[Path]]] = {}
+
+    def __repr__(self) -> str:
+        return f"NiftiDataset(root={str(self.root)!r})"
+
+    def _read_meta(self) -> dict[str, Any]:
+        path = self.root / "dataset.json"
+        if not path.is_file():
+            return {}
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CrlnError(f"{path}: unreadable dataset.json: {str(exc).splitlines()[0]}") from None
+        if not isinstance(meta, dict):
+            raise CrlnError(f"{path}: top level is {type(meta).__name__}, expected a JSON object")
+        return meta
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> index (nnU-Net v2 ``{"background": 0}`` or MSD ``{"0": "background"}``)."""
+        raw = self.meta.get("labels", {})
+        out: dict[str, int] = {}
+        for k, v in raw.items():
+            if isinstance(v, int):
+                out[str(k)] = v
+            elif str(k).isdigit():
+                out[str(v)] = int(k)
+            elif isinstance(v, list) and v:  # nnU-Net region labels: take the first index
+                out[str(k)] = int(v[0])
+            else:
+                raise CrlnError(
+                    f"{self.root / 'dataset.json'}: key 'labels' entry {k!r}: {v!r} is not a class index"
+                )
+        return out
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes from ``dataset.json`` (``None`` when unknown)."""
+        labels = self.labels
+        return max(labels.values()) + 1 if labels else None
+
+    @property
+    def channel_names(self) -> dict[str, str]:
+        """Channel index -> name (``channel_names`` or MSD ``modality``)."""
+        return dict(self.meta.get("channel_names", self.meta.get("modality", {})))
+
+    def _scan(self, split: str) -> dict[str, list[Path]]:
+        if split not in _SPLIT_DIRS:
+            raise CrlnError(f"{self.root}: split {split!r} unknown, expected one of {sorted(_SPLIT_DIRS)}")
+        if split in self._files:
+            return self._files[split]
+        folder = self.root / _SPLIT_DIRS[split][0]
+        files: dict[str, list[tuple[int, Path]]] = {}
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                stem = _strip_ending(p.name, self.file_ending)
+                if stem is None or p.name.startswith("."):  # MSD tarballs ship macOS "._x.nii.gz" files
+                    continue
+                m = _CHANNEL_RE.match(stem)
+                cid, ch = (m.group("id"), int(m.group("ch"))) if m else (stem, 0)
+                files.setdefault(cid, []).append((ch, p))
+        out: dict[str, list[Path]] = {}
+        for cid, chans in files.items():
+            chans.sort()
+            got = [c for c, _ in chans]
+            if got != list(range(len(chans))):
+                raise CrlnError(f"{folder}: case {cid!r} has channels {got}, expected 0..{len(chans) - 1}")
+            out[cid] = [p for _, p in chans]
+        self._files[split] = out
+        return out
+
+    def ids(self, split: str = "train") -> list[str]:
+        """Case ids of ``imagesTr`` (``"train"``) or ``imagesTs`` (``"test"``), sorted."""
+        return sorted(self._scan(split))
+
+    def _split_of(self, case_id: str) -> str:
+        for split in _SPLIT_DIRS:
+            if case_id in self._scan(split):
+                return split
+        raise CrlnError(f"{self.root}: case {case_id!r} not found in imagesTr/ or imagesTs/")
+
+    def image_paths(self, case_id: str) -> list[Path]:
+        """Channel files of ``case_id`` in channel order."""
+        return self._scan(self._split_of(case_id))[case_id]
+
+    def label_path(self, case_id: str) -> Path:
+        """Label file of ``case_id`` (may not exist for test cases)."""
+        return self.root / _SPLIT_DIRS[self._split_of(case_id)][1] / f"{case_id}{self.file_ending}"
+
+    def load(self, case_id: str, with_label: bool = True) -> Case:
+        """Read one case: image ``(H, W, D)`` or ``(C, H, W, D)`` float32, label ``(H, W, D)`` uint8.
+
+        Test cases without a label file load with ``label=None``; training cases require one.
+
+        Raises:
+            CrlnError: unreadable file, non-3D volume, shape or affine mismatch between channels and label.
+        """
+        paths = self.image_paths(case_id)
+        chans: list[np.ndarray] = []
+        affine = zooms = None
+        for p in paths:
+            data, aff, z = _load_nifti(p)
+            img = _as_image(data, p)
+            if len(paths) > 1 and img.ndim != 3:
+                raise CrlnError(f"{p}: channel file has shape {data.shape}, expected 3D (H, W, D)")
+            if affine is None:
+                affine, zooms = aff, z
+            else:
+                _check_affine(affine, aff, paths[0], p)
+                if img.shape != chans[0].shape:
+                    raise CrlnError(
+                        f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}"
+                    )
+            chans.append(img)
+        image = chans[0] if len(chans) == 1 else np.stack(chans)
+        label = None
+        lpath = self.label_path(case_id)
+        if with_label and (lpath.is_file() or self._split_of(case_id) == "train"):
+            ldata, laff, _ = _load_nifti(lpath)
+            label = _as_label(ldata, lpath)
+            if label.shape != image.shape[-3:]:
+                raise CrlnError(
+                    f"{lpath}: label shape {label.shape} differs from image spatial shape {image.shape[-3:]}"
+                )
+            _check_affine(affine, laff, paths[0], lpath)
+        spacing = (*zooms, 1.0, 1.0, 1.0)[:3]
+        return Case(
+            case_id=case_id, image=image, label=label, spacing=spacing, affine=affine, source=str(paths[0])
+        )
+
+    def load_many(self, ids: list[str], with_label: bool = True) -> list[Case]:
+        """Load several cases in order."""
+        return [self.load(cid, with_label=with_label) for cid in ids]

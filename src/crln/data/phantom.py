@@ -1,0 +1,196 @@
+"""Seeded synthetic phantoms: an organ-like blob in a textured background, written as h5 or nnU-Net data.
+
+Used by tests, smoke runs and benchmarks where the real datasets are absent. The target is learnable
+by a small 3D CNN yet not trivial: moderate contrast, varying size and pose, a smooth bias field,
+noise, partial-volume edges and unlabelled distractor blobs of similar intensity.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from crln.data._io import atomic_write_text
+from crln.data.case import Case
+from crln.data.h5 import write_h5_case
+from crln.data.nifti import write_nifti
+from crln.errors import CrlnError
+
+__all__ = ["make_phantom", "write_phantom_h5_dataset", "write_phantom_nifti_dataset"]
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], cell: int) -> np.ndarray:
+    """Low-frequency noise: random values on a coarse grid, upsampled linearly (fast, vectorised)."""
+    coarse = rng.normal(size=tuple(max(2, s // cell + 2) for s in shape)).astype(np.float32)
+    zoom = [s / c for s, c in zip(shape, coarse.shape, strict=True)]
+    out = ndimage.zoom(coarse, zoom, order=1, mode="nearest", grid_mode=True)
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+def _ellipsoid_level(
+    grid: Sequence[np.ndarray], center: np.ndarray, radii: np.ndarray, rot: np.ndarray
+) -> np.ndarray:
+    """Signed distance-like level ``1 - |R (x - c) / r|``: positive inside, ~0 on the surface."""
+    d = [g - c for g, c in zip(grid, center, strict=True)]
+    r2 = np.zeros(d[0].shape, dtype=np.float32)
+    for i in range(3):
+        u = rot[i, 0] * d[0] + rot[i, 1] * d[1] + rot[i, 2] * d[2]
+        r2 += (u / radii[i]) ** 2
+    return 1.0 - np.sqrt(r2)
+
+
+def _soft(level: np.ndarray, edge: float) -> np.ndarray:
+    """Partial-volume occupancy in [0, 1]: a sigmoid of the level over an edge width."""
+    return (1.0 / (1.0 + np.exp(-np.clip(level / edge, -30.0, 30.0)))).astype(np.float32)
+
+
+def make_phantom(seed: int, shape: Sequence[int] = (96, 96, 64), num_classes: int = 2) -> Case:
+    """One seeded phantom.
+
+    Args:
+        seed: same seed, same volume (bit for bit).
+        shape: ``(H, W, D)``.
+        num_classes: classes including background; foreground classes ``1..C-1`` are all present
+            (class 1 the organ, classes >= 2 smaller inclusions inside it).
+
+    Returns:
+        A :class:`Case` with image ``(H, W, D)`` float32 (z-scored) and label ``(H, W, D)`` uint8.
+    """
+    if num_classes < 2:
+        raise CrlnError(f"num_classes = {num_classes}, expected at least 2 for a phantom")
+    shape3 = tuple(int(s) for s in shape)
+    if len(shape3) != 3 or min(shape3) < 8:
+        raise CrlnError(f"phantom shape {tuple(shape)}, expected 3 axes of at least 8 voxels")
+    rng = np.random.default_rng(seed)
+    # physical coords in voxels, centred; a smooth deformation makes the blob organ-like, not ellipsoidal
+    grid = np.meshgrid(
+        *[np.arange(s, dtype=np.float32) - (s - 1) / 2 for s in shape3], indexing="ij", sparse=True
+    )
+    grid = [np.broadcast_to(g, shape3) for g in grid]
+    scale = float(min(shape3))
+    warp_amp = scale * rng.uniform(0.03, 0.07)
+    warped = [g + warp_amp * _smooth_noise(rng, shape3, cell=max(4, int(scale // 4))) for g in grid]
+
+    organ_r = scale * rng.uniform(0.16, 0.3) * rng.uniform(0.75, 1.25, size=3)
+    organ_r = np.minimum(organ_r, np.array(shape3) * 0.4)
+    margin = np.array(shape3) / 2 - organ_r - 2
+    center = rng.uniform(-1, 1, size=3) * np.maximum(margin, 0) * 0.8
+    rot = _rotation(rng)
+    levels = [_ellipsoid_level(warped, center, organ_r, rot)]
+    for _ in range(2, num_classes):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        sub_c = center + rot.T @ (direction * organ_r * 0.45)
+        sub_r = organ_r * rng.uniform(0.25, 0.35)
+        levels.append(_ellipsoid_level(warped, sub_c, sub_r, rot))
+    label = np.zeros(shape3, dtype=np.uint8)
+    for cls, lev in enumerate(levels, 1):
+        label[lev > 0] = cls
+    # guarantee every class is present (tiny shapes may lose an inclusion to rounding)
+    for cls, lev in enumerate(levels, 1):
+        if not (label == cls).any():
+            label[np.unravel_index(int(np.argmax(lev)), shape3)] = cls
+
+    # intensities: soft (partial-volume) masks so edges are blurred, not step functions
+    edge = rng.uniform(0.06, 0.12)
+    contrast = rng.uniform(0.9, 1.4)
+    image = 0.45 * _smooth_noise(rng, shape3, cell=6) + 0.25 * _smooth_noise(rng, shape3, cell=3)
+    image += contrast * _soft(levels[0], edge)
+    for lev in levels[1:]:
+        image += rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 0.9) * _soft(lev, edge)
+    # distractors: smaller unlabelled blobs of similar brightness, so intensity alone is not enough
+    for _ in range(int(rng.integers(1, 4))):
+        r = scale * rng.uniform(0.05, 0.1) * rng.uniform(0.7, 1.3, size=3)
+        c = rng.uniform(-0.45, 0.45, size=3) * np.array(shape3)
+        lev = _ellipsoid_level(grid, c, r, _rotation(rng))
+        image += contrast * rng.uniform(0.5, 0.9) * _soft(lev, edge) * (label == 0)
+    image = ndimage.gaussian_filter(image.astype(np.float32), sigma=0.8)
+    # smooth multiplicative bias field, then noise
+    coords = [g / scale for g in grid]
+    log_bias = (
+        sum(rng.uniform(-0.35, 0.35) * c for c in coords) + rng.uniform(-0.3, 0.3) * coords[0] * coords[1]
+    )
+    image = image * np.exp(log_bias).astype(np.float32)
+    image += rng.normal(0.0, rng.uniform(0.2, 0.35), size=shape3).astype(np.float32)
+    image = (image - image.mean()) / max(float(image.std()), 1e-6)
+    return Case(
+        case_id=f"phantom_{seed}",
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        label=label,
+        source=f"phantom(seed={seed})",
+    )
+
+
+def _case_seeds(seed: int, n: int) -> list[int]:
+    # distinct, reproducible per-case seeds
+    return [int(s) for s in np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)]
+
+
+def _ids(n_train: int, n_test: int) -> tuple[list[str], list[str]]:
+    if n_train < 1 or n_test < 0:
+        raise CrlnError(f"n_train = {n_train}, n_test = {n_test}, expected n_train >= 1 and n_test >= 0")
+    return [f"case_{i:03d}" for i in range(n_train)], [
+        f"case_{i:03d}" for i in range(n_train, n_train + n_test)
+    ]
+
+
+def write_phantom_h5_dataset(
+    root: str | Path,
+    *,
+    n_train: int = 12,
+    n_test: int = 4,
+    shape: Sequence[int] = (96, 96, 64),
+    seed: int = 0,
+    num_classes: int = 2,
+) -> Path:
+    """Write an h5 phantom dataset: ``<root>/data/<id>.h5`` plus ``train.list`` and ``test.list``."""
+    root = Path(root)
+    train, test = _ids(n_train, n_test)
+    for cid, s in zip(train + test, _case_seeds(seed, len(train) + len(test)), strict=True):
+        case = make_phantom(s, shape, num_classes)
+        write_h5_case(root / "data" / f"{cid}.h5", case.image, case.label)
+    atomic_write_text(root / "train.list", "".join(f"{c}\n" for c in train))
+    atomic_write_text(root / "test.list", "".join(f"{c}\n" for c in test))
+    return root
+
+
+def write_phantom_nifti_dataset(
+    root: str | Path,
+    *,
+    n_train: int = 12,
+    n_test: int = 4,
+    shape: Sequence[int] = (96, 96, 64),
+    seed: int = 0,
+    num_classes: int = 2,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> Path:
+    """Write an nnU-Net v2 style phantom folder: ``imagesTr``, ``labelsTr``, ``imagesTs``, ``labelsTs``,
+    ``dataset.json``."""
+    root = Path(root)
+    train, test = _ids(n_train, n_test)
+    affine = np.diag([*map(float, spacing), 1.0])
+    seeds = _case_seeds(seed, len(train) + len(test))
+    for i, (cid, s) in enumerate(zip(train + test, seeds, strict=True)):
+        case = make_phantom(s, shape, num_classes)
+        img_dir, lab_dir = ("imagesTr", "labelsTr") if i < len(train) else ("imagesTs", "labelsTs")
+        write_nifti(root / img_dir / f"{cid}_0000.nii.gz", case.image, affine)
+        write_nifti(root / lab_dir / f"{cid}.nii.gz", case.label, affine)
+    labels = {"background": 0, "organ": 1} | {f"inclusion_{k}": k for k in range(2, num_classes)}
+    meta = {
+        "name": "crln_phantom",
+        "channel_names": {"0": "phantom"},
+        "labels": labels,
+        "numTraining": len(train),
+        "file_ending": ".nii.gz",
+    }
+    atomic_write_text(root / "dataset.json", json.dumps(meta, indent=2) + "\n")
+    return root

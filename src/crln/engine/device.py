@@ -1,0 +1,84 @@
+"""Device selection and the CUDA speed settings, switched on in one place."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from crln.errors import CrlnError
+
+__all__ = ["Performance", "resolve_device", "seed_everything"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CrlnError(f"config key train.device: expected auto, cpu or cuda[:N], got {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrlnError(f"config key train.device: {name!r} requested but CUDA is not available; use device=cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; ``deterministic`` asks torch for reproducible kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+@dataclass(frozen=True)
+class Performance:
+    """Autocast dtype and memory format for one device.
+
+    ``auto`` settings give bf16 autocast + ``channels_last_3d`` + cudnn.benchmark on CUDA and plain
+    fp32 on CPU (CPU autocast is slower for 3D convolutions).
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def for_device(cls, device: torch.device, amp: str = "auto", channels_last: str = "auto",
+                   deterministic: bool = False) -> Performance:
+        cuda = device.type == "cuda"
+        dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        amp_dtype = (torch.bfloat16 if cuda else None) if amp == "auto" else dtypes[amp]
+        use_cl = cuda if channels_last == "auto" else channels_last == "on"
+        if cuda and not deterministic:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cls(device=device, amp_dtype=amp_dtype, channels_last=use_cl)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for forward passes (a no-op when AMP is off)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Move ``module`` to the device (and to channels_last_3d when enabled)."""
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last_3d)
+        return module
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """Match an input batch ``(B, C, H, W, D)`` to the networks' memory format."""
+        if self.channels_last and x.ndim == 5:
+            return x.contiguous(memory_format=torch.channels_last_3d)
+        return x

@@ -1,0 +1,124 @@
+"""The run folder: one self-contained directory per training run.
+
+Layout (nnU-Net style): ``<output_dir>/<dataset>/<method>__<model>__<tag>/seed<k>/`` holding
+``config.yaml`` (resolved), ``meta.json`` (versions, git commit, host, command), ``log.jsonl``
+(one JSON object per logged iteration or validation), ``checkpoint_{latest,best,final}.pt`` and
+``eval/`` (``per_case.csv``, ``summary.json``). Everything ``evaluate``, ``predict`` and ``report``
+need is in it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from crln import __version__
+from crln.config import RunConfig, config_to_dict
+from crln.engine.checkpoint import atomic_write_text
+
+__all__ = ["MetricsLog", "RunFolder", "git_commit", "read_log"]
+
+CHECKPOINT_NAMES = ("latest", "best", "final")
+
+
+def git_commit() -> str | None:
+    """The commit of the crln source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class RunFolder:
+    """Paths and writers of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_config(cls, config: RunConfig) -> RunFolder:
+        name = f"{config.method.name}__{config.model.name}__{config.train.tag}"
+        return cls(Path(config.train.output_dir) / config.data.name / name / f"seed{config.train.seed}")
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    def checkpoint(self, which: str) -> Path:
+        if which not in CHECKPOINT_NAMES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {which!r}")
+        return self.path / f"checkpoint_{which}.pt"
+
+    def write_config(self, config: RunConfig) -> None:
+        atomic_write_text(self.config_path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+    def write_meta(self, extra: dict[str, Any] | None = None) -> None:
+        meta = {
+            "crln_version": __version__,
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "machine": platform.machine(),
+            "cpu_count": __import__("os").cpu_count(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "command": " ".join(sys.argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
+        }
+        atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; each record is flushed so a killed run keeps its history."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None and self.path.exists():
+            # On resume, drop records written after the checkpoint we resume from.
+            kept = [r for r in read_log(self.path) if r.get("step", 0) <= truncate_after_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``log.jsonl`` (a torn last line from a killed run is ignored)."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

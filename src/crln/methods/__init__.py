@@ -1,0 +1,15 @@
+"""Training methods, one file each, selected by ``method.name`` in the config."""
+
+from __future__ import annotations
+
+from crln.methods import supervised as _supervised  # noqa: F401  (registers the method)
+from crln.methods.base import (
+    Method,
+    MethodConfig,
+    build_method,
+    method_config_class,
+    method_names,
+    register_method,
+)
+
+__all__ = ["Method", "MethodConfig", "build_method", "method_config_class", "method_names", "register_method"]

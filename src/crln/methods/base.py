@@ -1,0 +1,117 @@
+"""The training-method interface and its registry.
+
+A method is a small :class:`torch.nn.Module` that owns its networks (student, teacher, extra
+modules) and turns one two-stream batch into named loss terms. The engine owns the loop: it calls
+:meth:`Method.train_step`, back-propagates ``out["loss"]``, steps the optimiser, then calls
+:meth:`Method.after_optimizer_step` (EMA updates, CRLN's μ step). A method never moves devices,
+steps the main optimiser, logs or writes files.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from crln.data.loader import Batch
+from crln.errors import CrlnError
+
+__all__ = ["Method", "MethodConfig", "build_method", "method_config_class", "method_names", "register_method"]
+
+ModelFactory = Callable[[], nn.Module]
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method config has; each method subclasses it with its own hyper-parameters."""
+
+    name: str = "supervised"
+    dice_weight: float = 0.5  # supervised loss = dice_weight * Dice + ce_weight * CE
+    ce_weight: float = 0.5
+
+
+class Method(nn.Module):
+    """Base class of training methods.
+
+    Subclasses set ``name``, ``config_class`` and ``uses_unlabeled`` and implement
+    :meth:`train_step`.
+
+    Args:
+        config: the method's config dataclass (an instance of ``config_class``).
+        model_factory: builds one segmentation network; called once per network the method owns.
+        num_classes: C, background included.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_unlabeled: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig, model_factory: ModelFactory, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.student = model_factory()
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        """One forward pass: returns ``{"loss": total (with grad), <term>: value, ...}``.
+
+        Args:
+            batch: labelled images ``(Bl, 1, H, W, D)``, labels ``(Bl, H, W, D)`` and, for
+                semi-supervised methods, unlabelled images ``(Bu, 1, H, W, D)``.
+            step: 0-based iteration index (for ramp-ups and schedules).
+        """
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after each optimiser step (EMA updates, extra optimiser steps)."""
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the engine's main optimiser updates (the student's by default)."""
+        return self.student.parameters()
+
+    def inference_network(self) -> nn.Module:
+        """The network used for validation, evaluation and prediction."""
+        return self.student
+
+    def networks(self) -> dict[str, nn.Module]:
+        """Named networks, for device/memory-format placement and compilation."""
+        return {"student": self.student}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name`` (duplicates are an error)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set a non-empty class attribute `name`")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} registered twice ({_REGISTRY[cls.name].__name__}, {cls.__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    """Registered method names."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CrlnError(f"config key method.name: unknown method {name!r} (available: {', '.join(method_names())}){hint}")
+    return _REGISTRY[name]
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass of the method registered as ``name``."""
+    return _lookup(name).config_class
+
+
+def build_method(config: Any, model_factory: ModelFactory, num_classes: int) -> Method:
+    """Instantiate the method named by ``config.name``."""
+    return _lookup(config.name)(config, model_factory, num_classes)

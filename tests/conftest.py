@@ -1,0 +1,53 @@
+"""Shared fixtures: small phantom datasets, the real LA folder when present, tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LA_ROOT = REPO_ROOT.parent / "shared" / "data" / "LA"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def la_root() -> Path:
+    """The real Left Atrium h5 dataset; skips when this checkout has none beside it."""
+    if not (LA_ROOT / "train.list").is_file():
+        pytest.skip(f"real LA data not found at {LA_ROOT} (../shared/data/LA relative to the repo root)")
+    return LA_ROOT
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic h5 dataset (8 train + 2 test phantoms of 48×48×32), written once per session."""
+    from crln.data.phantom import write_phantom_h5_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    return write_phantom_h5_dataset(root, n_train=8, n_test=2, shape=(48, 48, 32), seed=0)
+
+
+def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[str]:
+    """Overrides that make a run take seconds on a CPU: small VNet, small patch, few iterations."""
+    values = {
+        "data.root": str(data_root),
+        "data.name": "phantom",
+        "data.labeled": 3,
+        "data.validation": 1,
+        "data.patch_size": "[32,32,32]",
+        "data.labeled_batch_size": 2,
+        "data.unlabeled_batch_size": 2,
+        "data.num_workers": 0,
+        "data.pin_memory": "false",
+        "model.n_filters": 4,
+        "train.iterations": 6,
+        "train.log_every": 2,
+        "train.checkpoint_every": 3,
+        "train.output_dir": str(output_dir),
+        "eval.stride": "[16,16,16]",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

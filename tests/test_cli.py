@@ -1,0 +1,100 @@
+"""CLI smoke tests: every verb, its --help, and one-line user errors (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import tiny_overrides
+from crln.cli import build_parser, main
+
+VERBS = [["train"], ["evaluate"], ["predict"], ["data", "prepare"], ["data", "phantom"], ["config"], ["demo"]]
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v))
+def test_help_of_every_verb(verb: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*verb, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: crln" in out and len(out.splitlines()) > 5
+
+
+def test_parser_lists_all_verbs() -> None:
+    text = build_parser().format_help()
+    for verb in ("train", "evaluate", "predict", "data", "config", "demo"):
+        assert verb in text
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "crln", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, check=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "no_such_preset"], "no such file or preset"),
+        (["train", "demo", "optim.lrr=1"], "did you mean 'lr'"),
+        (["evaluate", "/nonexistent/run"], "no such run folder"),
+        (["predict", "/nonexistent.pt", "x.nii.gz", "-o", "out"], "no such file"),
+        (["data", "prepare", "--src", "/nonexistent", "--dst", "/tmp/x", "--scale", "0.5"], "/nonexistent"),
+        (["data", "prepare", "--src", "/tmp", "--dst", "/tmp/x", "--scale", "2"], "--scale"),
+        (["train", "demo", "data.root=/nonexistent/data"], "/nonexistent/data"),
+    ],
+)
+def test_user_errors_are_one_line(args: list[str], fragment: str, tmp_path: Path) -> None:
+    proc = _run(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("crln: error:"), proc.stderr
+    assert fragment in lines[0]
+
+
+def test_train_evaluate_predict_end_to_end(phantom_root: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(phantom_root, tmp_path / "runs", **{"train.iterations": 4})
+    assert main(["train", "demo", *overrides, "--no-progress"]) == 0
+    run = tmp_path / "runs" / "phantom" / "supervised__vnet__demo" / "seed1337"
+    assert (run / "checkpoint_final.pt").is_file()
+
+    assert main(["evaluate", str(run), "--limit", "1"]) == 0
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["n_cases"] == 1 and set(summary["metrics"]) >= {"dice", "jaccard", "asd", "hd95"}
+    assert (run / "eval" / "per_case.csv").read_text().startswith("case,")
+
+    # Predict on a NIfTI file (affine kept) and on an h5 case.
+    image = np.random.default_rng(0).normal(size=(40, 36, 30)).astype(np.float32)
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    affine[:3, 3] = [10, -5, 3]
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "scan_0000.nii.gz")
+    h5_case = next(phantom_root.rglob("*.h5"))
+    out = tmp_path / "pred"
+    assert main(["predict", str(run / "checkpoint_final.pt"), str(tmp_path / "scan_0000.nii.gz"), str(h5_case),
+                 "-o", str(out), "--probabilities", "--entropy"]) == 0
+    seg = nib.load(out / "scan_seg.nii.gz")
+    assert seg.shape == (40, 36, 30) and np.allclose(seg.affine, affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+    assert nib.load(out / "scan_prob.nii.gz").shape == (40, 36, 30, 2)
+    assert (out / "scan_entropy.nii.gz").is_file()
+    assert len(list(out.glob("*_seg.nii.gz"))) == 2
+
+
+def test_config_verb_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "la_cpu", "optim.lr=0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.02" in out and "patch_size:" in out
+
+
+def test_data_phantom_and_prepare(tmp_path: Path) -> None:
+    src = tmp_path / "ph"
+    assert main(["data", "phantom", "--dst", str(src), "--train", "2", "--test", "1", "--shape", "32,32,16"]) == 0
+    dst = tmp_path / "ph_half"
+    assert main(["data", "prepare", "--src", str(src), "--dst", str(dst), "--scale", "0.5"]) == 0
+    assert (dst / "train.list").read_text() == (src / "train.list").read_text()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crln.config import PRESET_DIR, apply_overrides, build_config, config_to_dict, load_config
+from crln.errors import CrlnError
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_loads(preset: str) -> None:
+    config = load_config(preset)
+    assert all(s % 16 == 0 for s in config.data.patch_size)
+    # Round trip: the resolved dict rebuilds the same config (what checkpoints rely on).
+    assert config_to_dict(build_config(config_to_dict(config))) == config_to_dict(config)
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    config = load_config("la", ["optim.lr=2e-2", "data.patch_size=[64,64,48]", "method.dice_weight=1",
+                                "train.deterministic=true"])
+    assert config.optim.lr == 0.02
+    assert config.data.patch_size == (64, 64, 48)
+    assert config.method.dice_weight == 1.0
+    assert config.train.deterministic is True
+
+
+def test_scalar_patch_size_broadcasts() -> None:
+    assert load_config("la", ["data.patch_size=96"]).data.patch_size == (96, 96, 96)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("optim.lrr=0.1", "did you mean 'lr'"),
+        ("optim.lr=fast", "optim.lr"),
+        ("data.patch_size=[56,56,40]", "multiple of 16"),
+        ("data.labeled=0", "data.labeled"),
+        ("train.iterations=abc", "train.iterations"),
+        ("train.amp=fp8", "train.amp"),
+        ("method.name=supervisd", "did you mean 'supervised'"),
+        ("noequals", "key=value"),
+        ("data.patch_size=[64,64]", "3 values"),
+        ("method.ema_decay=0.9", "method.ema_decay"),
+    ],
+)
+def test_bad_config_values_raise_one_line(override: str, fragment: str) -> None:
+    with pytest.raises(CrlnError) as info:
+        load_config("la", [override])
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_preset_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(CrlnError, match="no such file or preset"):
+        load_config("no_such_preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(CrlnError, match="invalid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(CrlnError, match="mapping"):
+        load_config(str(listy))
+
+
+def test_yaml_loader_is_safe(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(CrlnError, match="invalid YAML"):
+        load_config(str(evil))
+
+
+def test_apply_overrides_does_not_mutate_input() -> None:
+    raw = {"optim": {"lr": 0.1}}
+    out = apply_overrides(raw, ["optim.lr=0.2"])
+    assert raw["optim"]["lr"] == 0.1 and out["optim"]["lr"] == 0.2

@@ -1,0 +1,102 @@
+"""End-to-end training on phantoms: the loss goes down, resume is exact, the run folder is complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from crln.config import load_config
+from crln.engine.checkpoint import load_checkpoint
+from crln.engine.run_folder import read_log
+from crln.engine.trainer import train
+from crln.errors import CrlnError
+
+
+def test_supervised_run_lowers_loss_and_writes_run_folder(phantom_root: Path, tmp_path: Path) -> None:
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{
+        "train.iterations": 40, "train.log_every": 5, "train.val_every": 20, "optim.lr": 0.05,
+        "model.n_filters": 8,
+    }))
+    result = train(config, progress=False)
+    run = result.run_dir
+    assert run == tmp_path / "phantom" / "supervised__vnet__demo" / "seed1337"
+    for name in ("config.yaml", "meta.json", "log.jsonl", "checkpoint_latest.pt", "checkpoint_final.pt",
+                 "checkpoint_best.pt"):
+        assert (run / name).is_file(), name
+    records = [r for r in read_log(run / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-2:]) / 2
+    assert last < 0.8 * first, (first, last)
+    assert any("val_dice" in r for r in read_log(run / "log.jsonl"))
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["split"]["validation"] == ["train_007"] or len(meta["split"]["validation"]) == 1
+    state = load_checkpoint(run / "checkpoint_final.pt")
+    assert state["step"] == 40 and state["config"]["train"]["iterations"] == 40
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoint_final.pt")["method_state"]
+
+
+def test_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(phantom_root, tmp_path, **{"train.iterations": 6, "train.checkpoint_every": 3,
+                                                          "data.validation": 0, "data.noise_sigma": 0.1,
+                                                          "model.dropout": 0.2})
+    straight = train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
+
+    # Interrupted run: stop after 3 iterations (a 3-iteration run with the 6-iteration schedule is
+    # emulated by killing the loop through the checkpoint cadence), then resume to 6.
+    config = load_config("demo", [*overrides, "train.tag=resumed"])
+    import crln.engine.trainer as trainer_module
+
+    calls = {"n": 0}
+    original = trainer_module.poly_lr_factor
+
+    def interrupt_after_three(step: int, total: int, power: float = 0.9) -> float:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(step, total, power)
+
+    trainer_module.poly_lr_factor = interrupt_after_three
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, progress=False)
+    finally:
+        trainer_module.poly_lr_factor = original
+    run = straight.parent.parent / "supervised__vnet__resumed" / "seed1337"
+    assert load_checkpoint(run / "checkpoint_latest.pt")["step"] == 3
+    assert not (run / "checkpoint_final.pt").exists()
+    with pytest.raises(CrlnError, match="already holds a run"):
+        train(config, progress=False)
+    resumed = train(config, resume=True, progress=False).run_dir
+
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [r["step"] for r in read_log(resumed / "log.jsonl") if "loss" in r]
+    assert steps == [2, 4, 6]
+
+
+def test_resume_without_checkpoint_is_an_error(phantom_root: Path, tmp_path: Path) -> None:
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path))
+    with pytest.raises(CrlnError, match="--resume: no checkpoint"):
+        train(config, resume=True, progress=False)
+
+
+def test_diverging_loss_stops_with_the_term_name(phantom_root: Path, tmp_path: Path) -> None:
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{"optim.lr": 1e30,
+                                                                           "train.iterations": 20}))
+    with pytest.raises(CrlnError, match=r"loss term '\w+' is (nan|inf)"):
+        train(config, progress=False)
+
+
+def test_too_few_cases_for_the_split(phantom_root: Path, tmp_path: Path) -> None:
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{"data.labeled": 50}))
+    with pytest.raises(CrlnError, match="labeled"):
+        train(config, progress=False)
