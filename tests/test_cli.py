@@ -33,8 +33,9 @@ def test_parser_lists_all_verbs() -> None:
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "crln", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "crln", *args], capture_output=True, text=True, cwd=cwd, timeout=300, check=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
         (["train", "no_such_preset"], "no such file or preset"),
         (["train", "demo", "optim.lrr=1"], "did you mean 'lr'"),
         (["evaluate", "/nonexistent/run"], "no such run folder"),
-        (["predict", "/nonexistent.pt", "x.nii.gz", "-o", "out"], "no such file"),
+        (["predict", "/nonexistent.pt", "x.nii.gz", "-o", "out"], "no such run folder or checkpoint"),
         (["data", "prepare", "--src", "/nonexistent", "--dst", "/tmp/x", "--scale", "0.5"], "/nonexistent"),
         (["data", "prepare", "--src", "/tmp", "--dst", "/tmp/x", "--scale", "2"], "--scale"),
         (["train", "demo", "data.root=/nonexistent/data"], "/nonexistent/data"),
@@ -76,8 +77,21 @@ def test_train_evaluate_predict_end_to_end(phantom_root: Path, tmp_path: Path) -
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "scan_0000.nii.gz")
     h5_case = next(phantom_root.rglob("*.h5"))
     out = tmp_path / "pred"
-    assert main(["predict", str(run / "checkpoint_final.pt"), str(tmp_path / "scan_0000.nii.gz"), str(h5_case),
-                 "-o", str(out), "--probabilities", "--entropy"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run / "checkpoint_final.pt"),
+                str(tmp_path / "scan_0000.nii.gz"),
+                str(h5_case),
+                "-o",
+                str(out),
+                "--probabilities",
+                "--entropy",
+            ]
+        )
+        == 0
+    )
     seg = nib.load(out / "scan_seg.nii.gz")
     assert seg.shape == (40, 36, 30) and np.allclose(seg.affine, affine)
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
@@ -98,3 +112,13 @@ def test_data_phantom_and_prepare(tmp_path: Path) -> None:
     dst = tmp_path / "ph_half"
     assert main(["data", "prepare", "--src", str(src), "--dst", str(dst), "--scale", "0.5"]) == 0
     assert (dst / "train.list").read_text() == (src / "train.list").read_text()
+
+
+def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["demo", "--out", str(tmp_path / "demo"), "--iterations", "4", "--train-cases", "7", "--test-cases", "1"]
+    tiny = ["model.n_filters=4", "data.patch_size=[32,32,32]", "train.val_every=2", "data.num_workers=0"]
+    assert main([*args, "--no-progress", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "| dice |" in out and "| hd95 |" in out
+    # A second demo starts afresh in its own folder instead of refusing an existing run.
+    assert main([*args, "--no-progress", *tiny]) == 0

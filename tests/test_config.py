@@ -17,8 +17,9 @@ def test_every_preset_loads(preset: str) -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    config = load_config("la", ["optim.lr=2e-2", "data.patch_size=[64,64,48]", "method.dice_weight=1",
-                                "train.deterministic=true"])
+    config = load_config(
+        "la", ["optim.lr=2e-2", "data.patch_size=[64,64,48]", "method.dice_weight=1", "train.deterministic=true"]
+    )
     assert config.optim.lr == 0.02
     assert config.data.patch_size == (64, 64, 48)
     assert config.method.dice_weight == 1.0

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from crln.engine.checkpoint import FORMAT_VERSION, atomic_write_text, load_checkpoint, save_checkpoint
+from crln.atomic import atomic_write_text
+from crln.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from crln.engine.ema import ema_decay_at, ema_update
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
 from crln.errors import CrlnError
@@ -61,7 +62,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
 
     class Evil:
-        def __reduce__(self):  # noqa: ANN204
+        def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.pt"
@@ -76,7 +77,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
 def test_corrupt_checkpoints(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
-    with pytest.raises(CrlnError, match="bad.pt"):
+    with pytest.raises(CrlnError, match=r"bad\.pt"):
         load_checkpoint(path)
 
 

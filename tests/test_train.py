@@ -17,15 +17,31 @@ from crln.errors import CrlnError
 
 
 def test_supervised_run_lowers_loss_and_writes_run_folder(phantom_root: Path, tmp_path: Path) -> None:
-    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{
-        "train.iterations": 40, "train.log_every": 5, "train.val_every": 20, "optim.lr": 0.05,
-        "model.n_filters": 8,
-    }))
+    config = load_config(
+        "demo",
+        tiny_overrides(
+            phantom_root,
+            tmp_path,
+            **{
+                "train.iterations": 40,
+                "train.log_every": 5,
+                "train.val_every": 20,
+                "optim.lr": 0.05,
+                "model.n_filters": 8,
+            },
+        ),
+    )
     result = train(config, progress=False)
     run = result.run_dir
     assert run == tmp_path / "phantom" / "supervised__vnet__demo" / "seed1337"
-    for name in ("config.yaml", "meta.json", "log.jsonl", "checkpoint_latest.pt", "checkpoint_final.pt",
-                 "checkpoint_best.pt"):
+    for name in (
+        "config.yaml",
+        "meta.json",
+        "log.jsonl",
+        "checkpoint_latest.pt",
+        "checkpoint_final.pt",
+        "checkpoint_best.pt",
+    ):
         assert (run / name).is_file(), name
     records = [r for r in read_log(run / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(5, 41, 5))
@@ -43,9 +59,17 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
-    overrides = tiny_overrides(phantom_root, tmp_path, **{"train.iterations": 6, "train.checkpoint_every": 3,
-                                                          "data.validation": 0, "data.noise_sigma": 0.1,
-                                                          "model.dropout": 0.2})
+    overrides = tiny_overrides(
+        phantom_root,
+        tmp_path,
+        **{
+            "train.iterations": 6,
+            "train.checkpoint_every": 3,
+            "data.validation": 0,
+            "data.noise_sigma": 0.1,
+            "model.dropout": 0.2,
+        },
+    )
     straight = train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
 
     # Interrupted run: stop after 3 iterations (a 3-iteration run with the 6-iteration schedule is
@@ -90,8 +114,7 @@ def test_resume_without_checkpoint_is_an_error(phantom_root: Path, tmp_path: Pat
 
 
 def test_diverging_loss_stops_with_the_term_name(phantom_root: Path, tmp_path: Path) -> None:
-    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{"optim.lr": 1e30,
-                                                                           "train.iterations": 20}))
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{"optim.lr": 1e30, "train.iterations": 20}))
     with pytest.raises(CrlnError, match=r"loss term '\w+' is (nan|inf)"):
         train(config, progress=False)
 

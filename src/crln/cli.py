@@ -46,28 +46,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_and_print(target, data, split, checkpoint, lcc, device, out, limit) -> int:  # noqa: ANN001
+def _evaluate_and_print(target, data, split, checkpoint, lcc, device, out, limit) -> int:
     from crln.evaluation import evaluate, format_summary_table
 
-    result = evaluate(target, data_root=data, split=split, checkpoint=checkpoint, largest_component=lcc,
-                      device=device, out_dir=out, limit=limit)
+    result = evaluate(
+        target,
+        data_root=data,
+        split=split,
+        checkpoint=checkpoint,
+        largest_component=lcc,
+        device=device,
+        out_dir=out,
+        limit=limit,
+    )
     summary = result["summary"]
-    title = f"{summary['method']} — {summary['n_cases']} cases of {summary['split']!r} (iteration {summary['checkpoint_step']})"
+    title = (
+        f"{summary['method']} — {summary['n_cases']} cases of {summary['split']!r} "
+        f"(iteration {summary['checkpoint_step']})"
+    )
     print(format_summary_table(summary, title))
     print(f"written: {result['out_dir'] / 'per_case.csv'}, {result['out_dir'] / 'summary.json'}")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    return _evaluate_and_print(args.target, args.data, args.split, args.checkpoint,
-                               True if args.largest_component else None, args.device, args.out, args.limit)
+    return _evaluate_and_print(
+        args.target,
+        args.data,
+        args.split,
+        args.checkpoint,
+        True if args.largest_component else None,
+        args.device,
+        args.out,
+        args.limit,
+    )
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from crln.evaluation import predict_files
 
-    predict_files(args.checkpoint, args.inputs, args.output, probabilities=args.probabilities,
-                  entropy=args.entropy, largest_component=args.largest_component, device=args.device)
+    predict_files(
+        args.checkpoint,
+        args.inputs,
+        args.output,
+        probabilities=args.probabilities,
+        entropy=args.entropy,
+        largest_component=args.largest_component,
+        device=args.device,
+    )
     return 0
 
 
@@ -76,8 +102,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     if not 0 < args.scale <= 1:
         raise CrlnError(f"--scale: expected a number in (0, 1], got {args.scale}")
-    summary = prepare_h5_dataset(args.src, args.dst, scale=args.scale, image_mode=args.image_mode,
-                                 label_mode=args.label_mode)
+    summary = prepare_h5_dataset(
+        args.src, args.dst, scale=args.scale, image_mode=args.image_mode, label_mode=args.label_mode
+    )
     print(f"prepared {args.dst}: {summary}")
     return 0
 
@@ -110,8 +137,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data_root = out / "data"
     if not (data_root / "train.list").exists():
         print(f"writing the synthetic phantom dataset to {data_root} ...", flush=True)
-        write_phantom_h5_dataset(data_root, n_train=args.train_cases, n_test=args.test_cases,
-                                 shape=(80, 80, 48), seed=0)
+        write_phantom_h5_dataset(
+            data_root, n_train=args.train_cases, n_test=args.test_cases, shape=(80, 80, 48), seed=0
+        )
     overrides = [f"data.root={data_root}", f"train.output_dir={out / 'runs'}", *args.overrides]
     if args.iterations:
         overrides.append(f"train.iterations={args.iterations}")
@@ -119,8 +147,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     folder = RunFolder.for_config(config)
     if folder.path.exists():
         shutil.rmtree(folder.path)  # the demo always starts fresh, inside its own folder only
-    print(f"training {config.method.name} for {config.train.iterations} iterations on phantoms (CPU) ...",
-          flush=True)
+    print(f"training {config.method.name} for {config.train.iterations} iterations on phantoms (CPU) ...", flush=True)
     result = train(config, run_dir=folder.path, progress=not args.no_progress)
     print(f"trained in {result.seconds:.0f} s; evaluating on the phantom test cases ...", flush=True)
     return _evaluate_and_print(result.run_dir, None, None, None, None, "auto", None, None)
@@ -135,10 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"crln {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train", help="train a method from a YAML preset with key=value overrides",
-                       description="Train a method. CONFIG is a YAML file or a preset name from configs/ "
-                       "(la, la_cpu, pancreas, brats, demo). Overrides use dotted keys, e.g. "
-                       "optim.lr=0.01 data.patch_size=[64,64,48] method.name=supervised.")
+    p = sub.add_parser(
+        "train",
+        help="train a method from a YAML preset with key=value overrides",
+        description="Train a method. CONFIG is a YAML file or a preset name from configs/ "
+        "(la, la_cpu, pancreas, brats, demo). Overrides use dotted keys, e.g. "
+        "optim.lr=0.01 data.patch_size=[64,64,48] method.name=supervised.",
+    )
     p.add_argument("config", help="YAML file or preset name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint_latest.pt")
@@ -147,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="sliding-window evaluation: Dice, Jaccard, ASD, 95HD",
-                       description="Evaluate a run folder or checkpoint on a case list with the field's "
-                       "sliding-window protocol; writes per_case.csv and summary.json (bootstrapped mean ± std).")
+    p = sub.add_parser(
+        "evaluate",
+        help="sliding-window evaluation: Dice, Jaccard, ASD, 95HD",
+        description="Evaluate a run folder or checkpoint on a case list with the field's "
+        "sliding-window protocol; writes per_case.csv and summary.json (bootstrapped mean ± std).",
+    )
     p.add_argument("target", help="run folder or checkpoint file")
     p.add_argument("--data", help="dataset folder (default: the run's data.root)")
     p.add_argument("--split", help="case list to evaluate (default: the run's data.test_split)")
@@ -160,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N cases")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="segment NIfTI or h5 scans into NIfTI label maps",
-                       description="Segment each INPUT (.nii, .nii.gz or .h5) with a checkpoint and write "
-                       "<case>_seg.nii.gz with the input's affine.")
+    p = sub.add_parser(
+        "predict",
+        help="segment NIfTI or h5 scans into NIfTI label maps",
+        description="Segment each INPUT (.nii, .nii.gz or .h5) with a checkpoint and write "
+        "<case>_seg.nii.gz with the input's affine.",
+    )
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans to segment")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -172,12 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.set_defaults(func=_cmd_predict)
 
-    data = sub.add_parser("data", help="dataset tools (prepare, phantom)",
-                          description="Dataset tools.").add_subparsers(dest="data_command", metavar="TOOL",
-                                                                       required=True)
-    p = data.add_parser("prepare", help="downsampled copy of an h5 dataset",
-                        description="Write a resampled copy of an h5 dataset (same layout, lists copied); "
-                        "e.g. --scale 0.5 makes real LA training fit a 2-core CPU.")
+    data = sub.add_parser("data", help="dataset tools (prepare, phantom)", description="Dataset tools.").add_subparsers(
+        dest="data_command", metavar="TOOL", required=True
+    )
+    p = data.add_parser(
+        "prepare",
+        help="downsampled copy of an h5 dataset",
+        description="Write a resampled copy of an h5 dataset (same layout, lists copied); "
+        "e.g. --scale 0.5 makes real LA training fit a 2-core CPU.",
+    )
     p.add_argument("--src", required=True, help="source dataset folder")
     p.add_argument("--dst", required=True, help="destination folder")
     p.add_argument("--scale", type=float, default=0.5, help="resampling factor per axis (default 0.5)")
@@ -185,9 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-mode", choices=["majority", "nearest"], default="majority")
     p.set_defaults(func=_cmd_prepare)
 
-    p = data.add_parser("phantom", help="write a synthetic phantom dataset",
-                        description="Write seeded synthetic phantoms (organ-like blobs) as an h5 or NIfTI dataset. "
-                        "For demos and tests only, never for reported results.")
+    p = data.add_parser(
+        "phantom",
+        help="write a synthetic phantom dataset",
+        description="Write seeded synthetic phantoms (organ-like blobs) as an h5 or NIfTI dataset. "
+        "For demos and tests only, never for reported results.",
+    )
     p.add_argument("--dst", required=True, help="destination folder")
     p.add_argument("--format", choices=["h5", "nifti"], default="h5")
     p.add_argument("--train", type=int, default=12, help="training cases")
@@ -196,14 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_phantom)
 
-    p = sub.add_parser("config", help="print a resolved config", description="Print a preset or YAML file "
-                       "with overrides applied and every default filled in.")
+    p = sub.add_parser(
+        "config",
+        help="print a resolved config",
+        description="Print a preset or YAML file with overrides applied and every default filled in.",
+    )
     p.add_argument("config", help="YAML file or preset name")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("demo", help="train and evaluate on built-in synthetic data",
-                       description="Write a small synthetic phantom dataset, train on it, evaluate, print the table.")
+    p = sub.add_parser(
+        "demo",
+        help="train and evaluate on built-in synthetic data",
+        description="Write a small synthetic phantom dataset, train on it, evaluate, print the table.",
+    )
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     p.add_argument("--iterations", type=int, help="training iterations (default: the demo preset's)")
     p.add_argument("--train-cases", type=int, default=12)

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from crln.atomic import atomic_write_text
 from crln.config import RunConfig
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
-from crln.engine.checkpoint import atomic_write_text, load_checkpoint
+from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance, resolve_device
 from crln.engine.run_folder import RunFolder
 from crln.engine.trainer import method_from_checkpoint
@@ -59,8 +60,9 @@ def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.
     return network, config, {"step": state["step"], "method": state["method"]}
 
 
-def _predict(network: torch.nn.Module, image: np.ndarray, config: RunConfig, perf: Performance,
-             stride: tuple[int, int, int]) -> torch.Tensor:
+def _predict(
+    network: torch.nn.Module, image: np.ndarray, config: RunConfig, perf: Performance, stride: tuple[int, int, int]
+) -> torch.Tensor:
     return sliding_window_predict(
         lambda x: network(perf.input(x)),
         image,
@@ -135,8 +137,11 @@ def evaluate(
         if lcc:
             pred = _largest_components(pred, config.data.num_classes)
         seconds = time.perf_counter() - start
-        row = {"case": case_id, **case_metrics(pred, case.label, num_classes=config.data.num_classes,
-                                                spacing=case.spacing), "seconds": seconds}
+        row = {
+            "case": case_id,
+            **case_metrics(pred, case.label, num_classes=config.data.num_classes, spacing=case.spacing),
+            "seconds": seconds,
+        }
         per_case.append(row)
         if progress:
             shown = "  ".join(f"{k}={row[k]:.4f}" for k in METRICS if k in row)
@@ -162,8 +167,9 @@ def evaluate(
     if out_dir is None:
         base = Path(run_dir) if run_dir is not None else ckpt_path.parent
         default = split_name == config.data.test_split and ckpt_path.name == "checkpoint_final.pt" and not lcc
-        suffix = "" if default else f"_{split_name}_{ckpt_path.stem.replace('checkpoint_', '')}" + (
-            "_lcc" if lcc else "")
+        suffix = (
+            "" if default else f"_{split_name}_{ckpt_path.stem.replace('checkpoint_', '')}" + ("_lcc" if lcc else "")
+        )
         out_dir = base / f"eval{suffix}"
     out_dir = Path(out_dir)
     _write_per_case(out_dir / "per_case.csv", per_case)
@@ -198,8 +204,11 @@ def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def format_summary_table(summary: dict[str, Any], title: str = "") -> str:
     """A Markdown table of the summary: metric, mean ± std (bootstrap) and the plain mean ± std."""
-    lines = [f"### {title}" if title else "", "| metric | bootstrap mean ± std | mean ± std (cases) | n |",
-             "|---|---|---|---|"]
+    lines = [
+        f"### {title}" if title else "",
+        "| metric | bootstrap mean ± std | mean ± std (cases) | n |",
+        "|---|---|---|---|",
+    ]
     for name in METRICS:
         stats = summary["metrics"].get(name)
         if stats is None:
@@ -278,11 +287,11 @@ def predict_files(
         seg_path = out / f"{case_id}_seg.nii.gz"
         write_nifti(seg_path, pred, case.affine)
         if probabilities:
-            write_nifti(out / f"{case_id}_prob.nii.gz", probs.permute(1, 2, 3, 0).numpy().astype(np.float32),
-                        case.affine)
+            write_nifti(
+                out / f"{case_id}_prob.nii.gz", probs.permute(1, 2, 3, 0).numpy().astype(np.float32), case.affine
+            )
         if entropy:
-            write_nifti(out / f"{case_id}_entropy.nii.gz", entropy_map(probs).numpy().astype(np.float32),
-                        case.affine)
+            write_nifti(out / f"{case_id}_entropy.nii.gz", entropy_map(probs).numpy().astype(np.float32), case.affine)
         written.append(seg_path)
         if progress:
             fg = int((pred > 0).sum())

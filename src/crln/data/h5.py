@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from crln.data._io import atomic_path
+from crln.atomic import atomic_path
 from crln.data.case import Case
 from crln.errors import CrlnError
 
@@ -63,9 +63,7 @@ def _open_h5(path: Path) -> h5py.File:
 
 def _read_dataset(f: h5py.File, key: str, path: Path) -> np.ndarray:
     if key not in f:
-        raise CrlnError(
-            f"{path}: missing key {key!r}, found keys {sorted(f.keys())}, expected 'image' and 'label'"
-        )
+        raise CrlnError(f"{path}: missing key {key!r}, found keys {sorted(f.keys())}, expected 'image' and 'label'")
     obj = f[key]
     if not isinstance(obj, h5py.Dataset):
         raise CrlnError(f"{path}: key {key!r} is a group, expected a dataset")
@@ -83,8 +81,7 @@ def _label_to_uint8(label: np.ndarray, path: Path) -> np.ndarray:
         raise CrlnError(f"{path}: key 'label' holds non-integer values, expected integer class indices")
     if label.size and (label.min() < 0 or label.max() > 255):
         raise CrlnError(
-            f"{path}: key 'label' has values in [{label.min()}, {label.max()}], "
-            "expected class indices in [0, 255]"
+            f"{path}: key 'label' has values in [{label.min()}, {label.max()}], expected class indices in [0, 255]"
         )
     return label.astype(np.uint8)
 
@@ -126,13 +123,10 @@ def read_h5_case(
     image = image.astype(np.float32, copy=False)
     if label is not None:
         if label.ndim != 3:
-            raise CrlnError(
-                f"{path}: key 'label' has shape {label.shape} ({label.ndim}D), expected 3D (H, W, D)"
-            )
+            raise CrlnError(f"{path}: key 'label' has shape {label.shape} ({label.ndim}D), expected 3D (H, W, D)")
         if label.shape != image.shape[-3:]:
             raise CrlnError(
-                f"{path}: key 'label' has shape {label.shape}, "
-                f"expected the image's spatial shape {image.shape[-3:]}"
+                f"{path}: key 'label' has shape {label.shape}, expected the image's spatial shape {image.shape[-3:]}"
             )
         label = _label_to_uint8(label, path)
     return Case(case_id=case_id, image=image, label=label, source=str(path))
@@ -198,9 +192,7 @@ def read_case_list(root: str | Path, split: str) -> list[str]:
         if not cid or cid.startswith("#"):
             continue
         if "/" in cid or "\\" in cid or ".." in cid or cid.startswith("~"):
-            raise CrlnError(
-                f"{path}: line {lineno} id {cid!r} holds a path separator or '..', expected a bare case id"
-            )
+            raise CrlnError(f"{path}: line {lineno} id {cid!r} holds a path separator or '..', expected a bare case id")
         if cid in seen:
             dups.append(f"{cid!r} (lines {seen[cid]} and {lineno})")
             continue

@@ -146,9 +146,7 @@ class TwoStreamBatchSampler(Sampler[list[Key]]):
         if len(labeled_indices) == 0:
             raise CrlnError("no labelled cases, expected at least 1")
         if unlabeled_batch_size > 0 and len(unlabeled_indices) == 0:
-            raise CrlnError(
-                f"unlabeled_batch_size = {unlabeled_batch_size} but there are no unlabelled cases"
-            )
+            raise CrlnError(f"unlabeled_batch_size = {unlabeled_batch_size} but there are no unlabelled cases")
         if not 0 <= start_step <= num_steps:
             raise CrlnError(f"start_step = {start_step}, expected within [0, num_steps = {num_steps}]")
         self.labeled_batch_size = labeled_batch_size

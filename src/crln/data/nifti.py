@@ -19,7 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from crln.data._io import atomic_path
+from crln.atomic import atomic_path
 from crln.data.case import Case
 from crln.errors import CrlnError
 
@@ -62,9 +62,7 @@ def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
             raise CrlnError(f"{path}: label holds non-integer values, expected integer class indices")
         data = rounded
     if data.size and (data.min() < 0 or data.max() > 255):
-        raise CrlnError(
-            f"{path}: label values in [{data.min()}, {data.max()}], expected class indices in [0, 255]"
-        )
+        raise CrlnError(f"{path}: label values in [{data.min()}, {data.max()}], expected class indices in [0, 255]")
     return data.astype(np.uint8)
 
 
@@ -175,9 +173,7 @@ class NiftiDataset:
             elif isinstance(v, list) and v:  # nnU-Net region labels: take the first index
                 out[str(k)] = int(v[0])
             else:
-                raise CrlnError(
-                    f"{self.root / 'dataset.json'}: key 'labels' entry {k!r}: {v!r} is not a class index"
-                )
+                raise CrlnError(f"{self.root / 'dataset.json'}: key 'labels' entry {k!r}: {v!r} is not a class index")
         return out
 
     @property
@@ -255,9 +251,7 @@ class NiftiDataset:
             else:
                 _check_affine(affine, aff, paths[0], p)
                 if img.shape != chans[0].shape:
-                    raise CrlnError(
-                        f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}"
-                    )
+                    raise CrlnError(f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}")
             chans.append(img)
         image = chans[0] if len(chans) == 1 else np.stack(chans)
         label = None
@@ -271,9 +265,7 @@ class NiftiDataset:
                 )
             _check_affine(affine, laff, paths[0], lpath)
         spacing = (*zooms, 1.0, 1.0, 1.0)[:3]
-        return Case(
-            case_id=case_id, image=image, label=label, spacing=spacing, affine=affine, source=str(paths[0])
-        )
+        return Case(case_id=case_id, image=image, label=label, spacing=spacing, affine=affine, source=str(paths[0]))
 
     def load_many(self, ids: list[str], with_label: bool = True) -> list[Case]:
         """Load several cases in order."""

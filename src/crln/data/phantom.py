@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from crln.data._io import atomic_write_text
+from crln.atomic import atomic_write_text
 from crln.data.case import Case
 from crln.data.h5 import write_h5_case
 from crln.data.nifti import write_nifti
@@ -36,9 +36,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], cell: i
     return out[: shape[0], : shape[1], : shape[2]]
 
 
-def _ellipsoid_level(
-    grid: Sequence[np.ndarray], center: np.ndarray, radii: np.ndarray, rot: np.ndarray
-) -> np.ndarray:
+def _ellipsoid_level(grid: Sequence[np.ndarray], center: np.ndarray, radii: np.ndarray, rot: np.ndarray) -> np.ndarray:
     """Signed distance-like level ``1 - |R (x - c) / r|``: positive inside, ~0 on the surface."""
     d = [g - c for g, c in zip(grid, center, strict=True)]
     r2 = np.zeros(d[0].shape, dtype=np.float32)
@@ -72,9 +70,7 @@ def make_phantom(seed: int, shape: Sequence[int] = (96, 96, 64), num_classes: in
         raise CrlnError(f"phantom shape {tuple(shape)}, expected 3 axes of at least 8 voxels")
     rng = np.random.default_rng(seed)
     # physical coords in voxels, centred; a smooth deformation makes the blob organ-like, not ellipsoidal
-    grid = np.meshgrid(
-        *[np.arange(s, dtype=np.float32) - (s - 1) / 2 for s in shape3], indexing="ij", sparse=True
-    )
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) - (s - 1) / 2 for s in shape3], indexing="ij", sparse=True)
     grid = [np.broadcast_to(g, shape3) for g in grid]
     scale = float(min(shape3))
     warp_amp = scale * rng.uniform(0.03, 0.07)
@@ -116,9 +112,7 @@ def make_phantom(seed: int, shape: Sequence[int] = (96, 96, 64), num_classes: in
     image = ndimage.gaussian_filter(image.astype(np.float32), sigma=0.8)
     # smooth multiplicative bias field, then noise
     coords = [g / scale for g in grid]
-    log_bias = (
-        sum(rng.uniform(-0.35, 0.35) * c for c in coords) + rng.uniform(-0.3, 0.3) * coords[0] * coords[1]
-    )
+    log_bias = sum(rng.uniform(-0.35, 0.35) * c for c in coords) + rng.uniform(-0.3, 0.3) * coords[0] * coords[1]
     image = image * np.exp(log_bias).astype(np.float32)
     image += rng.normal(0.0, rng.uniform(0.2, 0.35), size=shape3).astype(np.float32)
     image = (image - image.mean()) / max(float(image.std()), 1e-6)
@@ -138,9 +132,7 @@ def _case_seeds(seed: int, n: int) -> list[int]:
 def _ids(n_train: int, n_test: int) -> tuple[list[str], list[str]]:
     if n_train < 1 or n_test < 0:
         raise CrlnError(f"n_train = {n_train}, n_test = {n_test}, expected n_train >= 1 and n_test >= 0")
-    return [f"case_{i:03d}" for i in range(n_train)], [
-        f"case_{i:03d}" for i in range(n_train, n_train + n_test)
-    ]
+    return [f"case_{i:03d}" for i in range(n_train)], [f"case_{i:03d}" for i in range(n_train, n_train + n_test)]
 
 
 def write_phantom_h5_dataset(

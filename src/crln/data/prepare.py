@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crln.data._io import atomic_path
+from crln.atomic import atomic_path
 from crln.data.h5 import locate_case, read_case_list, read_h5_case, write_h5_case
 from crln.errors import CrlnError
 
@@ -27,9 +27,7 @@ def _out_shape(shape: Sequence[int], scale: float) -> tuple[int, int, int]:
     return tuple(max(1, round(s * scale)) for s in shape)  # type: ignore[return-value]
 
 
-def resample_image(
-    image: np.ndarray, size: Sequence[int], mode: Literal["area", "trilinear"] = "area"
-) -> np.ndarray:
+def resample_image(image: np.ndarray, size: Sequence[int], mode: Literal["area", "trilinear"] = "area") -> np.ndarray:
     """Resize ``(H, W, D)`` or ``(C, H, W, D)`` to spatial ``size`` by area averaging or trilinear."""
     if mode not in ("area", "trilinear"):
         raise CrlnError(f"image_mode = {mode!r}, expected 'area' or 'trilinear'")

@@ -80,8 +80,9 @@ def random_rot_flip(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """rot90 by k in {0..3} in the H-W plane, then flip along H or W (the field's RandomRotFlip).
 
-    Odd k swaps H and W: apply before cropping (as the field does) when patches are not square.
-    Returns views.
+    Like the field's, it always flips, so it yields the 4 reflections of the H-W square (each
+    twice over the 8 (k, axis) draws), never a pure rotation. Odd k swaps H and W: apply it before
+    cropping (as the field does) when patches are not square. Returns views.
     """
     k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))

@@ -11,70 +11,26 @@ needed to resume a run exactly and to rebuild the networks for inference without
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from crln import __version__
+from crln.atomic import atomic_path
 from crln.errors import CrlnError
 
-__all__ = ["FORMAT_VERSION", "atomic_write_bytes", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
 
 FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("format_version", "method", "config", "step", "method_state")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        if isinstance(err, OSError):
-            raise CrlnError(f"cannot write {path}: {err.strerror or err}; the previous file is kept") from err
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``."""
-    _atomic_write(path, lambda handle: handle.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically replace ``path`` with UTF-8 ``text``."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically write a checkpoint dict (``format_version`` and ``crln_version`` are added)."""
     payload = {"format_version": FORMAT_VERSION, "crln_version": __version__, **state}
-    _atomic_write(Path(path), lambda handle: torch.save(payload, handle))
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

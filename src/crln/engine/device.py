@@ -52,8 +52,9 @@ class Performance:
     channels_last: bool
 
     @classmethod
-    def for_device(cls, device: torch.device, amp: str = "auto", channels_last: str = "auto",
-                   deterministic: bool = False) -> Performance:
+    def for_device(
+        cls, device: torch.device, amp: str = "auto", channels_last: str = "auto", deterministic: bool = False
+    ) -> Performance:
         cuda = device.type == "cuda"
         dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         amp_dtype = (torch.bfloat16 if cuda else None) if amp == "auto" else dtypes[amp]

@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from crln import __version__
+from crln.atomic import atomic_write_text
 from crln.config import RunConfig, config_to_dict
-from crln.engine.checkpoint import atomic_write_text
 
 __all__ = ["MetricsLog", "RunFolder", "git_commit", "read_log"]
 

@@ -41,7 +41,7 @@ from crln.models import VNet
 __all__ = ["TrainResult", "build_network_factory", "method_from_checkpoint", "train"]
 
 
-def build_network_factory(config: RunConfig):  # noqa: ANN201 - returns a zero-arg callable
+def build_network_factory(config: RunConfig):
     """A zero-argument callable building the configured segmentation network."""
     m, num_classes = config.model, config.data.num_classes
 
@@ -133,8 +133,9 @@ def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
             )
 
 
-def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None, progress: bool = True
+) -> TrainResult:
     """Train ``config.method`` and write the run folder.
 
     Args:
@@ -197,23 +198,27 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     folder.path.mkdir(parents=True, exist_ok=True)
     folder.write_config(config)
     if not resume:
-        folder.write_meta({"split": {"labeled": split.labeled, "unlabeled": split.unlabeled,
-                                     "validation": split.validation}})
+        folder.write_meta(
+            {"split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation}}
+        )
     log = MetricsLog(folder.log_path, truncate_after_step=start_step if resume else None)
 
     total = config.train.iterations
 
     def checkpoint(which: str, step: int) -> None:
-        save_checkpoint(folder.checkpoint(which), {
-            "method": config.method.name,
-            "config": config_to_dict(config),
-            "step": step,
-            "method_state": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "best": best,
-        })
+        save_checkpoint(
+            folder.checkpoint(which),
+            {
+                "method": config.method.name,
+                "config": config_to_dict(config),
+                "step": step,
+                "method_state": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "best": best,
+            },
+        )
 
     def validate(step: int) -> None:
         if not validation_cases:
@@ -310,5 +315,9 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     validate(total)
     checkpoint("latest", total)
     checkpoint("final", total)
-    return TrainResult(folder.path, total, time.perf_counter() - t0,
-                       None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"])
+    return TrainResult(
+        folder.path,
+        total,
+        time.perf_counter() - t0,
+        None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"],
+    )

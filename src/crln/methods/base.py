@@ -103,7 +103,9 @@ def _lookup(name: str) -> type[Method]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise CrlnError(f"config key method.name: unknown method {name!r} (available: {', '.join(method_names())}){hint}")
+        raise CrlnError(
+            f"config key method.name: unknown method {name!r} (available: {', '.join(method_names())}){hint}"
+        )
     return _REGISTRY[name]
 
 

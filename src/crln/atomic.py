@@ -1,0 +1,68 @@
+"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
+
+A reader never sees a half-written file, and a failed or killed write leaves the previous file
+intact. Every writer of crln (checkpoints, logs' rewrites, configs, h5/NIfTI files, CSV/JSON
+summaries) goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from crln.errors import CrlnError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _fsync_file(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "", *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it onto ``path``, on error delete it.
+
+    ``suffix`` keeps the extension that writers use to pick a format (e.g. ``.nii.gz``). An
+    ``OSError`` while writing (disk full, permissions) becomes a :class:`CrlnError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as err:
+        raise CrlnError(f"cannot write {path}: {err.strerror or err}") from err
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if fsync:
+            _fsync_file(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        if isinstance(err, OSError):
+            raise CrlnError(f"cannot write {path}: {err.strerror or err}; the previous file is kept") from err
+        raise
+    if fsync:
+        _fsync_file(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically replace ``path`` with UTF-8 ``text``."""
+    atomic_write_bytes(path, text.encode("utf-8"))

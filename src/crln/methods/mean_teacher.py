@@ -1,0 +1,156 @@
+"""Mean teacher with weak→strong consistency: the base of CRLN (paper Sec. 3.1, eq. 1–2).
+
+The teacher is an EMA of the student and never receives gradients. The teacher sees the weak view
+of the unlabelled batch (random crop, rot/flip: what the loader gives). The student sees the strong
+view: the weak view plus Gaussian noise and, optionally, a 3D CutMix box exchanged between the
+unlabelled samples of the batch. The teacher's pseudo-labels are mixed with the same box, so they
+stay aligned with the student's input (the paper's A_g). The unsupervised term is eq. 2: a
+negative log-likelihood on the voxels whose pseudo-label confidence is ≥ τ.
+
+Reference: Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017;
+Wang et al., "Cooperative Rectification Learning Network", Medical Image Analysis 2025, eq. 1–2.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crln.data.loader import Batch
+from crln.engine.ema import ema_decay_at, ema_update
+from crln.engine.schedule import sigmoid_rampup
+from crln.methods.base import Method, MethodConfig, ModelFactory, register_method
+from crln.methods.losses import DiceCELoss
+
+__all__ = ["MeanTeacher", "MeanTeacherConfig", "cutmix_box_mask", "masked_nll"]
+
+
+@dataclass
+class MeanTeacherConfig(MethodConfig):
+    """Hyper-parameters of the mean teacher (defaults: the CRLN paper's baseline row 2)."""
+
+    name: str = "mean_teacher"
+    ema_decay: float = 0.99
+    confidence_threshold: float = 0.97  # τ in eq. 2
+    unsup_weight: float = 0.5  # weight of eq. 2 in the total loss
+    rampup_iterations: int = 0  # sigmoid ramp-up of unsup_weight (0 = constant weight)
+    cutmix: bool = True  # 3D CutMix between unlabelled samples in the strong view
+    cutmix_box_fraction: float = 2 / 3  # CutMix box side as a fraction of each patch side
+    strong_noise_sigma: float = 0.1  # Gaussian noise of the strong view (0 = none)
+    strong_noise_clip: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
+        if not 0.0 < self.cutmix_box_fraction < 1.0:
+            raise ValueError(f"cutmix_box_fraction must be in (0, 1), got {self.cutmix_box_fraction}")
+        if self.unsup_weight < 0 or self.strong_noise_sigma < 0 or self.rampup_iterations < 0:
+            raise ValueError("unsup_weight, strong_noise_sigma and rampup_iterations must be >= 0")
+
+
+def cutmix_box_mask(
+    shape: tuple[int, int, int],
+    fraction: float,
+    batch: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """One random box per sample: ``(B, 1, H, W, D)`` float mask, 1 inside the box.
+
+    Each box side is ``round(fraction * side)``, at a uniformly random position inside the patch.
+    """
+    mask = torch.zeros(batch, 1, *shape, device=device)
+    sizes = [max(1, round(fraction * s)) for s in shape]
+    for b in range(batch):
+        starts = [int(torch.randint(0, s - k + 1, (1,), generator=generator)) for s, k in zip(shape, sizes)]
+        (h, w, d), (kh, kw, kd) = starts, sizes
+        mask[b, :, h : h + kh, w : w + kw, d : d + kd] = 1.0
+    return mask
+
+
+def masked_nll(student_logits: Tensor, pseudo_probs: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Eq. 2: NLL of the pseudo-label's argmax on voxels with confidence ≥ ``threshold``.
+
+    Args:
+        student_logits: ``(B, C, H, W, D)`` logits of the strong view.
+        pseudo_probs: ``(B, C, H, W, D)`` teacher probabilities aligned with the strong view.
+        threshold: τ.
+
+    Returns:
+        ``(loss, reliable_fraction)``; the loss is averaged over all voxels (|Ω|), as in eq. 2.
+    """
+    confidence, target = pseudo_probs.max(dim=1)
+    mask = (confidence >= threshold).float()
+    nll = F.cross_entropy(student_logits.float(), target, reduction="none")
+    return (nll * mask).mean(), mask.mean()
+
+
+@register_method
+class MeanTeacher(Method):
+    """Student/teacher pair with EMA, weak→strong consistency, optional CutMix and noise."""
+
+    name = "mean_teacher"
+    config_class = MeanTeacherConfig
+
+    def __init__(self, config: MeanTeacherConfig, model_factory: ModelFactory, num_classes: int) -> None:
+        super().__init__(config, model_factory, num_classes)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.supervised_loss = DiceCELoss(config.dice_weight, config.ce_weight)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def strong_view(self, weak: Tensor, pseudo_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Noise + CutMix of the unlabelled weak view ``(Bu, 1, H, W, D)``, with aligned pseudo-labels."""
+        cfg: MeanTeacherConfig = self.config  # type: ignore[assignment]
+        strong = weak
+        if cfg.strong_noise_sigma > 0:
+            noise = torch.randn_like(weak) * cfg.strong_noise_sigma
+            strong = weak + noise.clamp(-cfg.strong_noise_clip, cfg.strong_noise_clip)
+        if cfg.cutmix and weak.shape[0] > 1:
+            box = cutmix_box_mask(tuple(weak.shape[2:]), cfg.cutmix_box_fraction, weak.shape[0], device=weak.device).to(
+                weak.dtype
+            )
+            # Sample b receives a box from sample b+1 (cyclic), in the input and in the pseudo-label.
+            strong = strong * (1 - box) + strong.roll(1, dims=0) * box
+            pseudo_probs = pseudo_probs * (1 - box) + pseudo_probs.roll(1, dims=0) * box
+        return strong, pseudo_probs
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg: MeanTeacherConfig = self.config  # type: ignore[assignment]
+        if batch.unlabeled_image is None:
+            raise ValueError("mean_teacher needs unlabelled images in the batch")
+        with torch.no_grad():
+            pseudo = torch.softmax(self.teacher(batch.unlabeled_image).float(), dim=1)
+        strong, pseudo = self.strong_view(batch.unlabeled_image, pseudo)
+
+        n_labeled = batch.labeled_image.shape[0]
+        logits = self.student(torch.cat([batch.labeled_image, strong], dim=0))
+        sup, ce, dice = self.supervised_loss(logits[:n_labeled], batch.labeled_label)
+        unsup, reliable = masked_nll(logits[n_labeled:], pseudo, cfg.confidence_threshold)
+        weight = cfg.unsup_weight * sigmoid_rampup(step, cfg.rampup_iterations)
+        return {
+            "loss": sup + weight * unsup,
+            "loss_sup": sup.detach(),
+            "loss_ce": ce.detach(),
+            "loss_dice": dice.detach(),
+            "loss_unsup": unsup.detach(),
+            "unsup_weight": torch.tensor(weight),
+            "reliable_fraction": reliable.detach(),
+        }
+
+    def after_optimizer_step(self, step: int) -> None:
+        cfg: MeanTeacherConfig = self.config  # type: ignore[assignment]
+        ema_update(self.teacher, self.student, ema_decay_at(step, cfg.ema_decay))
+
+    def inference_network(self) -> nn.Module:
+        return self.student
