@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -26,10 +28,16 @@ def _build(name: str, **overrides: object):
     return build_method(config, lambda: VNet(n_filters=4), num_classes=2)
 
 
+# Per-method settings that make the unsupervised term active from the first step on tiny inputs.
+ACTIVE_UNSUPERVISED = {
+    "mean_teacher": {"confidence_threshold": 0.0},
+    "ua_mt": {"threshold_start": 1.0, "consistency_rampup_iterations": 0, "passes": 2},
+}
+
+
 @pytest.mark.parametrize("name", method_names())
 def test_losses_reach_student_and_never_teacher(name: str) -> None:
-    overrides = {"confidence_threshold": 0.0} if name != "supervised" else {}
-    method = _build(name, **overrides)
+    method = _build(name, **ACTIVE_UNSUPERVISED.get(name, {}))
     method.train()
     out = method.train_step(_batch(), step=5)
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
@@ -79,3 +87,18 @@ def test_masked_nll_respects_threshold() -> None:
     loss, reliable = masked_nll(logits, probs, threshold=0.9)
     assert reliable == pytest.approx(1 / 8)
     assert loss == pytest.approx(torch.log(torch.tensor(2.0)).item() / 8)
+
+
+def test_ua_mt_uncertainty_mask_and_threshold_ramp() -> None:
+    method = _build("ua_mt", passes=3, threshold_rampup_iterations=100)
+    early = method.train_step(_batch(), step=0)
+    late = method.train_step(_batch(), step=100)
+    start = 0.75 + 0.25 * math.exp(-5)  # sigmoid ramp at t = 0
+    assert early["uncertainty_threshold"] == pytest.approx(start * math.log(2))
+    assert late["uncertainty_threshold"] == pytest.approx(math.log(2))
+    assert early["uncertainty_threshold"] < late["uncertainty_threshold"]
+    assert 0.0 <= float(late["certain_fraction"]) <= 1.0
+    # Entropy of the mean softmax is bounded by ln C.
+    _, entropy = method.teacher_prediction(_batch().unlabeled_image)
+    assert entropy.shape == (2, 1, 32, 32, 16)
+    assert float(entropy.max()) <= math.log(2) + 1e-4

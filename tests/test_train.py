@@ -123,3 +123,12 @@ def test_too_few_cases_for_the_split(phantom_root: Path, tmp_path: Path) -> None
     config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{"data.labeled": 50}))
     with pytest.raises(CrlnError, match="labeled"):
         train(config, progress=False)
+
+
+def test_labels_outside_num_classes_are_refused(tmp_path: Path) -> None:
+    from crln.data.phantom import write_phantom_h5_dataset
+
+    root = write_phantom_h5_dataset(tmp_path / "three", n_train=4, n_test=1, shape=(32, 32, 32), seed=1, num_classes=3)
+    config = load_config("demo", tiny_overrides(root, tmp_path / "runs", **{"data.labeled": 2}))
+    with pytest.raises(CrlnError, match=r"label.*(num_classes|\[0, 1\])"):
+        train(config, progress=False)

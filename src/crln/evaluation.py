@@ -24,6 +24,7 @@ from crln.atomic import atomic_write_text
 from crln.config import RunConfig
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
+from crln.data.validate import validate_case
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance, resolve_device
 from crln.engine.run_folder import RunFolder
@@ -130,6 +131,7 @@ def evaluate(
     spacings: list[tuple[float, float, float]] = []
     for index, case_id in enumerate(ids):
         (case,) = dataset.load_many([case_id], with_label=True)
+        validate_case(case, num_classes=config.data.num_classes, require_label=True)
         spacings.append(tuple(float(v) for v in case.spacing))
         start = time.perf_counter()
         probs = _predict(network, case.image, config, perf, stride)

@@ -43,6 +43,9 @@ class Batch:
         labeled_image: ``(Bl, C, H, W, D)`` float32 (C = 1 for single-channel data).
         labeled_label: ``(Bl, H, W, D)`` int64.
         unlabeled_image: ``(Bu, C, H, W, D)`` float32, or ``None`` when ``Bu = 0``.
+        unlabeled_oracle_label: ``(Bu, H, W, D)`` int64 labels of the unlabelled patches when the
+            unlabelled cases have labels (LA does) and the trainer loaded them, else ``None``. For
+            monitoring pseudo-label quality only; no loss may use it.
         step: the training step this batch belongs to.
         case_indices: case index of each labelled then unlabelled item (provenance, determinism checks).
     """
@@ -50,6 +53,7 @@ class Batch:
     labeled_image: torch.Tensor
     labeled_label: torch.Tensor
     unlabeled_image: torch.Tensor | None = None
+    unlabeled_oracle_label: torch.Tensor | None = None
     step: int = -1
     case_indices: list[int] = field(default_factory=list)
 
@@ -61,6 +65,9 @@ class Batch:
             unlabeled_image=None
             if self.unlabeled_image is None
             else self.unlabeled_image.to(device, non_blocking=non_blocking),
+            unlabeled_oracle_label=None
+            if self.unlabeled_oracle_label is None
+            else self.unlabeled_oracle_label.to(device, non_blocking=non_blocking),
             step=self.step,
             case_indices=list(self.case_indices),
         )
@@ -71,6 +78,9 @@ class Batch:
             labeled_image=self.labeled_image.pin_memory(),
             labeled_label=self.labeled_label.pin_memory(),
             unlabeled_image=None if self.unlabeled_image is None else self.unlabeled_image.pin_memory(),
+            unlabeled_oracle_label=None
+            if self.unlabeled_oracle_label is None
+            else self.unlabeled_oracle_label.pin_memory(),
             step=self.step,
             case_indices=list(self.case_indices),
         )
@@ -185,7 +195,8 @@ class PatchDataset(Dataset):
     random crop (padding volumes smaller than the patch), then Gaussian noise.
 
     Returns a dict: ``image`` ``(C, h, w, d)`` float32 tensor, ``label`` ``(h, w, d)`` int64 tensor
-    (labelled keys only), ``is_labeled``, ``step``, ``case_index``.
+    (labelled keys only), ``oracle_label`` (unlabelled keys whose case has a label; monitoring only),
+    ``is_labeled``, ``step``, ``case_index``.
     """
 
     def __init__(
@@ -210,7 +221,8 @@ class PatchDataset(Dataset):
         case = self.cases[index]
         rng = np.random.default_rng([self.seed, step, slot])
         image = case.image if case.image.ndim == 4 else case.image[None]
-        label = case.label if is_labeled else None
+        # Unlabelled cases that do have a label carry it along for oracle monitoring only.
+        label = case.label
         if is_labeled and label is None:
             raise CrlnError(f"{case.source or case.case_id}: case used as labelled but has no label")
         if self.augment.rot_flip:
@@ -224,7 +236,8 @@ class PatchDataset(Dataset):
             "case_index": int(index),
         }
         if label is not None:
-            out["label"] = torch.from_numpy(np.array(label, dtype=np.int64, copy=True, order="C"))
+            key_name = "label" if is_labeled else "oracle_label"
+            out[key_name] = torch.from_numpy(np.array(label, dtype=np.int64, copy=True, order="C"))
         return out
 
 
@@ -238,6 +251,9 @@ def collate_two_stream(items: Sequence[dict[str, Any]]) -> Batch:
         labeled_image=torch.stack([it["image"] for it in lab]),
         labeled_label=torch.stack([it["label"] for it in lab]),
         unlabeled_image=torch.stack([it["image"] for it in unl]) if unl else None,
+        unlabeled_oracle_label=torch.stack([it["oracle_label"] for it in unl])
+        if unl and all("oracle_label" in it for it in unl)
+        else None,
         step=int(items[0].get("step", -1)),
         case_indices=[int(it.get("case_index", -1)) for it in lab + unl],
     )

@@ -30,6 +30,7 @@ from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
 from crln.data.splits import split_train
 from crln.data.transforms import AugmentConfig
+from crln.data.validate import validate_case
 from crln.engine.checkpoint import load_checkpoint, save_checkpoint
 from crln.engine.device import Performance, resolve_device, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
@@ -124,6 +125,16 @@ class _StopRequest:
         self._previous.clear()
 
 
+def _load_unlabeled(dataset: Any, ids: list[str], method: Method) -> list[Case]:
+    """Unlabelled cases; with their labels (monitoring only) when the method asks and they exist."""
+    if method.monitors_pseudo_labels:
+        try:
+            return dataset.load_many(ids, with_label=True)
+        except CrlnError:
+            pass  # unlabelled data without labels: nothing to monitor against
+    return dataset.load_many(ids, with_label=False)
+
+
 def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
     for name, value in out.items():
         if value.numel() == 1 and not torch.isfinite(value.detach()).all():
@@ -169,13 +180,15 @@ def train(
     split = split_train(dataset.ids(d.train_split), labeled=d.labeled, validation=d.validation)
     method = build_method(config.method, build_network_factory(config), d.num_classes)
     labeled_cases = dataset.load_many(split.labeled, with_label=True)
-    unlabeled_cases = dataset.load_many(split.unlabeled, with_label=False) if method.uses_unlabeled else []
+    unlabeled_cases = _load_unlabeled(dataset, split.unlabeled, method) if method.uses_unlabeled else []
     if method.uses_unlabeled and not unlabeled_cases:
         raise CrlnError(
             f"data.labeled={d.labeled}: method {config.method.name!r} needs unlabelled cases but all "
             f"{len(split.labeled) + len(split.validation)} training cases are labelled or held out"
         )
     validation_cases = dataset.load_many(split.validation, with_label=True)
+    for case in (*labeled_cases, *validation_cases):
+        validate_case(case, num_classes=d.num_classes, require_label=True)
 
     method = perf.place(method)
     optimizer = torch.optim.SGD(

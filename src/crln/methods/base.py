@@ -36,7 +36,7 @@ class MethodConfig:
 class Method(nn.Module):
     """Base class of training methods.
 
-    Subclasses set ``name``, ``config_class`` and ``uses_unlabeled`` and implement
+    Subclasses set ``name``, ``config_class``, ``uses_unlabeled`` and ``monitors_pseudo_labels`` and implement
     :meth:`train_step`.
 
     Args:
@@ -48,6 +48,9 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_unlabeled: ClassVar[bool] = True
+    #: Load the labels of unlabelled cases, when they exist, to monitor pseudo-label quality
+    #: (``Batch.unlabeled_oracle_label``). Never used in a loss.
+    monitors_pseudo_labels: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__()
