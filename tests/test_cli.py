@@ -122,3 +122,18 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "| dice |" in out and "| hd95 |" in out
     # A second demo starts afresh in its own folder instead of refusing an existing run.
     assert main([*args, "--no-progress", *tiny]) == 0
+
+
+def test_nifti_dataset_trains_and_reports_mm(tmp_path: Path) -> None:
+    from crln.data.phantom import write_phantom_nifti_dataset
+
+    root = write_phantom_nifti_dataset(
+        tmp_path / "nii", n_train=5, n_test=1, shape=(32, 32, 32), seed=3, spacing=(0.8, 0.8, 1.5)
+    )
+    overrides = tiny_overrides(
+        root, tmp_path / "runs", **{"data.format": "nifti", "train.iterations": 2, "data.validation": 0}
+    )
+    assert main(["train", "demo", *overrides, "--no-progress", "--evaluate"]) == 0
+    run = tmp_path / "runs" / "phantom" / "supervised__vnet__demo" / "seed1337"
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["distance_unit"] == "mm" and summary["n_cases"] == 1

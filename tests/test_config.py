@@ -76,3 +76,17 @@ def test_apply_overrides_does_not_mutate_input() -> None:
     raw = {"optim": {"lr": 0.1}}
     out = apply_overrides(raw, ["optim.lr=0.2"])
     assert raw["optim"]["lr"] == 0.1 and out["optim"]["lr"] == 0.2
+
+
+def test_base_preset_inheritance(tmp_path: Path) -> None:
+    config = load_config("la_cpu_mean_teacher")
+    assert config.method.name == "mean_teacher"
+    assert config.data.patch_size == (64, 64, 48)  # inherited from la_cpu
+    child = tmp_path / "child.yaml"
+    child.write_text("base: la_cpu\noptim:\n  lr: 0.05\n")
+    merged = load_config(str(child))
+    assert merged.optim.lr == 0.05 and merged.optim.momentum == 0.9 and merged.data.name == "LA_0.5"
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(CrlnError, match="circular"):
+        load_config(str(loop))

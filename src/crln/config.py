@@ -1,6 +1,7 @@
 """Typed run configuration: YAML presets (safe loader), ``key=value`` overrides, strict keys.
 
-A run is described by one :class:`RunConfig` tree. YAML files give any subset of it; ``key=value``
+A run is described by one :class:`RunConfig` tree. YAML files give any subset of it (and may
+inherit another preset with ``base: NAME``, deep-merged under the file's own keys); ``key=value``
 overrides address nested fields with dots (``optim.lr=0.01``, ``data.patch_size=[64,64,48]``) and
 their values are parsed as YAML scalars/lists. Unknown keys are rejected with the nearest valid
 spelling. The ``method`` section is typed by the chosen method's own config class (see
@@ -32,6 +33,7 @@ __all__ = [
     "build_config",
     "config_to_dict",
     "load_config",
+    "load_raw",
     "resolve_preset",
 ]
 
@@ -320,9 +322,33 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's raw mapping with its ``base:`` chain merged in (``base: la_cpu`` inherits that preset)."""
+    path = resolve_preset(name_or_path).resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise CrlnError(f"config {path}: circular base chain ({chain})")
+    raw = load_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise CrlnError(f"config {path}: key base must name a preset or YAML file, got {base!r}")
+    # A relative base path is looked up beside the file first, then among the presets.
+    beside = path.parent / base
+    return _deep_merge(load_raw(str(beside) if beside.is_file() else base, (*_seen, path)), raw)
+
+
 def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset or YAML file, apply ``key=value`` overrides, and validate."""
-    raw = load_yaml(resolve_preset(name_or_path)) if name_or_path else {}
+    """Load a preset or YAML file (with its ``base:`` chain), apply ``key=value`` overrides, validate."""
+    raw = load_raw(name_or_path) if name_or_path else {}
     return build_config(apply_overrides(raw, overrides or []))
 
 
