@@ -14,7 +14,16 @@ import pytest
 from conftest import tiny_overrides
 from crln.cli import build_parser, main
 
-VERBS = [["train"], ["evaluate"], ["predict"], ["data", "prepare"], ["data", "phantom"], ["config"], ["demo"]]
+VERBS = [
+    ["train"],
+    ["evaluate"],
+    ["predict"],
+    ["data", "prepare"],
+    ["data", "phantom"],
+    ["config"],
+    ["demo"],
+    ["bench"],
+]
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v))

@@ -118,6 +118,15 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from crln.bench import run_plan
+
+    out = run_plan(args.plan, out=args.out, dry_run=args.dry_run, progress=not args.no_progress)
+    if not args.dry_run:
+        print(f"table written: {out}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 

@@ -33,7 +33,7 @@ from crln.errors import CrlnError
 from crln.inference import entropy_map, sliding_window_predict
 from crln.metrics import case_metrics, keep_largest_component, summarize
 
-__all__ = ["EvalResult", "evaluate", "format_summary_table", "load_network", "predict_files"]
+__all__ = ["EvalResult", "eval_dir_name", "evaluate", "format_summary_table", "load_network", "predict_files"]
 
 METRICS = ("dice", "jaccard", "asd", "hd95")
 
@@ -74,6 +74,14 @@ def _predict(
         device=perf.device,
         amp_dtype=perf.amp_dtype,
     )
+
+
+def eval_dir_name(split: str, checkpoint: str, largest_component: bool, *, default_split: str) -> str:
+    """``eval`` for the default evaluation (test list, final checkpoint, no post-processing), else
+    ``eval_<split>_<checkpoint>[_lcc]``."""
+    if split == default_split and checkpoint == "final" and not largest_component:
+        return "eval"
+    return f"eval_{split}_{checkpoint}" + ("_lcc" if largest_component else "")
 
 
 class EvalResult(dict):
@@ -168,11 +176,8 @@ def evaluate(
     }
     if out_dir is None:
         base = Path(run_dir) if run_dir is not None else ckpt_path.parent
-        default = split_name == config.data.test_split and ckpt_path.name == "checkpoint_final.pt" and not lcc
-        suffix = (
-            "" if default else f"_{split_name}_{ckpt_path.stem.replace('checkpoint_', '')}" + ("_lcc" if lcc else "")
-        )
-        out_dir = base / f"eval{suffix}"
+        which = ckpt_path.stem.replace("checkpoint_", "")
+        out_dir = base / eval_dir_name(split_name, which, lcc, default_split=config.data.test_split)
     out_dir = Path(out_dir)
     _write_per_case(out_dir / "per_case.csv", per_case)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")

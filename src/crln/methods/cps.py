@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CPSHead", "CPSSample", "cps_loss", "positive_prototypes", "sample_cps"]
+__all__ = ["CPSHead", "CPSSample", "cps_loss", "gather_voxels", "positive_prototypes", "sample_cps"]
 
 
 class CPSHead(nn.Module):
@@ -56,10 +56,7 @@ def _draw(candidates: Tensor, count: int, rows: int, with_replacement: bool) -> 
     """``rows × count`` indices drawn from ``candidates`` (CPU RNG); without replacement: at most
     ``len(candidates)`` distinct indices, one row."""
     n = candidates.numel()
-    if with_replacement:
-        pick = torch.randint(n, (rows, count))
-    else:
-        pick = torch.randperm(n)[:count].unsqueeze(0)
+    pick = torch.randint(n, (rows, count)) if with_replacement else torch.randperm(n)[:count].unsqueeze(0)
     return candidates[pick.to(candidates.device)]
 
 
@@ -101,6 +98,17 @@ def sample_cps(
     return out
 
 
+def gather_voxels(rep: Tensor, index: Tensor) -> Tensor:
+    """Features of flat voxel indices ``b·N + n`` of ``rep`` ``(B, D, *spatial)``: ``index.shape + (D,)``.
+
+    Gathers without copying the whole feature map (plain or channels-last memory layout)."""
+    D = rep.shape[1]
+    if rep.is_contiguous():
+        n = rep[0, 0].numel()
+        return rep.flatten(2)[index // n, :, index % n]
+    return rep.permute(0, 2, 3, 4, 1).reshape(-1, D)[index]
+
+
 def cps_loss(
     rep: Tensor,
     valid: Tensor,
@@ -125,8 +133,6 @@ def cps_loss(
         Mean over classes with valid voxels of the mean over anchors (the authors' reduction); a
         zero that keeps the graph when no class has both anchors and negatives.
     """
-    D = rep.shape[1]
-    flat = rep.permute(0, 2, 3, 4, 1).reshape(-1, D)
     present = int(valid.flatten(2).any(dim=2).any(dim=0).sum())
     if not samples:
         return rep.sum() * 0.0
@@ -143,8 +149,8 @@ def cps_loss(
             positive = prototype_term[s.cls].float()
         else:
             positive = (r_m + xi * prototype_term[s.cls].float()) / (1.0 + xi)
-        anchors = F.normalize(flat[s.anchors].float(), dim=1)  # (A, D)
-        negatives = F.normalize(flat[s.negatives].float(), dim=-1)  # (A|1, K, D)
+        anchors = F.normalize(gather_voxels(rep, s.anchors).float(), dim=1)  # (A, D)
+        negatives = F.normalize(gather_voxels(rep, s.negatives).float(), dim=-1)  # (A|1, K, D)
         pos_logit = (anchors @ F.normalize(positive, dim=0)).unsqueeze(1)  # (A, 1)
         neg_logit = torch.einsum("ad,akd->ak", anchors, negatives.expand(anchors.shape[0], -1, -1))
         logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature

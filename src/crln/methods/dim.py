@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DynamicInteractionModule", "Rectifier", "RECTIFY_VARIANTS"]
+__all__ = ["RECTIFY_VARIANTS", "DynamicInteractionModule", "Rectifier"]
 
 RECTIFY_VARIANTS = ("fixed_v1", "learnable_v2", "learnable_v3")
 
@@ -135,10 +135,8 @@ class DynamicInteractionModule(nn.Module):
         x = proximity.reshape(B * C, R, *spatial) if self.cross_class else proximity.reshape(B, C * R, *spatial)
         if self.sa is not None:
             x = self.sa(x)
-        if self.ci is not None:
-            x = self.ci(x)
-        else:  # the ablation baseline: sum the proximity maps over the R prototypes
-            x = x.reshape(-1, R, *spatial).sum(dim=1, keepdim=True)
+        # CI off: the ablation baseline, the sum of the proximity maps over the R prototypes.
+        x = self.ci(x) if self.ci is not None else x.reshape(-1, R, *spatial).sum(dim=1, keepdim=True)
         return x.reshape(B, C, *spatial)
 
     def forward(self, quarter: Tensor, half: Tensor, keep_attention: bool = False) -> Tensor:

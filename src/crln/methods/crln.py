@@ -1,0 +1,395 @@
+"""CRLN: mean teacher + DIM prototypes + learned pseudo-label rectification + CPS.
+
+Paper: Wang et al., "Cooperative Rectification Learning Network", Medical Image Analysis 2025,
+Sec. 3 (eq. 1–16), Algorithm 1; authors' code ``Yaan-Wang/CRLN/VnetLA`` for the facts the paper
+leaves open. One iteration (``train_step`` + ``after_optimizer_step``):
+
+1. Teacher (EMA) on the weak unlabelled view → ȳ; from iteration ``rectify_start`` (S) on, the
+   teacher's DIM and prototypes give ``M(x_u)`` and ȳ_r = rectify(ȳ, M) (eq. 8), else ȳ_r = ȳ.
+2. Strong view: noise + the same CutMix box on the image and on ȳ_r (MeanTeacher.strong_view).
+3. Student on [labelled, strong unlabelled] with decoder features; eq. 15 =
+   ℓs(ŷ_l, y) + dim_weight·ℓs(M(x_l), y) + unsup_weight·ℓu(ŷ_u, ȳ_r) + cps_weight·ℓcp.
+4. After the engine's optimiser step: EMA of backbone, DIM and prototypes into the teacher, then
+   the rectifier's own step on eq. 16 (μ for ``learnable_v3``), alternating with eq. 15.
+
+μ (and the ``learnable_v2`` convolution) never enter ``out["loss"]``: their gradient is taken with
+``torch.autograd.grad`` on eq. 16 alone and applied by a small SGD owned by the method, whose
+momentum buffers are module buffers, so ``state_dict`` holds them and resume is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crln.data.loader import Batch
+from crln.engine.ema import ema_decay_at, ema_update
+from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
+from crln.methods.base import ModelFactory, register_method
+from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
+from crln.methods.dim import RECTIFY_VARIANTS, DynamicInteractionModule, Rectifier
+from crln.methods.losses import DiceCELoss
+from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, masked_nll
+
+__all__ = ["CRLN", "CRLNConfig", "pseudo_label_dice", "weighted_nll"]
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+
+
+@dataclass
+class CRLNConfig(MeanTeacherConfig):
+    """Hyper-parameters of CRLN; defaults = the paper's LA setting, the authors' code where they differ."""
+
+    name: str = "crln"
+    unsup_loss: str = "weighted"  # "weighted": code (per-sample confident share × NLL); "masked": eq. 2
+    # --- prototypes + DIM (Sec. 3.2.1, eq. 3–7; Tab. 6, Fig. 10) ---
+    dim: bool = True  # DIM, prototypes and rectification on (off: mean teacher [+ CPS with positive=mean])
+    num_prototypes: int = 16  # R prototypes per class
+    spatial_awareness: bool = True  # SA: Conv3×3×3 over the R proximity maps (Tab. 6)
+    conv_integration: bool = True  # CI: Conv1×1×1 over R (off: sum over R) (Tab. 6)
+    cross_class: bool = True  # CR: SA/CI weights shared across classes (off: one set per class) (Tab. 6)
+    normalize_proximity: bool = True  # standardise each proximity map over its positions (code: LayerNorm over N)
+    dim_upsample: str = "deconv"  # "deconv": 2×2×2 transposed conv + ReLU (code); "trilinear"
+    prototype_init_std: float = 0.02  # normal init of P (0 = zeros, as the code)
+    dim_weight: float = 1.0  # weight of ℓs(M(x), y) in eq. 15 (code: 0.5·CE + 0.5·Dice, like ℓs(ŷ, y))
+    # --- rectification (Sec. 3.2.2, eq. 8, 16, 17; Tab. 7) ---
+    rectify: str = "learnable_v3"  # "fixed_v1" (eq. 17) | "learnable_v2" (concat + Conv3×3×3) | "learnable_v3" (eq. 8)
+    rectify_space: str = "logits"  # "logits": ȳ + (1−μ)M on logits, softmax (code); "probs": mix probabilities
+    rectify_start: int = 800  # S: first (0-based) iteration whose pseudo-labels are rectified
+    mu_param: str = "clamp"  # "clamp": μ raw scalar clamped to [0, 1]; "sigmoid": μ = sigmoid(raw)
+    mu_init: float = 0.0  # initial μ (code: 0)
+    mu_lr: float = 2.5e-3  # learning rate of the rectifier's own SGD (code: the main lr)
+    mu_momentum: float = 0.9  # its momentum (code: 0.9)
+    mu_nesterov: bool = True  # Nesterov momentum (code: yes)
+    mu_weight_decay: float = 5e-4  # its weight decay (code: 5e-4)
+    mu_lr_iterations: int = 0  # poly decay of mu_lr over this many iterations (0 = constant)
+    mu_step_input: str = "post_update"  # eq. 16 on: "post_update" (code: re-run updated student, eval mode) | "current"
+    # --- Collaborative Positive Supervision (Sec. 3.3, eq. 9–14; Tab. 5) ---
+    cps: bool = True  # the contrastive term ℓcp on/off
+    cps_weight: float = 0.5  # weight of ℓcp in eq. 15 (code: 0.5)
+    cps_positive: str = "mixed"  # "mean" (MR) | "prototype" (LP) | "mixed" (eq. 13)
+    cps_prototype_reduce: str = (
+        "features"  # mean(P^c): "features" (code, projection dim R) | "prototypes" (paper, dim F)
+    )
+    cps_prototype_source: str = (
+        "teacher"  # prototypes in the positive: "teacher" (code, no gradient) | "student" (grad to P)
+    )
+    cps_prototypes_from_start: bool = False  # use prototypes in the positive before S (code: only from S on)
+    xi: float = 0.6  # ξ in eq. 13
+    xi_random: bool = False  # draw ξ ~ U(0, 1) each iteration instead of the fixed xi
+    tau_w: float = 0.7  # τ_w: pseudo-label confidence for CPS anchors/negatives/means (eq. 10, 12), < τ
+    temperature: float = 0.5  # t in eq. 14
+    num_anchors: int = 256  # anchors per class
+    num_negatives: int = 512  # negatives per class (per anchor when sampling with replacement)
+    cps_with_replacement: bool = True  # code: with replacement, per-anchor negatives; off: distinct, shared
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("unsup_loss", self.unsup_loss, ("weighted", "masked"))
+        _choice("dim_upsample", self.dim_upsample, ("deconv", "trilinear"))
+        _choice("rectify", self.rectify, RECTIFY_VARIANTS)
+        _choice("rectify_space", self.rectify_space, ("logits", "probs"))
+        _choice("mu_param", self.mu_param, ("clamp", "sigmoid"))
+        _choice("mu_step_input", self.mu_step_input, ("post_update", "current"))
+        _choice("cps_positive", self.cps_positive, ("mean", "prototype", "mixed"))
+        _choice("cps_prototype_reduce", self.cps_prototype_reduce, ("features", "prototypes"))
+        _choice("cps_prototype_source", self.cps_prototype_source, ("teacher", "student"))
+        checks = [
+            ("num_prototypes", self.num_prototypes >= 1, "an integer >= 1"),
+            ("rectify_start", self.rectify_start >= 0, "an integer >= 0"),
+            ("mu_init", 0.0 <= self.mu_init <= 1.0, "a number in [0, 1]"),
+            ("mu_lr", self.mu_lr >= 0, "a number >= 0"),
+            ("mu_momentum", 0.0 <= self.mu_momentum < 1.0, "a number in [0, 1)"),
+            ("mu_weight_decay", self.mu_weight_decay >= 0, "a number >= 0"),
+            ("mu_lr_iterations", self.mu_lr_iterations >= 0, "an integer >= 0"),
+            ("dim_weight", self.dim_weight >= 0, "a number >= 0"),
+            ("cps_weight", self.cps_weight >= 0, "a number >= 0"),
+            ("xi", self.xi >= 0, "a number >= 0"),
+            ("tau_w", 0.0 <= self.tau_w < 1.0, "a number in [0, 1)"),
+            ("tau_w", self.tau_w < self.confidence_threshold, f"< confidence_threshold ({self.confidence_threshold})"),
+            ("temperature", self.temperature > 0, "a number > 0"),
+            ("num_anchors", self.num_anchors >= 1, "an integer >= 1"),
+            ("num_negatives", self.num_negatives >= 1, "an integer >= 1"),
+            ("prototype_init_std", self.prototype_init_std >= 0, "a number >= 0"),
+            ("cps_positive", self.dim or self.cps_positive == "mean", "'mean' when dim is off (no prototypes)"),
+        ]
+        for field_name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{field_name} must be {expected}, got {getattr(self, field_name)!r}")
+
+
+def weighted_nll(student_logits: Tensor, pseudo_probs: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """The authors' unsupervised term: NLL of the pseudo-label argmax on every voxel, weighted per
+    sample by the share of its voxels with confidence ≥ ``threshold``. Returns ``(loss, reliable)``."""
+    confidence, target = pseudo_probs.max(dim=1)
+    mask = (confidence >= threshold).float()
+    weight = mask.flatten(1).mean(dim=1)  # (B,)
+    nll = F.cross_entropy(student_logits.float(), target, reduction="none")
+    return (nll.flatten(1).mean(dim=1) * weight).mean(), mask.mean()
+
+
+@torch.no_grad()
+def pseudo_label_dice(probs: Tensor, oracle: Tensor, threshold: float | None = None) -> Tensor:
+    """Mean foreground Dice of ``argmax probs`` against ``oracle`` (monitoring only).
+
+    With ``threshold`` only voxels whose confidence is ≥ it count (both sides). Empty vs empty = 1.
+    """
+    confidence, pred = probs.max(dim=1)
+    keep = torch.ones_like(pred, dtype=torch.bool) if threshold is None else confidence >= threshold
+    scores = []
+    for c in range(1, probs.shape[1]):
+        p, g = (pred == c) & keep, (oracle == c) & keep
+        denom = p.sum() + g.sum()
+        scores.append(
+            torch.where(denom > 0, 2.0 * (p & g).sum() / denom.clamp_min(1), torch.ones((), device=denom.device))
+        )
+    return torch.stack(scores).float().mean()
+
+
+@register_method
+class CRLN(MeanTeacher):
+    """Cooperative Rectification Learning Network over the mean teacher (see the module docstring)."""
+
+    name = "crln"
+    config_class = CRLNConfig
+    monitors_pseudo_labels = True
+
+    def __init__(self, config: CRLNConfig, model_factory: ModelFactory, num_classes: int) -> None:
+        super().__init__(config, model_factory, num_classes)
+        f = int(getattr(self.student, "n_filters", 16))
+        quarter, half, full = 4 * f, 2 * f, f
+        self.student_dim: DynamicInteractionModule | None = None
+        self.teacher_dim: DynamicInteractionModule | None = None
+        self.rectifier: Rectifier | None = None
+        if config.dim:
+            self.student_dim = DynamicInteractionModule(
+                num_classes,
+                config.num_prototypes,
+                quarter,
+                half,
+                spatial_awareness=config.spatial_awareness,
+                conv_integration=config.conv_integration,
+                cross_class=config.cross_class,
+                normalize_proximity=config.normalize_proximity,
+                upsample=config.dim_upsample,
+                prototype_init_std=config.prototype_init_std,
+            )
+            self.teacher_dim = copy.deepcopy(self.student_dim)
+            for p in self.teacher_dim.parameters():
+                p.requires_grad_(False)
+            self.rectifier = Rectifier(
+                config.rectify,
+                num_classes,
+                space=config.rectify_space,
+                mu_param=config.mu_param,
+                mu_init=config.mu_init,
+                threshold=config.confidence_threshold,
+            )
+            for i, p in enumerate(self.rectifier.parameters()):
+                self.register_buffer(f"rect_momentum_{i}", torch.zeros_like(p))
+        self.register_buffer("rect_loss_last", torch.zeros(()))
+        self.cps_head: CPSHead | None = None
+        if config.cps:
+            dim = config.num_prototypes if config.cps_prototype_reduce == "features" else quarter
+            self.cps_head = CPSHead(full, dim)
+        self.dim_loss = DiceCELoss(config.dice_weight, config.ce_weight)
+        self.rect_loss = DiceCELoss(config.dice_weight, config.ce_weight)
+        self._pending: dict[str, object] = {}
+
+    # --- engine interface -------------------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        nets: dict[str, nn.Module] = {"student": self.student, "teacher": self.teacher}
+        for name in ("student_dim", "teacher_dim", "rectifier", "cps_head"):
+            module = getattr(self, name)
+            if module is not None:
+                nets[name] = module
+        return nets
+
+    def trainable_parameters(self):
+        """Student backbone, student DIM + prototypes, CPS projection (not the teacher, not μ)."""
+        params = list(self.student.parameters())
+        if self.student_dim is not None:
+            params += list(self.student_dim.parameters())
+        if self.cps_head is not None:
+            params += list(self.cps_head.parameters())
+        return iter(params)
+
+    # --- pieces -----------------------------------------------------------------------------
+    def rectification_active(self, step: int) -> bool:
+        cfg: CRLNConfig = self.config  # type: ignore[assignment]
+        return cfg.dim and step >= cfg.rectify_start
+
+    @torch.no_grad()
+    def teacher_pseudo_labels(self, weak: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Teacher probabilities of the weak view before and after rectification (eq. 8, Alg. 1 l. 7–12)."""
+        logits, feats = self.teacher(weak, return_features=True)
+        raw = torch.softmax(logits.float(), dim=1)
+        if not self.rectification_active(step):
+            return raw, raw
+        assert self.teacher_dim is not None and self.rectifier is not None
+        m = self.teacher_dim(feats["quarter"], feats["half"])
+        return raw, torch.softmax(self.rectifier(logits, m).float(), dim=1)
+
+    def _rectifier_grads(self, pred: Tensor, m: Tensor, label: Tensor) -> None:
+        """Eq. 16 on detached inputs: store the rectifier's gradient and loss for its own step."""
+        assert self.rectifier is not None
+        params = list(self.rectifier.parameters())
+        if not params:
+            return
+        with torch.enable_grad():
+            loss, _, _ = self.rect_loss(self.rectifier(pred.detach(), m.detach()), label)
+            grads = torch.autograd.grad(loss, params)
+        self._pending["grads"] = grads
+        self.rect_loss_last.copy_(loss.detach())
+
+    @torch.no_grad()
+    def _rectifier_step(self, step: int) -> None:
+        cfg: CRLNConfig = self.config  # type: ignore[assignment]
+        grads = self._pending.pop("grads", None)
+        if self.rectifier is None or grads is None:
+            return
+        lr = cfg.mu_lr * (poly_lr_factor(step, cfg.mu_lr_iterations) if cfg.mu_lr_iterations > 0 else 1.0)
+        for i, (p, g) in enumerate(zip(self.rectifier.parameters(), grads)):
+            buf = getattr(self, f"rect_momentum_{i}")
+            d = g + cfg.mu_weight_decay * p
+            buf.mul_(cfg.mu_momentum).add_(d)  # torch SGD: first step buf = d (buffers start at 0)
+            p.sub_(lr * (d + cfg.mu_momentum * buf if cfg.mu_nesterov else buf))
+        self.rectifier.project_()
+
+    def _cps_term(self, logits: Tensor, full: Tensor, label: Tensor, pseudo: Tensor, step: int) -> tuple[Tensor, float]:
+        cfg: CRLNConfig = self.config  # type: ignore[assignment]
+        assert self.cps_head is not None
+        C = self.num_classes
+        rep = self.cps_head(full)
+        with torch.no_grad():
+            conf, arg = pseudo.max(dim=1)
+            valid_u = F.one_hot(arg, C).movedim(-1, 1).bool() & (conf >= cfg.tau_w).unsqueeze(1)
+            valid_l = F.one_hot(label, C).movedim(-1, 1).bool()
+            valid = torch.cat([valid_l, valid_u], dim=0)
+            probs = torch.softmax(logits.detach().float(), dim=1)
+            samples = sample_cps(
+                valid, probs, cfg.confidence_threshold, cfg.num_anchors, cfg.num_negatives, cfg.cps_with_replacement
+            )
+        xi = float(torch.rand(())) if cfg.xi_random else cfg.xi
+        proto_term = None
+        use_protos = cfg.dim and (cfg.cps_prototypes_from_start or self.rectification_active(step))
+        if cfg.cps_positive != "mean" and use_protos:
+            dim = self.teacher_dim if cfg.cps_prototype_source == "teacher" else self.student_dim
+            assert dim is not None
+            protos = dim.prototypes.detach() if cfg.cps_prototype_source == "teacher" else dim.prototypes
+            proto_term = positive_prototypes(protos, cfg.cps_prototype_reduce)
+        xi_used = float("inf") if cfg.cps_positive == "prototype" else xi
+        return cps_loss(rep, valid, samples, proto_term, xi_used, cfg.temperature), xi
+
+    # --- one iteration ----------------------------------------------------------------------
+    def train_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg: CRLNConfig = self.config  # type: ignore[assignment]
+        if batch.unlabeled_image is None:
+            raise ValueError("crln needs unlabelled images in the batch")
+        weak = batch.unlabeled_image
+        raw, rectified = self.teacher_pseudo_labels(weak, step)
+        strong, pseudo = self.strong_view(weak, rectified)  # same CutMix box for image and ȳ_r (A_g)
+
+        n_labeled = batch.labeled_image.shape[0]
+        logits, feats = self.student(torch.cat([batch.labeled_image, strong], dim=0), return_features=True)
+        sup, ce, dice = self.supervised_loss(logits[:n_labeled], batch.labeled_label)
+        unsup_fn = weighted_nll if cfg.unsup_loss == "weighted" else masked_nll
+        unsup, reliable = unsup_fn(logits[n_labeled:], pseudo, cfg.confidence_threshold)
+        weight = cfg.unsup_weight * sigmoid_rampup(step, cfg.rampup_iterations)
+        loss = sup + weight * unsup
+        out: dict[str, Tensor] = {}
+
+        if self.student_dim is not None:
+            m_l = self.student_dim(feats["quarter"][:n_labeled], feats["half"][:n_labeled])
+            loss_dim, _, _ = self.dim_loss(m_l, batch.labeled_label)
+            loss = loss + cfg.dim_weight * loss_dim
+            out["loss_dim"] = loss_dim.detach()
+            if cfg.mu_step_input == "current":
+                self._rectifier_grads(logits[:n_labeled], m_l, batch.labeled_label)
+            else:
+                self._pending["labeled"] = (batch.labeled_image.detach(), batch.labeled_label)
+                self._pending["autocast"] = _autocast_state(batch.labeled_image.device.type)
+            out["loss_rect"] = self.rect_loss_last.clone()  # eq. 16 of the latest rectifier step
+            assert self.rectifier is not None
+            mu = self.rectifier.mu()
+            if mu is not None:
+                out["mu"] = mu.detach().clone()
+
+        if self.cps_head is not None:
+            loss_cps, xi = self._cps_term(logits, feats["full"], batch.labeled_label, pseudo, step)
+            loss = loss + cfg.cps_weight * loss_cps
+            out["loss_cps"] = loss_cps.detach()
+            out["xi"] = torch.tensor(xi)
+
+        with torch.no_grad():
+            out.update(
+                reliable_before=(raw.max(dim=1).values >= cfg.confidence_threshold).float().mean(),
+                reliable_after=(rectified.max(dim=1).values >= cfg.confidence_threshold).float().mean(),
+                rectified=torch.tensor(float(self.rectification_active(step))),
+            )
+            oracle = batch.unlabeled_oracle_label
+            if oracle is not None:
+                tau = cfg.confidence_threshold
+                out.update(
+                    dice_all_before=pseudo_label_dice(raw, oracle),
+                    dice_all_after=pseudo_label_dice(rectified, oracle),
+                    dice_reliable_before=pseudo_label_dice(raw, oracle, tau),
+                    dice_reliable_after=pseudo_label_dice(rectified, oracle, tau),
+                )
+        return {
+            "loss": loss,
+            "loss_sup": sup.detach(),
+            "loss_ce": ce.detach(),
+            "loss_dice": dice.detach(),
+            "loss_unsup": unsup.detach(),
+            "unsup_weight": torch.tensor(weight),
+            "reliable_fraction": reliable.detach(),
+            **out,
+        }
+
+    def after_optimizer_step(self, step: int) -> None:
+        cfg: CRLNConfig = self.config  # type: ignore[assignment]
+        decay = ema_decay_at(step, cfg.ema_decay)
+        ema_update(self.teacher, self.student, decay)
+        if self.student_dim is not None and self.teacher_dim is not None:
+            ema_update(self.teacher_dim, self.student_dim, decay)
+        labeled = self._pending.pop("labeled", None)
+        autocast = self._pending.pop("autocast", None)
+        if labeled is not None and self.student_dim is not None:
+            # The authors' order: eq. 16 on the just-updated student, in eval mode, without gradient to it.
+            image, label = labeled  # type: ignore[misc]
+            modes = (self.student.training, self.student_dim.training)
+            self.student.eval()
+            self.student_dim.eval()
+            try:
+                with torch.no_grad(), _autocast_context(image.device.type, autocast):
+                    pred, feats = self.student(image, return_features=True)
+                    m = self.student_dim(feats["quarter"], feats["half"])
+                self._rectifier_grads(pred, m, label)
+            finally:
+                self.student.train(modes[0])
+                self.student_dim.train(modes[1])
+        self._rectifier_step(step)
+
+
+def _autocast_state(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active in ``train_step`` (reused for the post-update forward), or None."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def _autocast_context(device_type: str, dtype: object):
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)  # type: ignore[arg-type]

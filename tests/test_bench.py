@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from crln.bench import load_plan, run_plan
+from crln.errors import CrlnError
+
+
+def _plan(tmp_path: Path, phantom_root: Path, body: str) -> Path:
+    overrides = tiny_overrides(phantom_root, tmp_path / "runs", **{"train.iterations": 2})
+    lines = "\n".join(f"  - '{o}'" for o in overrides)
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"title: tiny\nseeds: [1, 2]\noverrides:\n{lines}\n{body}")
+    return path
+
+
+def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "runs:\n  - name: Sup\n    config: demo\n"
+        "  - name: MT\n    config: demo\n    overrides: [method.name=mean_teacher]\n",
+    )
+    out = run_plan(plan, progress=False)
+    table = out.read_text()
+    assert table.count("| Sup |") == 2 and table.count("| MT |") == 2
+    assert "crln train demo" in table and "train.seed=2" in table
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("checkpoint_final.pt")}
+    run_plan(plan, progress=False)  # everything done: nothing retrains
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("checkpoint_final.pt")}
+    assert before == after and len(before) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("runs: []\n", "non-empty list"),
+        ("runs:\n  - name: x\n", "needs a config"),
+        ("runs:\n  - config: demo\n    overrides: [optim.lrr=1]\n", "did you mean 'lr'"),
+        ("runs:\n  - config: demo\nextra: 1\n", "unknown keys"),
+    ],
+)
+def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:
+    with pytest.raises(CrlnError, match=fragment):
+        load_plan(_plan(tmp_path, phantom_root, body))
