@@ -248,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser(
+        "bench",
+        help="run a benchmark plan (configs x seeds) into one Markdown table",
+        description="Train and evaluate every run x seed of a plan YAML, sequentially and resumably "
+        "(finished runs are skipped, interrupted ones resume), and write one Markdown table with "
+        "bootstrapped metrics, s/iteration, wall time and the exact commands.",
+    )
+    p.add_argument("plan", help="plan YAML (see benchmarks/plans/)")
+    p.add_argument("--out", help="Markdown table path (default: the plan path with .md)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
         "config",
         help="print a resolved config",
         description="Print a preset or YAML file with overrides applied and every default filled in.",
