@@ -132,3 +132,13 @@ def test_labels_outside_num_classes_are_refused(tmp_path: Path) -> None:
     config = load_config("demo", tiny_overrides(root, tmp_path / "runs", **{"data.labeled": 2}))
     with pytest.raises(CrlnError, match=r"label.*(num_classes|\[0, 1\])"):
         train(config, progress=False)
+
+
+def test_resume_refuses_a_changed_config(phantom_root: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(phantom_root, tmp_path, **{"train.iterations": 3, "data.validation": 0})
+    train(load_config("demo", overrides), progress=False)
+    with pytest.raises(CrlnError, match=r"optim.lr: 0.01 -> 0.5"):
+        train(load_config("demo", [*overrides, "optim.lr=0.5"]), resume=True, progress=False)
+    # Only the length (and where/how fast it runs) may change on resume.
+    result = train(load_config("demo", [*overrides, "train.iterations=5"]), resume=True, progress=False)
+    assert result.steps == 5

@@ -125,6 +125,44 @@ class _StopRequest:
         self._previous.clear()
 
 
+# Settings a resumed run may change: where and how fast it runs, and how long.
+_RESUMABLE_CHANGES = {
+    "train.iterations",
+    "train.device",
+    "train.threads",
+    "train.log_every",
+    "train.val_every",
+    "train.checkpoint_every",
+    "train.output_dir",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.root",
+}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint under a config that changes what is being trained."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise CrlnError(
+            f"--resume: {path} was trained with a different config ({shown}{more}); "
+            "start a new run (train.tag=...) instead"
+        )
+
+
 def _load_unlabeled(dataset: Any, ids: list[str], method: Method) -> list[Case]:
     """Unlabelled cases; with their labels (monitoring only) when the method asks and they exist."""
     if method.monitors_pseudo_labels:
@@ -202,8 +240,7 @@ def train(
     start_step, best = 0, {"metric": None, "step": None}
     if resume:
         state = load_checkpoint(latest, map_location=device)
-        if state["method"] != config.method.name:
-            raise CrlnError(f"--resume: checkpoint method {state['method']!r} != config {config.method.name!r}")
+        _check_resume_config(state["config"], config_to_dict(config), latest)
         method.load_state_dict(state["method_state"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
