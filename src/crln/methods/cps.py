@@ -101,12 +101,12 @@ def sample_cps(
 def gather_voxels(rep: Tensor, index: Tensor) -> Tensor:
     """Features of flat voxel indices ``b·N + n`` of ``rep`` ``(B, D, *spatial)``: ``index.shape + (D,)``.
 
-    Gathers without copying the whole feature map (plain or channels-last memory layout)."""
-    D = rep.shape[1]
-    if rep.is_contiguous():
-        n = rep[0, 0].numel()
-        return rep.flatten(2)[index // n, :, index % n]
-    return rep.permute(0, 2, 3, 4, 1).reshape(-1, D)[index]
+    ``index_select`` on the voxel-major view (a view for channels-last tensors): its backward is an
+    ``index_add_`` that accumulates repeated indices in a fixed order, so training stays bit-reproducible
+    (advanced indexing accumulates them in a thread-dependent order on CPU).
+    """
+    flat = rep.permute(0, 2, 3, 4, 1).reshape(-1, rep.shape[1])
+    return flat.index_select(0, index.reshape(-1)).reshape(*index.shape, rep.shape[1])
 
 
 def cps_loss(

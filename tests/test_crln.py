@@ -1,0 +1,333 @@
+"""CRLN: DIM and CPS shapes, ablation switches, rectification schedule, μ's own step, EMA, CutMix
+alignment, CPS sampling, and short engine runs (loss goes down, telemetry logged, exact resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from crln.config import load_config
+from crln.data.loader import Batch
+from crln.engine.checkpoint import load_checkpoint
+from crln.engine.run_folder import read_log
+from crln.errors import CrlnError
+from crln.methods import build_method
+from crln.methods.cps import cps_loss, gather_voxels, positive_prototypes, sample_cps
+from crln.methods.crln import CRLN, CRLNConfig
+from crln.methods.dim import DynamicInteractionModule, Rectifier
+from crln.models import VNet
+
+SHAPE = (32, 32, 16)
+
+
+def _batch(num_classes: int = 2, shape: tuple[int, int, int] = SHAPE, oracle: bool = True) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    label = torch.zeros(2, *shape, dtype=torch.int64)
+    label[:, 8:24, 8:24, 4:12] = 1
+    if num_classes > 2:
+        label[:, 12:20, 12:20, 6:10] = 2
+    image = torch.randn(2, 1, *shape, generator=g) * 0.3 + label.unsqueeze(1).float()
+    unlabeled = torch.randn(2, 1, *shape, generator=g) * 0.3 + label.flip(1).unsqueeze(1).float()
+    return Batch(
+        labeled_image=image,
+        labeled_label=label,
+        unlabeled_image=unlabeled,
+        unlabeled_oracle_label=label.flip(1) if oracle else None,
+    )
+
+
+def _crln(num_classes: int = 2, **overrides: object) -> CRLN:
+    torch.manual_seed(0)
+    method = build_method(CRLNConfig(**overrides), lambda: VNet(num_classes=num_classes, n_filters=4), num_classes)
+    assert isinstance(method, CRLN)
+    return method
+
+
+@pytest.mark.parametrize(("num_classes", "shape"), [(2, (32, 32, 16)), (3, (48, 32, 16))])
+def test_dim_and_cps_shapes(num_classes: int, shape: tuple[int, int, int]) -> None:
+    net = VNet(num_classes=num_classes, n_filters=4)
+    _, feats = net(torch.randn(2, 1, *shape), return_features=True)
+    for upsample in ("deconv", "trilinear"):
+        dim = DynamicInteractionModule(num_classes, 5, 16, 8, upsample=upsample)
+        assert dim.prototypes.shape == (num_classes, 5, 16)
+        prox = dim.proximity(feats["quarter"], feats["half"])
+        assert prox.shape == (2, num_classes, 5, *(s // 2 for s in shape))
+        assert dim(feats["quarter"], feats["half"]).shape == (2, num_classes, *shape)
+    method = _crln(num_classes, rectify_start=0)
+    out = method.train_step(_batch(num_classes, shape), step=0)
+    assert torch.isfinite(out["loss"]) and out["loss_cps"] > 0 and out["loss_dim"] > 0
+    rep = method.cps_head(feats["full"])  # type: ignore[misc]
+    assert rep.shape == (2, 16, *shape)  # projection dim R (code default)
+    assert positive_prototypes(method.student_dim.prototypes, "features").shape == (num_classes, 16)  # type: ignore[union-attr]
+    assert positive_prototypes(method.student_dim.prototypes, "prototypes").shape == (num_classes, 16)  # type: ignore[union-attr]
+
+
+def test_block_one_softmax_runs_over_the_spatial_axis() -> None:
+    net = VNet(n_filters=4)
+    _, feats = net(torch.randn(1, 1, *SHAPE), return_features=True)
+    dim = DynamicInteractionModule(2, 3, 16, 8)
+    dim.proximity(feats["quarter"], feats["half"], keep_attention=True)
+    attention = dim.block1.last_attention
+    n2 = feats["quarter"][0, 0].numel()
+    assert attention is not None and attention.shape == (1, 2 * 3, n2)
+    assert torch.allclose(attention.sum(dim=-1), torch.ones(1, 6), atol=1e-5)
+    assert not torch.allclose(attention.sum(dim=1), torch.ones(1, n2))
+
+
+def test_cross_class_reasoning_shares_aggregation_weights() -> None:
+    C, R = 3, 4
+    shared = DynamicInteractionModule(C, R, 16, 8, cross_class=True, upsample="trilinear")
+    per_class = DynamicInteractionModule(C, R, 16, 8, cross_class=False, upsample="trilinear")
+
+    def count(m: DynamicInteractionModule) -> int:
+        return sum(p.numel() for p in [*m.sa.parameters(), *m.ci.parameters()])  # type: ignore[union-attr]
+
+    assert count(shared) == R * R * 27 + R + R + 1
+    assert count(per_class) == C * count(shared)
+    # Shared weights: permuting the classes of M^II permutes the output; per-class weights do not.
+    prox = torch.randn(1, C, R, 4, 4, 4)
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        assert torch.allclose(shared.aggregate(prox[:, perm]), shared.aggregate(prox)[:, perm], atol=1e-6)
+        assert not torch.allclose(per_class.aggregate(prox[:, perm]), per_class.aggregate(prox)[:, perm], atol=1e-3)
+    # SA and CI off: the plain sum over the R prototypes (Tab. 6, first row).
+    plain = DynamicInteractionModule(C, R, 16, 8, spatial_awareness=False, conv_integration=False)
+    assert torch.allclose(plain.aggregate(prox), prox.sum(dim=2))
+
+
+def test_rectification_starts_exactly_at_s() -> None:
+    method = _crln(rectify_start=2, mu_init=0.3)
+    batch = _batch()
+    flags = []
+    for step in range(4):
+        raw, rectified = method.teacher_pseudo_labels(batch.unlabeled_image, step)  # type: ignore[arg-type]
+        flags.append(not torch.equal(raw, rectified))
+        assert method.train_step(batch, step)["rectified"] == float(step >= 2)
+    assert flags == [False, False, True, True]
+
+
+@pytest.mark.parametrize("mu_step_input", ["current", "post_update"])
+def test_mu_moves_only_through_its_own_step_and_stays_in_unit_interval(mu_step_input: str) -> None:
+    method = _crln(mu_init=0.5, mu_lr=1e4, mu_step_input=mu_step_input, rectify_start=0)
+    mu_raw = method.rectifier.mu_raw  # type: ignore[union-attr]
+    assert mu_raw is not None
+    assert all(p is not mu_raw for p in method.trainable_parameters())
+    out = method.train_step(_batch(), step=0)
+    assert torch.autograd.grad(out["loss"], mu_raw, retain_graph=True, allow_unused=True)[0] is None
+    out["loss"].backward()
+    assert mu_raw.grad is None and float(mu_raw.detach()) == 0.5
+    method.after_optimizer_step(0)  # the alternating eq. 16 step
+    assert float(mu_raw.detach()) != 0.5 and 0.0 <= float(method.rectifier.mu()) <= 1.0  # type: ignore[union-attr]
+    assert float(method.rect_momentum_0) != 0.0  # optimiser state lives in the state_dict
+    assert "rect_momentum_0" in method.state_dict()
+    sig = Rectifier("learnable_v3", 2, mu_param="sigmoid", mu_init=0.25)
+    assert float(sig.mu()) == pytest.approx(0.25)  # type: ignore[arg-type]
+
+
+def test_ema_updates_teacher_backbone_dim_and_prototypes_without_gradients() -> None:
+    method = _crln(ema_decay=0.5, rectify_start=0)
+    out = method.train_step(_batch(), step=0)
+    out["loss"].backward()
+    for p in [*method.teacher.parameters(), *method.teacher_dim.parameters()]:  # type: ignore[union-attr]
+        assert p.grad is None and not p.requires_grad
+    assert method.student_dim.prototypes.grad is not None  # type: ignore[union-attr]
+    before = {
+        "backbone": [p.clone() for p in method.teacher.parameters()],
+        "dim": [p.clone() for p in method.teacher_dim.parameters()],  # type: ignore[union-attr]
+    }
+    with torch.no_grad():
+        for p in [*method.student.parameters(), *method.student_dim.parameters()]:  # type: ignore[union-attr]
+            p.add_(1.0)
+    method.after_optimizer_step(step=100)
+    after = {"backbone": list(method.teacher.parameters()), "dim": list(method.teacher_dim.parameters())}  # type: ignore[union-attr]
+    for key in before:
+        for a, b in zip(after[key], before[key]):
+            assert not torch.equal(a, b), key
+    student_p = method.student_dim.prototypes  # type: ignore[union-attr]
+    teacher_p = method.teacher_dim.prototypes  # type: ignore[union-attr]
+    assert torch.allclose(teacher_p, 0.5 * (before["dim"][0] + student_p))
+
+
+def test_rectified_pseudo_labels_are_cutmixed_with_the_image() -> None:
+    method = _crln(rectify_start=0, strong_noise_sigma=0.0, mu_init=0.0)
+    seen: dict[str, torch.Tensor] = {}
+    original_teacher, original_view = method.teacher_pseudo_labels, method.strong_view
+
+    def teacher(weak: torch.Tensor, step: int):
+        raw, rectified = original_teacher(weak, step)
+        seen["rectified"] = rectified
+        return raw, rectified
+
+    def view(weak: torch.Tensor, probs: torch.Tensor):
+        strong, mixed = original_view(weak, probs)
+        seen.update(weak=weak, probs_in=probs, strong=strong, mixed=mixed)
+        return strong, mixed
+
+    method.teacher_pseudo_labels = teacher  # type: ignore[method-assign]
+    method.strong_view = view  # type: ignore[method-assign]
+    batch = _batch()
+    batch.unlabeled_image = torch.stack([torch.full((1, *SHAPE), 0.0), torch.full((1, *SHAPE), 1.0)])
+    method.train_step(batch, step=0)
+    assert torch.equal(seen["probs_in"], seen["rectified"])  # rectify first, then mix
+    from_other = seen["strong"][:, 0] != seen["weak"][:, 0]  # voxels pasted from the other sample
+    assert from_other.any() and (~from_other).any()
+    expected = torch.where(from_other.unsqueeze(1), seen["rectified"].roll(1, dims=0), seen["rectified"])
+    assert torch.allclose(seen["mixed"], expected)
+
+
+def test_cps_sampling_respects_masks_and_caps() -> None:
+    torch.manual_seed(0)
+    B, C, shape = 2, 3, (4, 4, 4)
+    label = torch.randint(0, C, (B, *shape))
+    valid = torch.nn.functional.one_hot(label, C).movedim(-1, 1).bool()
+    valid[1, :, :2] = False  # unreliable pseudo-labels: in no set
+    probs = torch.rand(B, C, *shape)
+    flat_valid = valid.permute(0, 2, 3, 4, 1).reshape(-1, C)
+    flat_probs = probs.permute(0, 2, 3, 4, 1).reshape(-1, C)
+    samples = sample_cps(valid, probs, threshold=0.5, num_anchors=7, num_negatives=5)
+    assert [s.cls for s in samples] == [0, 1, 2]
+    for s in samples:
+        assert s.anchors.shape == (7,) and s.negatives.shape == (7, 5)
+        assert flat_valid[s.anchors, s.cls].all() and (flat_probs[s.anchors, s.cls] < 0.5).all()
+        neg = s.negatives.reshape(-1)
+        assert (~flat_valid[neg, s.cls]).all() and flat_valid[neg].any(dim=1).all()
+    capped = sample_cps(valid, probs, threshold=0.5, num_anchors=3, num_negatives=1000, with_replacement=False)
+    for s in capped:
+        n_neg = int((flat_valid.any(1) & ~flat_valid[:, s.cls]).sum())
+        assert s.anchors.numel() <= 3 and s.anchors.unique().numel() == s.anchors.numel()
+        assert s.negatives.shape == (1, n_neg) and s.negatives.unique().numel() == n_neg
+    # No anchors for a class whose student probability is confident everywhere.
+    probs[:, 0] = 1.0
+    assert 0 not in [s.cls for s in sample_cps(valid, probs, 0.5, 4, 4)]
+    # The loss reaches the features, and P only when the caller passes it with its gradient.
+    rep = torch.randn(B, 6, *shape, requires_grad=True)
+    protos = torch.randn(C, 4, 6, requires_grad=True)
+    voxels = rep.permute(0, 2, 3, 4, 1).reshape(-1, 6)
+    assert torch.equal(gather_voxels(rep, samples[0].anchors), voxels[samples[0].anchors])
+    loss = cps_loss(rep, valid, samples, positive_prototypes(protos, "prototypes"), 0.6, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and rep.grad.abs().sum() > 0 and protos.grad.abs().sum() > 0  # type: ignore[union-attr]
+    assert cps_loss(rep, valid, [], None, 0.6, 0.5) == 0
+
+
+def test_config_validation_names_the_field(phantom_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tau_w"):
+        CRLNConfig(tau_w=0.98)
+    with pytest.raises(ValueError, match="num_prototypes"):
+        CRLNConfig(num_prototypes=0)
+    with pytest.raises(ValueError, match="rectify"):
+        CRLNConfig(rectify="v9")
+    with pytest.raises(ValueError, match="cps_positive"):
+        CRLNConfig(dim=False)
+    with pytest.raises(CrlnError, match="tau_w"):
+        load_config("demo", tiny_overrides(phantom_root, tmp_path, **{"method.name": "crln", "method.tau_w": 0.99}))
+    for preset in ("la_crln", "la_cpu_crln"):
+        assert load_config(preset).method.name == "crln"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"dim": False, "cps_positive": "mean"},
+        {"rectify": "fixed_v1"},
+        {"rectify": "learnable_v2", "mu_step_input": "current"},
+        {"rectify_space": "probs", "mu_param": "sigmoid", "mu_init": 0.5, "unsup_loss": "masked"},
+        {"cross_class": False, "spatial_awareness": False, "cps_positive": "prototype", "xi_random": True},
+        {"cps": False, "conv_integration": False, "cps_prototype_reduce": "prototypes"},
+        {"cps_prototype_source": "student", "cps_prototype_reduce": "prototypes", "cps_with_replacement": False},
+    ],
+)
+def test_ablation_variants_train_one_step(overrides: dict[str, object]) -> None:
+    method = _crln(3, rectify_start=0, **overrides)
+    out = method.train_step(_batch(3), step=0)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    method.after_optimizer_step(0)
+    if overrides.get("cps_prototype_source") == "student":
+        assert method.student_dim.prototypes.grad is not None  # type: ignore[union-attr]
+
+
+TELEMETRY = (
+    "loss",
+    "loss_sup",
+    "loss_dim",
+    "loss_unsup",
+    "loss_cps",
+    "loss_rect",
+    "mu",
+    "reliable_fraction",
+    "reliable_before",
+    "reliable_after",
+    "rectified",
+    "dice_all_before",
+    "dice_all_after",
+    "dice_reliable_before",
+    "dice_reliable_after",
+)
+
+
+def _overrides(phantom_root: Path, tmp_path: Path, **extra: object) -> list[str]:
+    values = {
+        "method.name": "crln",
+        "method.rectify_start": 2,
+        "data.patch_size": "[32,32,16]",
+        "data.validation": 0,
+        **extra,
+    }
+    return tiny_overrides(phantom_root, tmp_path, **values)
+
+
+def test_short_crln_run_lowers_loss_and_logs_telemetry(phantom_root: Path, tmp_path: Path) -> None:
+    from crln.engine.trainer import train
+
+    config = load_config(
+        "demo", _overrides(phantom_root, tmp_path, **{"train.iterations": 12, "optim.lr": 0.05, "method.mu_lr": 0.5})
+    )
+    run = train(config, progress=False).run_dir
+    records = [r for r in read_log(run / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(2, 13, 2))
+    for key in TELEMETRY:
+        assert all(key in r for r in records), key
+    assert records[0]["rectified"] == 0.0 and records[-1]["rectified"] == 1.0
+    assert records[-1]["mu"] != records[0]["mu"]
+    first = records[0]["loss_sup"] + records[0]["loss_dim"]
+    last = records[-1]["loss_sup"] + records[-1]["loss_dim"]
+    assert last < first and records[-1]["loss"] < records[0]["loss"], (records[0], records[-1])
+
+
+def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
+    import crln.engine.trainer as trainer_module
+
+    overrides = _overrides(phantom_root, tmp_path, **{"train.iterations": 6, "method.mu_lr": 0.5})
+    straight = trainer_module.train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
+    config = load_config("demo", [*overrides, "train.tag=resumed"])
+    calls = {"n": 0}
+    original = trainer_module.poly_lr_factor
+
+    def interrupt_after_three(step: int, total: int, power: float = 0.9) -> float:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(step, total, power)
+
+    trainer_module.poly_lr_factor = interrupt_after_three  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer_module.train(config, progress=False)
+    finally:
+        trainer_module.poly_lr_factor = original  # type: ignore[assignment]
+    resumed = trainer_module.train(config, resume=True, progress=False).run_dir
+    a = load_checkpoint(straight / "checkpoint_final.pt")["method_state"]
+    b = load_checkpoint(resumed / "checkpoint_final.pt")["method_state"]
+    assert a.keys() == b.keys() and "rect_momentum_0" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_a = [r for r in read_log(straight / "log.jsonl") if "loss" in r]
+    log_b = [r for r in read_log(resumed / "log.jsonl") if "loss" in r]
+    assert log_a[-1] | {"seconds_per_iteration": 0, "data_wait_fraction": 0} == log_b[-1] | {
+        "seconds_per_iteration": 0,
+        "data_wait_fraction": 0,
+    }  # the last window is complete in both runs (a resumed run's first window is partial)
