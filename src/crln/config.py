@@ -79,6 +79,7 @@ class OptimConfig:
 
     lr: float = 0.01
     momentum: float = 0.9
+    nesterov: bool = False  # the CRLN authors' code uses Nesterov momentum
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     grad_clip: float = 0.0  # max gradient norm, 0 = no clipping

@@ -153,7 +153,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint under a config that changes what is being trained."""
     old, new = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+    # Keys the saved config lacks are fields added to crln since: they hold their defaults.
+    changed = sorted(k for k in old if old[k] != new.get(k) and k not in _RESUMABLE_CHANGES)
     if changed:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
@@ -233,6 +234,7 @@ def train(
         method.trainable_parameters(),
         lr=config.optim.lr,
         momentum=config.optim.momentum,
+        nesterov=config.optim.nesterov,
         weight_decay=config.optim.weight_decay,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=perf.amp_dtype == torch.float16)
