@@ -46,3 +46,14 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:
     with pytest.raises(CrlnError, match=fragment):
         load_plan(_plan(tmp_path, phantom_root, body))
+
+
+@pytest.mark.parametrize(
+    "plan",
+    sorted(Path(__file__).resolve().parents[1].joinpath("benchmarks", "plans").glob("*.yaml")),
+    ids=lambda p: p.stem,
+)
+def test_shipped_plans_resolve(plan: Path) -> None:
+    # Every row of every shipped plan (the ablation ladders included) is a valid config.
+    loaded = load_plan(plan)
+    assert loaded.runs

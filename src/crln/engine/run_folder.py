@@ -29,11 +29,10 @@ __all__ = ["MetricsLog", "RunFolder", "git_commit", "read_log"]
 CHECKPOINT_NAMES = ("latest", "best", "final")
 
 
-def git_commit() -> str | None:
-    """The commit of the crln source tree, when it is a git checkout."""
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -42,7 +41,16 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The commit of the crln source tree, with ``+dirty`` when it has uncommitted changes; None outside git."""
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return f"{commit}+dirty" if status else commit
 
 
 class RunFolder:
