@@ -81,6 +81,13 @@ class RunFolder:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {which!r}")
         return self.path / f"checkpoint_{which}.pt"
 
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete temp files that a killed writer left (``.<name>.<random>.tmp``); returns them."""
+        stale = [p for p in self.path.glob(".*.tmp*") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def write_config(self, config: RunConfig) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 

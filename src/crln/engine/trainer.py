@@ -248,6 +248,7 @@ def train(
         scaler.load_state_dict(state["scaler"])
         start_step, best = int(state["step"]), dict(state["best"])
     folder.path.mkdir(parents=True, exist_ok=True)
+    folder.remove_stale_temp_files()
     folder.write_config(config)
     if not resume:
         folder.write_meta(
