@@ -9,6 +9,7 @@ steps the main optimiser, logs or writes files.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,9 +18,19 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from crln.data.loader import Batch
+from crln.engine.ema import ema_decay_at, ema_update
 from crln.errors import CrlnError
 
-__all__ = ["Method", "MethodConfig", "build_method", "method_config_class", "method_names", "register_method"]
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "TeacherStudentMethod",
+    "build_method",
+    "frozen_copy",
+    "method_config_class",
+    "method_names",
+    "register_method",
+]
 
 ModelFactory = Callable[[], nn.Module]
 
@@ -82,6 +93,40 @@ class Method(nn.Module):
     def networks(self) -> dict[str, nn.Module]:
         """Named networks, for device/memory-format placement and compilation."""
         return {"student": self.student}
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters never receive gradients (an EMA target)."""
+    copy_ = copy.deepcopy(module)
+    for p in copy_.parameters():
+        p.requires_grad_(False)
+    return copy_
+
+
+class TeacherStudentMethod(Method):
+    """A method with an EMA teacher of the student (mean teacher, UA-MT, CRLN).
+
+    The teacher starts as a frozen copy of the student and is updated only in
+    :meth:`after_optimizer_step`, as ``teacher ← d·teacher + (1 − d)·student`` with
+    ``d = min(1 − 1/(step + 1), config.ema_decay)``, for every pair of :meth:`ema_pairs`.
+    The config must have an ``ema_decay`` field.
+    """
+
+    def __init__(self, config: MethodConfig, model_factory: ModelFactory, num_classes: int) -> None:
+        super().__init__(config, model_factory, num_classes)
+        self.teacher = frozen_copy(self.student)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(teacher module, student module)`` pairs that the EMA updates."""
+        return [(self.teacher, self.student)]
+
+    def after_optimizer_step(self, step: int) -> None:
+        decay = ema_decay_at(step, self.config.ema_decay)  # type: ignore[attr-defined]
+        for teacher, student in self.ema_pairs():
+            ema_update(teacher, student, decay)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

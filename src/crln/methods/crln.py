@@ -19,7 +19,6 @@ momentum buffers are module buffers, so ``state_dict`` holds them and resume is 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crln.data.loader import Batch
-from crln.engine.ema import ema_decay_at, ema_update
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
-from crln.methods.base import ModelFactory, register_method
+from crln.methods.base import ModelFactory, frozen_copy, register_method
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
 from crln.methods.dim import RECTIFY_VARIANTS, DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
@@ -181,9 +179,7 @@ class CRLN(MeanTeacher):
                 upsample=config.dim_upsample,
                 prototype_init_std=config.prototype_init_std,
             )
-            self.teacher_dim = copy.deepcopy(self.student_dim)
-            for p in self.teacher_dim.parameters():
-                p.requires_grad_(False)
+            self.teacher_dim = frozen_copy(self.student_dim)
             self.rectifier = Rectifier(
                 config.rectify,
                 num_classes,
@@ -354,12 +350,14 @@ class CRLN(MeanTeacher):
             **out,
         }
 
-    def after_optimizer_step(self, step: int) -> None:
-        cfg: CRLNConfig = self.config  # type: ignore[assignment]
-        decay = ema_decay_at(step, cfg.ema_decay)
-        ema_update(self.teacher, self.student, decay)
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pairs = super().ema_pairs()
         if self.student_dim is not None and self.teacher_dim is not None:
-            ema_update(self.teacher_dim, self.student_dim, decay)
+            pairs.append((self.teacher_dim, self.student_dim))  # DIM and prototypes P_t ← EMA of P_s
+        return pairs
+
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)  # EMA of backbone, DIM and prototypes
         labeled = self._pending.pop("labeled", None)
         autocast = self._pending.pop("autocast", None)
         if labeled is not None and self.student_dim is not None:

@@ -13,7 +13,6 @@ Wang et al., "Cooperative Rectification Learning Network", Medical Image Analysi
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crln.data.loader import Batch
-from crln.engine.ema import ema_decay_at, ema_update
 from crln.engine.schedule import sigmoid_rampup
-from crln.methods.base import Method, MethodConfig, ModelFactory, register_method
+from crln.methods.base import MethodConfig, ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
 
 __all__ = ["MeanTeacher", "MeanTeacherConfig", "cutmix_box_mask", "masked_nll"]
@@ -93,7 +91,7 @@ def masked_nll(student_logits: Tensor, pseudo_probs: Tensor, threshold: float) -
 
 
 @register_method
-class MeanTeacher(Method):
+class MeanTeacher(TeacherStudentMethod):
     """Student/teacher pair with EMA, weak→strong consistency, optional CutMix and noise."""
 
     name = "mean_teacher"
@@ -101,13 +99,7 @@ class MeanTeacher(Method):
 
     def __init__(self, config: MeanTeacherConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__(config, model_factory, num_classes)
-        self.teacher = copy.deepcopy(self.student)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.supervised_loss = DiceCELoss(config.dice_weight, config.ce_weight)
-
-    def networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
 
     def strong_view(self, weak: Tensor, pseudo_probs: Tensor) -> tuple[Tensor, Tensor]:
         """Noise + CutMix of the unlabelled weak view ``(Bu, 1, H, W, D)``, with aligned pseudo-labels."""
@@ -147,10 +139,6 @@ class MeanTeacher(Method):
             "unsup_weight": torch.tensor(weight),
             "reliable_fraction": reliable.detach(),
         }
-
-    def after_optimizer_step(self, step: int) -> None:
-        cfg: MeanTeacherConfig = self.config  # type: ignore[assignment]
-        ema_update(self.teacher, self.student, ema_decay_at(step, cfg.ema_decay))
 
     def inference_network(self) -> nn.Module:
         return self.student

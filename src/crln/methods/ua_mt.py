@@ -15,17 +15,15 @@ ramped over 40 "epochs" of 150 iterations, threshold 0.75 → 1.0 of ln 2 over t
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from crln.data.loader import Batch
-from crln.engine.ema import ema_decay_at, ema_update
 from crln.engine.schedule import sigmoid_rampup
-from crln.methods.base import Method, MethodConfig, ModelFactory, register_method
+from crln.methods.base import MethodConfig, ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
 
 __all__ = ["UAMT", "UAMTConfig", "uncertainty_masked_mse"]
@@ -69,7 +67,7 @@ def uncertainty_masked_mse(student_probs: Tensor, teacher_probs: Tensor, mask: T
 
 
 @register_method
-class UAMT(Method):
+class UAMT(TeacherStudentMethod):
     """Mean teacher whose consistency is restricted to voxels the teacher is certain about."""
 
     name = "ua_mt"
@@ -77,13 +75,7 @@ class UAMT(Method):
 
     def __init__(self, config: UAMTConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__(config, model_factory, num_classes)
-        self.teacher = copy.deepcopy(self.student)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.supervised_loss = DiceCELoss(config.dice_weight, config.ce_weight)
-
-    def networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
 
     def _noisy(self, x: Tensor) -> Tensor:
         cfg: UAMTConfig = self.config  # type: ignore[assignment]
@@ -129,7 +121,3 @@ class UAMT(Method):
             "certain_fraction": mask.mean(),
             "uncertainty_threshold": torch.tensor(threshold),
         }
-
-    def after_optimizer_step(self, step: int) -> None:
-        cfg: UAMTConfig = self.config  # type: ignore[assignment]
-        ema_update(self.teacher, self.student, ema_decay_at(step, cfg.ema_decay))
