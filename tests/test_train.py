@@ -142,3 +142,16 @@ def test_resume_refuses_a_changed_config(phantom_root: Path, tmp_path: Path) -> 
     # Only the length (and where/how fast it runs) may change on resume.
     result = train(load_config("demo", [*overrides, "train.iterations=5"]), resume=True, progress=False)
     assert result.steps == 5
+
+
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher"])
+def test_same_seed_gives_identical_weights(phantom_root: Path, tmp_path: Path, method: str) -> None:
+    overrides = tiny_overrides(
+        phantom_root,
+        tmp_path,
+        **{"train.iterations": 4, "data.validation": 0, "method.name": method, "train.deterministic": "true"},
+    )
+    a = train(load_config("demo", [*overrides, "train.tag=a"]), progress=False).run_dir
+    b = train(load_config("demo", [*overrides, "train.tag=b"]), progress=False).run_dir
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
