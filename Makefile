@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format clean
+.PHONY: install browser demo test lint format clean
 
 $(STAMP): requirements/torch.txt requirements/base.txt requirements/test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ install: $(STAMP)
 demo: install
 	$(BIN)/crln demo
 
-test: install
+# The report's browser test needs Debian's chromium; without root or network it skips with a reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	    && echo "installed chromium for the browser test" ) || \
+	  echo "chromium could not be installed: the browser test will be skipped"
+
+test: install browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q
 

@@ -97,6 +97,7 @@ def test_train_evaluate_predict_end_to_end(phantom_root: Path, tmp_path: Path) -
                 str(out),
                 "--probabilities",
                 "--entropy",
+                "--preview",
             ]
         )
         == 0
@@ -106,6 +107,9 @@ def test_train_evaluate_predict_end_to_end(phantom_root: Path, tmp_path: Path) -
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
     assert nib.load(out / "scan_prob.nii.gz").shape == (40, 36, 30, 2)
     assert (out / "scan_entropy.nii.gz").is_file()
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "scan_overlay.png").shape[0] > 100
     assert len(list(out.glob("*_seg.nii.gz"))) == 2
 
 

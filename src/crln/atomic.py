@@ -42,6 +42,11 @@ def atomic_path(path: str | Path, suffix: str = "", *, fsync: bool = True) -> It
         raise CrlnError(f"cannot write {path}: {err.strerror or err}") from err
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         if fsync:

@@ -93,6 +93,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         entropy=args.entropy,
         largest_component=args.largest_component,
         device=args.device,
+        preview=args.preview,
     )
     return 0
 
@@ -124,6 +125,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     out = run_plan(args.plan, out=args.out, dry_run=args.dry_run, progress=not args.no_progress)
     if not args.dry_run:
         print(f"table written: {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from crln.report import build_report
+
+    result = build_report(args.run_dir, args.out, device=args.device, progress=not args.quiet)
+    print(f"report: {result.html}")
     return 0
 
 
@@ -175,6 +184,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"training {', '.join(args.methods)} for {iterations} iterations each on phantoms ...", flush=True)
     table = run_plan(plan_path, progress=not args.no_progress)
     print(table.read_text())
+    if not args.no_report:
+        from crln.report import build_report
+
+        for run_dir in sorted((out / "runs").glob("*/*/seed*")):
+            print(f"report: {build_report(run_dir, progress=False).html}")
     print(f"run folders: {out / 'runs'}; table: {table}")
     return 0
 
@@ -230,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz (H, W, D, C)")
     p.add_argument("--entropy", action="store_true", help="also write <case>_entropy.nii.gz")
+    p.add_argument(
+        "--preview", action="store_true", help="also write <case>_overlay.png (three planes + confidence map)"
+    )
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.set_defaults(func=_cmd_predict)
@@ -278,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
+        "report",
+        help="figures and a self-contained report.html of a run folder",
+        description="Write training curves, the evaluation table, slice overlays and 3D renders of the "
+        "worst, median and best test cases (and CRLN's pseudo-label rectification) as PNGs and one "
+        "self-contained report.html (images embedded). Missing parts become notes.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder")
+    p.add_argument("-o", "--out", help="output folder (default RUN_DIR/report)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N] for the 3 predictions")
+    p.add_argument("--quiet", action="store_true", help="print only the report's path")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
         "config",
         help="print a resolved config",
         description="Print a preset or YAML file with overrides applied and every default filled in.",
@@ -300,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["supervised", "crln"],
         help="comma-separated methods to compare (default: supervised,crln)",
     )
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report of each run")
     p.add_argument("--train-cases", type=int, default=12)
     p.add_argument("--test-cases", type=int, default=4)
     p.add_argument("--no-progress", action="store_true")

@@ -265,10 +265,12 @@ def predict_files(
     largest_component: bool = False,
     device: str = "auto",
     progress: bool = True,
+    preview: bool = False,
 ) -> list[Path]:
     """Segment each input (NIfTI or h5) and write ``<case>_seg.nii.gz`` with the input's affine.
 
-    Optionally also ``<case>_prob.nii.gz`` (``(H, W, D, C)`` softmax) and ``<case>_entropy.nii.gz``.
+    Optionally also ``<case>_prob.nii.gz`` (``(H, W, D, C)`` softmax), ``<case>_entropy.nii.gz`` and
+    ``<case>_overlay.png`` (prediction contours in three planes and the confidence map).
     Returns the segmentation paths.
     """
     from crln.data.nifti import write_nifti
@@ -299,6 +301,20 @@ def predict_files(
             )
         if entropy:
             write_nifti(out / f"{case_id}_entropy.nii.gz", entropy_map(probs).numpy().astype(np.float32), case.affine)
+        if preview:
+            from crln.report.figures import plot_slice_overlay
+
+            image = case.image if case.image.ndim == 3 else case.image[0]
+            plot_slice_overlay(
+                image,
+                None,
+                pred,
+                probs.max(0).values.numpy(),
+                out / f"{case_id}_overlay.png",
+                spacing=case.spacing,
+                num_classes=config.data.num_classes,
+                title=case_id,
+            )
         written.append(seg_path)
         if progress:
             fg = int((pred > 0).sum())
