@@ -155,3 +155,16 @@ def test_same_seed_gives_identical_weights(phantom_root: Path, tmp_path: Path, m
     b = train(load_config("demo", [*overrides, "train.tag=b"]), progress=False).run_dir
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_tensorboard_logging_writes_the_same_scalars(phantom_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional dependency")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **{"logging.tensorboard": "true"}))
+    run = train(config, progress=False).run_dir
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "loss_dice", "val_dice"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in read_log(run / "log.jsonl") if "loss" in r]

@@ -25,6 +25,7 @@ from crln.errors import CrlnError
 __all__ = [
     "DataConfig",
     "EvalConfig",
+    "LoggingConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
@@ -105,6 +106,13 @@ class TrainConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Optional extra sinks for the scalars of ``log.jsonl``."""
+
+    tensorboard: bool = False  # also write <run>/tensorboard/ event files (needs the tensorboard package)
+
+
+@dataclass
 class EvalConfig:
     """Sliding-window evaluation protocol."""
 
@@ -125,6 +133,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _suggest(key: str, valid: list[str]) -> str:

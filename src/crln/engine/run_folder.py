@@ -23,6 +23,7 @@ import yaml
 from crln import __version__
 from crln.atomic import atomic_write_text
 from crln.config import RunConfig, config_to_dict
+from crln.errors import CrlnError
 
 __all__ = ["MetricsLog", "RunFolder", "git_commit", "read_log"]
 
@@ -109,10 +110,24 @@ class RunFolder:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log; each record is flushed so a killed run keeps its history."""
+    """Append-only JSON-lines log; each record is flushed so a killed run keeps its history.
 
-    def __init__(self, path: Path, truncate_after_step: int | None = None) -> None:
+    With ``tensorboard_dir`` the same scalars also go to TensorBoard event files (``step`` is the
+    global step; names keep their log.jsonl keys).
+    """
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None, tensorboard_dir: Path | None = None) -> None:
         self.path = Path(path)
+        self._tensorboard = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise CrlnError(
+                    "config key logging.tensorboard: the tensorboard package is not installed "
+                    "(pip install tensorboard, or set logging.tensorboard=false)"
+                ) from err
+            self._tensorboard = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=truncate_after_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None and self.path.exists():
             # On resume, drop records written after the checkpoint we resume from.
@@ -123,6 +138,16 @@ class MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+        if self._tensorboard is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

@@ -254,7 +254,11 @@ def train(
         folder.write_meta(
             {"split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation}}
         )
-    log = MetricsLog(folder.log_path, truncate_after_step=start_step if resume else None)
+    log = MetricsLog(
+        folder.log_path,
+        truncate_after_step=start_step if resume else None,
+        tensorboard_dir=folder.path / "tensorboard" if config.logging.tensorboard else None,
+    )
 
     total = config.train.iterations
 
@@ -368,6 +372,7 @@ def train(
     validate(total)
     checkpoint("latest", total)
     checkpoint("final", total)
+    log.close()  # every record was flushed as written; this only releases the TensorBoard writer
     return TrainResult(
         folder.path,
         total,
