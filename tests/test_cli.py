@@ -78,6 +78,9 @@ def test_train_evaluate_predict_end_to_end(phantom_root: Path, tmp_path: Path) -
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["n_cases"] == 1 and set(summary["metrics"]) >= {"dice", "jaccard", "asd", "hd95"}
     assert (run / "eval" / "per_case.csv").read_text().startswith("case,")
+    assert main(["evaluate", str(run), "--limit", "1", "--largest-component", "--checkpoint", "best"]) == 0
+    lcc = json.loads((run / "eval_test_best_lcc" / "summary.json").read_text())
+    assert lcc["largest_component"] is True and lcc["n_cases"] == 1
 
     # Predict on a NIfTI file (affine kept) and on an h5 case.
     image = np.random.default_rng(0).normal(size=(40, 36, 30)).astype(np.float32)

@@ -30,8 +30,8 @@ from crln.engine.device import Performance, resolve_device
 from crln.engine.run_folder import RunFolder
 from crln.engine.trainer import method_from_checkpoint
 from crln.errors import CrlnError
-from crln.inference import entropy_map, sliding_window_predict
-from crln.metrics import case_metrics, keep_largest_component, summarize
+from crln.inference import entropy_map, predict_case
+from crln.metrics import case_metrics, summarize
 
 __all__ = ["EvalResult", "eval_dir_name", "evaluate", "format_summary_table", "load_network", "predict_files"]
 
@@ -62,9 +62,15 @@ def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.
 
 
 def _predict(
-    network: torch.nn.Module, image: np.ndarray, config: RunConfig, perf: Performance, stride: tuple[int, int, int]
-) -> torch.Tensor:
-    return sliding_window_predict(
+    network: torch.nn.Module,
+    image: np.ndarray,
+    config: RunConfig,
+    perf: Performance,
+    stride: tuple[int, int, int],
+    largest_component: bool,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """``(label map (H, W, D) uint8, probabilities (C, H, W, D))`` with the run's protocol."""
+    return predict_case(
         lambda x: network(perf.input(x)),
         image,
         patch_size=config.data.patch_size,
@@ -73,6 +79,7 @@ def _predict(
         sw_batch_size=config.eval.sw_batch_size,
         device=perf.device,
         amp_dtype=perf.amp_dtype,
+        largest_component=largest_component,
     )
 
 
@@ -142,10 +149,7 @@ def evaluate(
         validate_case(case, num_classes=config.data.num_classes, require_label=True)
         spacings.append(tuple(float(v) for v in case.spacing))
         start = time.perf_counter()
-        probs = _predict(network, case.image, config, perf, stride)
-        pred = probs.argmax(0).numpy().astype(np.uint8)
-        if lcc:
-            pred = _largest_components(pred, config.data.num_classes)
+        pred, _ = _predict(network, case.image, config, perf, stride, lcc)
         seconds = time.perf_counter() - start
         row = {
             "case": case_id,
@@ -182,13 +186,6 @@ def evaluate(
     _write_per_case(out_dir / "per_case.csv", per_case)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
     return EvalResult(summary=summary, per_case=per_case, out_dir=out_dir)
-
-
-def _largest_components(pred: np.ndarray, num_classes: int) -> np.ndarray:
-    out = np.zeros_like(pred)
-    for c in range(1, num_classes):
-        out[keep_largest_component(pred == c)] = c
-    return out
 
 
 def _json_default(value: Any) -> Any:
@@ -289,10 +286,7 @@ def predict_files(
         case = _read_input(path)
         case_id = _case_id_from_path(path)
         start = time.perf_counter()
-        probs = _predict(network, case.image, config, perf, config.eval.stride)
-        pred = probs.argmax(0).numpy().astype(np.uint8)
-        if largest_component:
-            pred = _largest_components(pred, config.data.num_classes)
+        pred, probs = _predict(network, case.image, config, perf, config.eval.stride, largest_component)
         seg_path = out / f"{case_id}_seg.nii.gz"
         write_nifti(seg_path, pred, case.affine)
         if probabilities:
