@@ -213,3 +213,23 @@ def test_list_missing(tmp_path: Path) -> None:
 def test_list_blank_lines_and_whitespace(tmp_path: Path) -> None:
     (tmp_path / "test.list").write_text("  a \n\n b\r\n\n")
     assert read_case_list(tmp_path, "test") == ["a", "b"]
+
+
+def test_case_cache_is_bounded_with_lru_eviction(tmp_path: Path) -> None:
+    from crln.data.h5 import H5Dataset, clear_h5_cache, h5_cache_bytes, set_h5_cache_limit
+    from crln.data.phantom import write_phantom_h5_dataset
+
+    root = write_phantom_h5_dataset(tmp_path / "ph", n_train=4, n_test=0, shape=(32, 32, 16), seed=0)
+    per_case = 32 * 32 * 16 * (4 + 1)  # float32 image + uint8 label
+    clear_h5_cache()
+    set_h5_cache_limit(2 * per_case)
+    try:
+        ds = H5Dataset(root)
+        ids = ds.ids("train")
+        first = [ds.load(i).image.copy() for i in ids]
+        assert h5_cache_bytes() <= 2 * per_case  # only the two most recent cases stay
+        again = [ds.load(i).image for i in ids]  # evicted ones are decoded again, identically
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    finally:
+        set_h5_cache_limit(8 * 2**30)
+        clear_h5_cache()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from crln.errors import CrlnError
 __all__ = [
     "H5Dataset",
     "clear_h5_cache",
+    "h5_cache_bytes",
     "locate_case",
     "read_case_list",
     "read_h5_case",
+    "set_h5_cache_limit",
     "write_h5_case",
 ]
 
@@ -288,8 +291,47 @@ def locate_case(root: str | Path, case_id: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # dataset with a per-process decode cache
 
-_CASE_CACHE: dict[tuple[str, int, int, bool, bool], Case] = {}
+# Decoded cases, least recently used first. The cache holds at most _CACHE_LIMIT bytes of arrays;
+# beyond that the least recently used cases are dropped (they are decoded again when asked for).
+# Callers that keep a Case (the trainer keeps its training set) keep its arrays alive regardless.
+_CASE_CACHE: OrderedDict[tuple[str, int, int, bool, bool], Case] = OrderedDict()
 _CASE_LOCK = threading.Lock()
+_DEFAULT_CACHE_LIMIT = 8 * 2**30
+_CACHE_LIMIT = (
+    int(os.environ["CRLN_CACHE_BYTES"])
+    if os.environ.get("CRLN_CACHE_BYTES", "").strip().isdigit()
+    else _DEFAULT_CACHE_LIMIT
+)
+
+
+def _case_bytes(case: Case) -> int:
+    return case.image.nbytes + (case.label.nbytes if case.label is not None else 0)
+
+
+def set_h5_cache_limit(max_bytes: int) -> None:
+    """Cap the per-process cache of decoded h5 cases (default 8 GiB, or ``$CRLN_CACHE_BYTES``).
+
+    Eviction is least-recently-used; 0 disables caching of new cases.
+    """
+    global _CACHE_LIMIT
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    with _CASE_LOCK:
+        _CACHE_LIMIT = int(max_bytes)
+        _evict_locked()
+
+
+def _evict_locked() -> None:
+    total = sum(_case_bytes(c) for c in _CASE_CACHE.values())
+    while _CASE_CACHE and total > _CACHE_LIMIT:
+        _, dropped = _CASE_CACHE.popitem(last=False)
+        total -= _case_bytes(dropped)
+
+
+def h5_cache_bytes() -> int:
+    """Bytes of arrays currently held by the decoded-case cache."""
+    with _CASE_LOCK:
+        return sum(_case_bytes(c) for c in _CASE_CACHE.values())
 
 
 def clear_h5_cache() -> None:
@@ -304,7 +346,8 @@ class H5Dataset:
     """An h5 dataset folder: case lists plus one h5 file per case.
 
     Decoded cases are cached per process (keyed by file, size and mtime), so gzip is paid once.
-    Cached arrays are read-only: copy before changing them in place.
+    The cache is bounded (8 GiB by default, :func:`set_h5_cache_limit` or ``$CRLN_CACHE_BYTES``)
+    with least-recently-used eviction. Cached arrays are read-only: copy before changing them in place.
 
     Example:
         >>> ds = H5Dataset("../shared/data/LA")
@@ -343,7 +386,10 @@ class H5Dataset:
         key = (*base, with_label, self.allow_channels)
         with _CASE_LOCK:
             # a labelled entry also serves an unlabelled request
-            hit = _CASE_CACHE.get((*base, True, self.allow_channels)) or _CASE_CACHE.get(key)
+            hit_key = next((k for k in ((*base, True, self.allow_channels), key) if k in _CASE_CACHE), None)
+            hit = _CASE_CACHE[hit_key] if hit_key is not None else None
+            if hit_key is not None:
+                _CASE_CACHE.move_to_end(hit_key)
         if hit is None:
             hit = read_h5_case(path, case_id, with_label=with_label, allow_channels=self.allow_channels)
             hit.image.flags.writeable = False
@@ -351,6 +397,7 @@ class H5Dataset:
                 hit.label.flags.writeable = False
             with _CASE_LOCK:
                 _CASE_CACHE[key] = hit
+                _evict_locked()
         # a fresh Case object so callers may rebind fields without touching the cache
         label = hit.label if with_label else None
         return Case(case_id, hit.image, label, hit.spacing, hit.affine.copy(), hit.source)
