@@ -31,7 +31,7 @@ from crln.methods.base import ModelFactory, frozen_copy, register_method
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
 from crln.methods.dim import RECTIFY_VARIANTS, DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
-from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, masked_nll
+from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, consistency_terms, masked_nll
 
 __all__ = ["CRLN", "CRLNConfig", "pseudo_label_dice", "weighted_nll"]
 
@@ -339,16 +339,7 @@ class CRLN(MeanTeacher):
                     dice_reliable_before=pseudo_label_dice(raw, oracle, tau),
                     dice_reliable_after=pseudo_label_dice(rectified, oracle, tau),
                 )
-        return {
-            "loss": loss,
-            "loss_sup": sup.detach(),
-            "loss_ce": ce.detach(),
-            "loss_dice": dice.detach(),
-            "loss_unsup": unsup.detach(),
-            "unsup_weight": torch.tensor(weight),
-            "reliable_fraction": reliable.detach(),
-            **out,
-        }
+        return {**consistency_terms(loss, (sup, ce, dice), unsup, weight, reliable), **out}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = super().ema_pairs()

@@ -24,7 +24,7 @@ from crln.engine.schedule import sigmoid_rampup
 from crln.methods.base import MethodConfig, ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
 
-__all__ = ["MeanTeacher", "MeanTeacherConfig", "cutmix_box_mask", "masked_nll"]
+__all__ = ["MeanTeacher", "MeanTeacherConfig", "consistency_terms", "cutmix_box_mask", "masked_nll"]
 
 
 @dataclass
@@ -71,6 +71,23 @@ def cutmix_box_mask(
         (h, w, d), (kh, kw, kd) = starts, sizes
         mask[b, :, h : h + kh, w : w + kw, d : d + kd] = 1.0
     return mask
+
+
+def consistency_terms(
+    loss: Tensor, supervised: tuple[Tensor, Tensor, Tensor], unsup: Tensor, weight: float, reliable: Tensor
+) -> dict[str, Tensor]:
+    """The named terms every weak→strong method logs: total (with grad), supervised (total, CE, Dice),
+    unsupervised term, its weight and the reliable pseudo-label fraction (all detached)."""
+    sup, ce, dice = supervised
+    return {
+        "loss": loss,
+        "loss_sup": sup.detach(),
+        "loss_ce": ce.detach(),
+        "loss_dice": dice.detach(),
+        "loss_unsup": unsup.detach(),
+        "unsup_weight": torch.tensor(weight),
+        "reliable_fraction": reliable.detach(),
+    }
 
 
 def masked_nll(student_logits: Tensor, pseudo_probs: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -130,15 +147,7 @@ class MeanTeacher(TeacherStudentMethod):
         sup, ce, dice = self.supervised_loss(logits[:n_labeled], batch.labeled_label)
         unsup, reliable = masked_nll(logits[n_labeled:], pseudo, cfg.confidence_threshold)
         weight = cfg.unsup_weight * sigmoid_rampup(step, cfg.rampup_iterations)
-        return {
-            "loss": sup + weight * unsup,
-            "loss_sup": sup.detach(),
-            "loss_ce": ce.detach(),
-            "loss_dice": dice.detach(),
-            "loss_unsup": unsup.detach(),
-            "unsup_weight": torch.tensor(weight),
-            "reliable_fraction": reliable.detach(),
-        }
+        return consistency_terms(sup + weight * unsup, (sup, ce, dice), unsup, weight, reliable)
 
     def inference_network(self) -> nn.Module:
         return self.student
