@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+import yaml
 
 from crln.data.loader import Batch
 from crln.engine.device import Performance
@@ -40,6 +41,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"])
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="METHOD.key=value",
+        help="method hyper-parameters, e.g. crln.mu_step_input=current (values parsed as YAML)",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -50,7 +58,12 @@ def main() -> None:
     methods, optimizers = {}, {}
     for name in args.methods:
         torch.manual_seed(0)
-        method = perf.place(build_method(method_config_class(name)(name=name), lambda: VNet(), 2)).train()
+        fields = {
+            k.split(".", 1)[1]: yaml.safe_load(v)
+            for k, v in (i.split("=", 1) for i in args.set)
+            if k.startswith(f"{name}.")
+        }
+        method = perf.place(build_method(method_config_class(name)(name=name, **fields), lambda: VNet(), 2)).train()
         methods[name] = method
         optimizers[name] = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9)
 
