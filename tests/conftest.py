@@ -51,3 +51,26 @@ def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[s
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_interrupted(config: object, after: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``train(config)`` and kill it (KeyboardInterrupt) when iteration ``after`` + 1 starts.
+
+    The loop is killed from inside (through the LR schedule call at the start of each iteration),
+    so the last checkpoint written by the checkpoint cadence is what a resume continues from.
+    """
+    import crln.engine.trainer as trainer_module
+
+    original = trainer_module.poly_lr_factor
+    calls = {"n": 0}
+
+    def interrupting(step: int, total: int, power: float = 0.9) -> float:
+        calls["n"] += 1
+        if calls["n"] == after + 1:
+            raise KeyboardInterrupt
+        return original(step, total, power)
+
+    monkeypatch.setattr(trainer_module, "poly_lr_factor", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_module.train(config, progress=False)
+    monkeypatch.setattr(trainer_module, "poly_lr_factor", original)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_interrupted
 from crln.config import load_config
 from crln.data.loader import Batch
 from crln.engine.checkpoint import load_checkpoint
@@ -298,27 +298,13 @@ def test_short_crln_run_lowers_loss_and_logs_telemetry(phantom_root: Path, tmp_p
     assert last < first and records[-1]["loss"] < records[0]["loss"], (records[0], records[-1])
 
 
-def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
+def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import crln.engine.trainer as trainer_module
 
     overrides = _overrides(phantom_root, tmp_path, **{"train.iterations": 6, "method.mu_lr": 0.5})
     straight = trainer_module.train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
     config = load_config("demo", [*overrides, "train.tag=resumed"])
-    calls = {"n": 0}
-    original = trainer_module.poly_lr_factor
-
-    def interrupt_after_three(step: int, total: int, power: float = 0.9) -> float:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(step, total, power)
-
-    trainer_module.poly_lr_factor = interrupt_after_three  # type: ignore[assignment]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            trainer_module.train(config, progress=False)
-    finally:
-        trainer_module.poly_lr_factor = original  # type: ignore[assignment]
+    train_interrupted(config, 3, monkeypatch)
     resumed = trainer_module.train(config, resume=True, progress=False).run_dir
     a = load_checkpoint(straight / "checkpoint_final.pt")["method_state"]
     b = load_checkpoint(resumed / "checkpoint_final.pt")["method_state"]

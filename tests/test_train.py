@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_interrupted
 from crln.config import load_config
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.run_folder import read_log
@@ -58,7 +58,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoint_final.pt")["method_state"]
 
 
-def test_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
+def test_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = tiny_overrides(
         phantom_root,
         tmp_path,
@@ -72,26 +72,9 @@ def test_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
     )
     straight = train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
 
-    # Interrupted run: stop after 3 iterations (a 3-iteration run with the 6-iteration schedule is
-    # emulated by killing the loop through the checkpoint cadence), then resume to 6.
+    # Interrupted run: killed when iteration 4 starts (the checkpoint cadence saved iteration 3), then resumed.
     config = load_config("demo", [*overrides, "train.tag=resumed"])
-    import crln.engine.trainer as trainer_module
-
-    calls = {"n": 0}
-    original = trainer_module.poly_lr_factor
-
-    def interrupt_after_three(step: int, total: int, power: float = 0.9) -> float:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(step, total, power)
-
-    trainer_module.poly_lr_factor = interrupt_after_three
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(config, progress=False)
-    finally:
-        trainer_module.poly_lr_factor = original
+    train_interrupted(config, 3, monkeypatch)
     run = straight.parent.parent / "supervised__vnet__resumed" / "seed1337"
     assert load_checkpoint(run / "checkpoint_latest.pt")["step"] == 3
     assert not (run / "checkpoint_final.pt").exists()
