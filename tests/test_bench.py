@@ -2,11 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from conftest import tiny_overrides
 from crln.bench import load_plan, run_plan
 from crln.errors import CrlnError
+from crln.report.bench_figures import smooth
 
 
 def _plan(tmp_path: Path, phantom_root: Path, body: str) -> Path:
@@ -57,3 +60,26 @@ def test_shipped_plans_resolve(plan: Path) -> None:
     # Every row of every shipped plan (the ablation ladders included) is a valid config.
     loaded = load_plan(plan)
     assert loaded.runs
+
+
+def test_plan_figures(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "runs:\n  - name: Sup\n    config: demo\n"
+        "  - name: CRLN\n    config: demo\n    overrides: [method.name=crln, method.rectify_start=0]\n",
+    )
+    plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
+    table = run_plan(plan, progress=False).read_text()
+    for suffix in ("dice", "pseudo_labels", "mu"):
+        png = tmp_path / f"plan_{suffix}.png"
+        assert f"]({png.name})" in table
+        image = plt.imread(png)
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image[..., :3].std() > 0.01
+
+
+def test_smooth_is_a_trailing_mean() -> None:
+    values = np.array([0.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(smooth(values, window=2), [0.0, 1.0, 3.0, 5.0])
+    np.testing.assert_allclose(smooth(values, window=10), [0.0, 1.0, 2.0, 3.0])
+    assert smooth(np.zeros(0)).size == 0

@@ -126,6 +126,31 @@ def _fmt(stats: dict[str, float] | None, scale: float) -> str:
     return f"{stats['boot_mean'] * scale:.2f} ± {stats['boot_std'] * scale:.2f}{extra}"
 
 
+def _write_figures(plan: BenchPlan, rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+    """PNGs beside the table (``<table stem>_<figure>.png``); returns ``[(caption, file name)]``."""
+    from crln.report.bench_figures import LoggedRun, plot_metric_by_method, plot_mu, plot_pseudo_label_quality
+
+    logged = [
+        LoggedRun(f"{row['name']} (seed {row['seed']})", read_log(Path(row["run_dir"]) / "log.jsonl"), row["S"])
+        for row in rows
+    ]
+    figures = [
+        ("Dice by method", "dice", lambda p: plot_metric_by_method(rows, p, "dice", plan.title)),
+        (
+            "Pseudo-label quality before / after rectification (paper Fig. 1)",
+            "pseudo_labels",
+            lambda p: plot_pseudo_label_quality(logged, p),
+        ),
+        ("μ over iterations (paper Fig. 11)", "mu", lambda p: plot_mu(logged, p)),
+    ]
+    written = []
+    for caption, suffix, draw in figures:
+        name = f"{out.stem}_{suffix}.png"
+        if draw(out.with_name(name)) is not None:
+            written.append((caption, name))
+    return written
+
+
 def _write_table(plan: BenchPlan, rows: list[dict[str, Any]], out: Path) -> None:
     device = (
         torch.cuda.get_device_name(0)
@@ -155,6 +180,8 @@ def _write_table(plan: BenchPlan, rows: list[dict[str, Any]], out: Path) -> None
         )
     lines += ["", "Commands:", ""]
     lines += [f"- `{row['command']}` → `{row['run_dir']}`" for row in rows]
+    for caption, name in _write_figures(plan, rows, out):
+        lines += ["", f"![{caption}]({name})"]
     atomic_write_text(out, "\n".join(lines) + "\n")
 
 
@@ -177,6 +204,8 @@ def run_plan(
                 "seed": seed,
                 "command": _command(plan, run, seed),
                 "run_dir": str(folder.path),
+                # CRLN's S, drawn on the pseudo-label and μ figures
+                "S": config.method.rectify_start if getattr(config.method, "dim", False) else None,
             }
             if dry_run:
                 print(row["command"])

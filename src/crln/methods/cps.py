@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crln.engine.distributed import all_reduce_sum_
+
 __all__ = ["CPSHead", "CPSSample", "cps_loss", "gather_voxels", "positive_prototypes", "sample_cps"]
 
 
@@ -29,6 +31,7 @@ class CPSHead(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, F, H, W, D)`` → ``(B, out, H, W, D)``."""
         return self.layers(x)
 
 
@@ -133,15 +136,28 @@ def cps_loss(
         Mean over classes with valid voxels of the mean over anchors (the authors' reduction); a
         zero that keeps the graph when no class has both anchors and negatives.
     """
-    present = int(valid.flatten(2).any(dim=2).any(dim=0).sum())
+    flat = rep.permute(0, 2, 3, 4, 1).reshape(-1, rep.shape[1])  # (B·N, D): one copy, a view for channels-last rep
+    with torch.no_grad():
+        flat_valid = valid.permute(0, 2, 3, 4, 1).reshape(-1, valid.shape[1]).float()  # (B·N, C)
+        counts = flat_valid.sum(dim=0)  # (C,)
+        sums = flat_valid.T @ flat.detach().float()  # (C, D)
+        # Data parallel: r_m and the classes present are those of the global batch. Every process reduces,
+        # samples or not, so that the collective always pairs up.
+        all_reduce_sum_([sums, counts])
+        class_means = sums / counts.clamp_min(1.0).unsqueeze(1)  # r_m per class
+    present = int((counts > 0).sum())
     if not samples:
         return rep.sum() * 0.0
+    # One gather for every class: its backward is a single index_add_ into one gradient buffer.
+    index = torch.cat([t.reshape(-1) for s in samples for t in (s.anchors, s.negatives)])
+    voxels = F.normalize(flat.index_select(0, index).float(), dim=1)
     total = rep.new_zeros((), dtype=torch.float32)
-    with torch.no_grad():
-        counts = valid.flatten(2).sum(dim=(0, 2)).float()  # (C,)
-        sums = torch.einsum("bdn,bcn->cd", rep.detach().flatten(2).float(), valid.flatten(2).float())
-        class_means = sums / counts.clamp_min(1.0).unsqueeze(1)  # r_m per class
+    offset = 0
     for s in samples:
+        anchors = voxels[offset : offset + s.anchors.numel()]  # (A, D)
+        offset += s.anchors.numel()
+        negatives = voxels[offset : offset + s.negatives.numel()].reshape(*s.negatives.shape, -1)  # (A|1, K, D)
+        offset += s.negatives.numel()
         r_m = class_means[s.cls]
         if prototype_term is None:
             positive = r_m
@@ -149,8 +165,6 @@ def cps_loss(
             positive = prototype_term[s.cls].float()
         else:
             positive = (r_m + xi * prototype_term[s.cls].float()) / (1.0 + xi)
-        anchors = F.normalize(gather_voxels(rep, s.anchors).float(), dim=1)  # (A, D)
-        negatives = F.normalize(gather_voxels(rep, s.negatives).float(), dim=-1)  # (A|1, K, D)
         pos_logit = (anchors @ F.normalize(positive, dim=0)).unsqueeze(1)  # (A, 1)
         neg_logit = torch.einsum("ad,akd->ak", anchors, negatives.expand(anchors.shape[0], -1, -1))
         logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
