@@ -74,3 +74,27 @@ def train_interrupted(config: object, after: int, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(KeyboardInterrupt):
         trainer_module.train(config, progress=False)
     monkeypatch.setattr(trainer_module, "poly_lr_factor", original)
+
+
+def assert_user_error(argv: list[object], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+    """Run ``crln.cli.main(argv)`` in-process and check the user-error contract; returns the message line.
+
+    Exit code 2, exactly one stderr line starting ``crln: error:``, no traceback, every fragment in it,
+    and no warning on the way (outside pytest a warning would be more stderr lines).
+    """
+    import warnings
+
+    from crln.cli import EXIT_USER_ERROR, main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == EXIT_USER_ERROR, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("crln: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -20,6 +20,8 @@ VERBS = [
     ["predict"],
     ["data", "prepare"],
     ["data", "phantom"],
+    ["data", "compact"],
+    ["data", "merge"],
     ["config"],
     ["demo"],
     ["bench"],

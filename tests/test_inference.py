@@ -1,19 +1,26 @@
-"""Sliding-window inference: MONAI tiling equals the field's one-window loop."""
+"""Sliding-window inference: the batched grid equals the field's one-window loop; the CPU-optimised network."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from monai.data.utils import dense_patch_slices
-from monai.inferers.utils import _get_scan_interval
 from torch import nn
 
 from crln.errors import CrlnError
-from crln.inference import entropy_map, monai_overlap, predict_case, sliding_window_predict
-from reference_sliding_window import reference_sliding_window, window_starts
+from crln.inference import (
+    entropy_map,
+    optimize_for_inference,
+    predict_case,
+    sliding_window_predict,
+    window_starts,
+)
+from crln.models import VNet
+from reference_sliding_window import reference_sliding_window
+from reference_sliding_window import window_starts as reference_window_starts
 
 
 def _net(num_classes: int = 3, seed: int = 0) -> nn.Module:
@@ -36,32 +43,42 @@ class _Counting(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("patch", "stride"),
+    ("shape", "patch", "stride"),
     [
-        ((112, 112, 80), (18, 18, 4)),
-        ((96, 96, 96), (16, 16, 16)),
-        ((7, 13, 16), (3, 5, 16)),
-        ((10, 10, 10), (1, 9, 10)),
+        ((183, 140, 88), (112, 112, 80), (18, 18, 4)),  # an LA crop with the LA protocol
+        ((9, 30, 17), (12, 12, 8), (5, 7, 8)),  # padded on x, stride == patch on z
+        ((40, 33, 16), (16, 16, 16), (16, 4, 1)),
     ],
 )
-@pytest.mark.parametrize("size", [1, 5, 7, 33, 100, 112, 113, 127, 200, 1000])
-def test_monai_windows_match_field_positions(patch: tuple, stride: tuple, size: int) -> None:
-    # MONAI's own interval and window code, fed our overlap, gives the field's starts on each axis
-    # (MONAI's windows are the product of the per-axis starts, as the field's nested loops).
-    for p, s, o in zip(patch, stride, monai_overlap(patch, stride)):
-        image = (max(size, p),)  # MONAI pads to the patch first, as the field does
-        interval = _get_scan_interval(image, (p,), 1, (o,))
-        starts = [sl[0].start for sl in dense_patch_slices(image, (p,), interval)]
-        assert starts == window_starts(image[0], p, s)
+def test_windows_are_the_fields_in_the_fields_order(shape: tuple, patch: tuple, stride: tuple) -> None:
+    # Each voxel holds its own flat index (+1, so that padding reads 0): a window's first voxel tells
+    # where the window starts. The model sees exactly the field's windows, x outer and z inner.
+    image = (np.arange(np.prod(shape), dtype=np.float64) + 1).reshape(shape)
+    seen: list[tuple[int, ...]] = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        for window in x[:, 0]:
+            nonzero = torch.nonzero(window)[0]  # first voxel of the volume inside the (padded) window
+            index = int(window[tuple(nonzero)]) - 1
+            seen.append(tuple(int(v) - int(o) for v, o in zip(np.unravel_index(index, shape), nonzero)))
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    sliding_window_predict(model, image, patch_size=patch, stride=stride, num_classes=2, sw_batch_size=3)
+    pads = [max(p - n, 0) // 2 for n, p in zip(shape, patch)]
+    axes = [reference_window_starts(max(n, p), p, s) for n, p, s in zip(shape, patch, stride)]
+    expected = [tuple(start - pad for start, pad in zip(corner, pads)) for corner in itertools.product(*axes)]
+    assert seen == expected
+    assert [window_starts(max(n, p), p, s) for n, p, s in zip(shape, patch, stride)] == axes
 
 
-def test_overlap_truncation_is_exact_for_all_small_patches() -> None:
-    # 1 - s/p can give int(p * (1 - o)) == s - 1 in floating point; ours never does.
-    for p in range(1, 257):
-        for s in range(1, p + 1):
-            (o,) = monai_overlap((p,), (s,))
-            assert 0.0 <= o < 1.0
-            assert int(p * (1 - o)) == s, (p, s)
+def test_one_window_per_batch_is_bit_identical_to_the_reference() -> None:
+    # Same windows, same order, same per-voxel count: the field's exact numbers, not merely close ones.
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(23, 19, 11)).astype(np.float32)
+    net = _net()
+    expected, _ = reference_sliding_window(net, image, (16, 12, 8), (5, 4, 2), num_classes=3)
+    probs = sliding_window_predict(net, image, patch_size=(16, 12, 8), stride=(5, 4, 2), num_classes=3, sw_batch_size=1)
+    assert np.array_equal(probs.numpy(), expected)
 
 
 def test_equals_direct_forward_when_volume_is_patch() -> None:
@@ -179,3 +196,56 @@ def test_entropy_map() -> None:
     torch.testing.assert_close(ent[0], torch.zeros(2, 2))
     torch.testing.assert_close(ent[1], torch.full((2, 2), float(np.log(3))))
     torch.testing.assert_close(entropy_map(probs.numpy()), ent)
+
+
+def _vnet_with_statistics(seed: int = 0) -> VNet:
+    """A small VNet in eval mode whose BatchNorm statistics and affine terms are far from the identity."""
+    torch.manual_seed(seed)
+    net = VNet(n_filters=4, num_classes=3)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def test_optimize_for_inference_folds_batchnorm_and_keeps_the_logits() -> None:
+    net = _vnet_with_statistics()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = optimize_for_inference(net, "cpu")
+    assert fast is not net
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in fast.modules())  # every VNet BN follows a conv
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        for m in fast.modules()
+        if hasattr(m, "weight") and m.weight is not None and m.weight.ndim == 5
+    )
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)
+    # The caller's network is untouched.
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in net.modules()) > 0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    image = torch.randn(40, 36, 20).numpy()
+    plain = sliding_window_predict(net, image, patch_size=(32, 32, 16), stride=(8, 4, 4), num_classes=3)
+    optimized = sliding_window_predict(fast, image, patch_size=(32, 32, 16), stride=(8, 4, 4), num_classes=3)
+    torch.testing.assert_close(optimized, plain, atol=1e-5, rtol=0)
+
+
+def test_optimize_for_inference_refuses_training_mode_and_leaves_other_devices_alone() -> None:
+    net = _vnet_with_statistics()
+    with pytest.raises(ValueError, match="eval"):
+        optimize_for_inference(net.train(), "cpu")
+    net.eval()
+    assert optimize_for_inference(net, "cuda") is net  # CUDA settings belong to Performance
+
+
+def test_batchnorm_without_running_statistics_is_not_folded() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4, track_running_stats=False)).eval()
+    fast = optimize_for_inference(net, "cpu")
+    assert isinstance(fast[1], nn.BatchNorm3d)
+    x = torch.randn(2, 1, 6, 6, 6)
+    torch.testing.assert_close(fast(x), net(x))

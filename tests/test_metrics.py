@@ -16,6 +16,7 @@ from scipy import ndimage
 from crln.errors import CrlnError
 from crln.metrics import (
     asd,
+    asd_and_hd95,
     assd,
     bootstrap,
     case_metrics,
@@ -40,6 +41,8 @@ def _assert_like_medpy(
     expected_hd95 = medpy_binary.hd95(pred, gt, spacing)
     assert asd(pred, gt, spacing) == pytest.approx(expected_asd, abs=1e-6)
     assert hd95(pred, gt, spacing) == pytest.approx(expected_hd95, abs=1e-6)
+    # One pass gives exactly the two separate values.
+    assert asd_and_hd95(pred, gt, spacing) == (asd(pred, gt, spacing), hd95(pred, gt, spacing))
     if with_assd:
         assert assd(pred, gt, spacing) == pytest.approx(medpy_binary.assd(pred, gt, spacing), abs=1e-6)
     row = case_metrics(pred.astype(np.uint8), gt.astype(np.uint8), num_classes=2, spacing=spacing)
@@ -71,6 +74,8 @@ def test_parity_with_medpy_on_real_la_labels(la_root: Path) -> None:
         for pred in _variants(gt):
             for spacing in SPACINGS[:2]:
                 _assert_like_medpy(pred, gt, spacing, with_assd=False)
+            # In voxel units every distance is the square root of an integer, so the values are exactly medpy's.
+            assert asd_and_hd95(pred, gt) == (medpy_binary.asd(pred, gt), medpy_binary.hd95(pred, gt))
 
 
 def _blobs(rng: np.random.Generator, shape: tuple[int, int, int], threshold: float) -> np.ndarray:
@@ -111,6 +116,8 @@ def test_empty_mask_policy() -> None:
     for pred, gt in ((empty, one), (one, empty)):
         assert dice(pred, gt) == 0.0 and jaccard(pred, gt) == 0.0
         assert math.isnan(asd(pred, gt)) and math.isnan(hd95(pred, gt)) and math.isnan(assd(pred, gt))
+    assert asd_and_hd95(empty, empty) == (0.0, 0.0)
+    assert all(math.isnan(value) for value in asd_and_hd95(empty, one) + asd_and_hd95(one, empty))
     row = case_metrics(empty.astype(np.uint8), one.astype(np.uint8), num_classes=2)
     assert row["dice"] == 0.0 and math.isnan(row["hd95"])
 

@@ -36,14 +36,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from crln.engine.trainer import train
 
     config = load_config(args.config, args.overrides)
-    result = train(config, resume=args.resume, run_dir=args.run_dir, progress=not args.no_progress)
-    print(f"run folder: {result.run_dir}  ({result.steps} iterations, {result.seconds / 60:.1f} min)")
-    if result.best_metric is not None:
-        print(f"best validation Dice: {result.best_metric:.4f}")
+    if args.time_budget_s is not None and args.time_budget_s <= 0:
+        raise CrlnError(f"--time-budget-s: expected a positive number of seconds, got {args.time_budget_s}")
+    result = train(
+        config,
+        resume=args.resume,
+        run_dir=args.run_dir,
+        progress=not args.no_progress,
+        time_budget_s=args.time_budget_s,
+    )
+    main_process = _is_main_process()
+    if not result.complete:
+        if main_process:
+            print(
+                f"run incomplete: the time budget ({args.time_budget_s:g} s) stopped it after iteration "
+                f"{result.steps} of {config.train.iterations}; checkpoint saved in {result.run_dir}; "
+                "continue with the same command and --resume"
+            )
+        return 0
+    if main_process:
+        print(f"run folder: {result.run_dir}  ({result.steps} iterations, {result.seconds / 60:.1f} min)")
+        if result.best_metric is not None:
+            print(f"best validation Dice: {result.best_metric:.4f}")
     if args.evaluate:
         return _evaluate_and_print(result.run_dir, None, None, None, None, "auto", None, None)
-    print(f"next: crln evaluate {result.run_dir}")
+    if main_process:
+        print(f"next: crln evaluate {result.run_dir}")
     return 0
+
+
+def _is_main_process() -> bool:
+    """Under torchrun only rank 0 prints results (every process runs the same command)."""
+    from crln.engine.distributed import is_main_process
+
+    return is_main_process()
 
 
 def _evaluate_and_print(target, data, split, checkpoint, lcc, device, out, limit) -> int:
@@ -59,6 +85,8 @@ def _evaluate_and_print(target, data, split, checkpoint, lcc, device, out, limit
         out_dir=out,
         limit=limit,
     )
+    if not _is_main_process():
+        return 0
     summary = result["summary"]
     title = (
         f"{summary['method']} — {summary['n_cases']} cases of {summary['split']!r} "
@@ -98,14 +126,61 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from crln.data.prepare import prepare_h5_dataset
+# `crln data prepare DATASET` options each dataset takes (argparse dests; unset options are None).
+_PREPARE_OPTIONS = {
+    "rescale": ("scale", "image_mode", "label_mode"),
+    "la": ("split_dir", "seed", "label_grid", "margin", "min_size"),
+    "pancreas": ("split_dir", "seed", "label_grid", "margin", "labels", "hu_range", "spacing"),
+    "brats": ("split_dir", "seed", "label_grid", "clip_percentile"),
+}
+_PREPARE_DEFAULT_SCALE = 0.5
+# CLI option -> pipeline keyword where the names differ
+_PREPARE_KEYWORDS = {"pancreas": {"margin": "margin_mm", "spacing": "spacing_mm"}}
 
-    if not 0 < args.scale <= 1:
-        raise CrlnError(f"--scale: expected a number in (0, 1], got {args.scale}")
-    summary = prepare_h5_dataset(
-        args.src, args.dst, scale=args.scale, image_mode=args.image_mode, label_mode=args.label_mode
-    )
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers like -125,275, got {text!r}") from None
+    return low, high
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    allowed = _PREPARE_OPTIONS[args.dataset]
+    given = {dest for names in _PREPARE_OPTIONS.values() for dest in names if getattr(args, dest, None) is not None}
+    stray = sorted(given - set(allowed))
+    if stray:
+        raise CrlnError(
+            f"{_flag(stray[0])}: not an option of 'crln data prepare {args.dataset}', "
+            f"expected only {', '.join(_flag(d) for d in allowed)}"
+        )
+    if args.dataset == "rescale":
+        from crln.data.prepare import prepare_h5_dataset
+
+        scale = _PREPARE_DEFAULT_SCALE if args.scale is None else args.scale
+        if not 0 < scale <= 1:
+            raise CrlnError(f"--scale: expected a number in (0, 1], got {scale}")
+        summary = prepare_h5_dataset(
+            args.src,
+            args.dst,
+            scale=scale,
+            image_mode=args.image_mode or "area",
+            label_mode=args.label_mode or "majority",
+        )
+    else:
+        from crln.data.prepare_raw import prepare_raw_dataset
+
+        options = {_PREPARE_KEYWORDS.get(args.dataset, {}).get(d, d): getattr(args, d) for d in given}
+        if args.dataset == "la" and "margin" in options:
+            if not float(options["margin"]).is_integer():
+                raise CrlnError(f"--margin: expected a whole number of voxels for la, got {options['margin']}")
+            options["margin"] = int(options["margin"])
+        summary = prepare_raw_dataset(args.dataset, args.src, args.dst, **options)
     print(f"prepared {args.dst}: {summary}")
     return 0
 
@@ -114,8 +189,36 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     from crln.data.phantom import write_phantom_h5_dataset, write_phantom_nifti_dataset
 
     writer = write_phantom_nifti_dataset if args.format == "nifti" else write_phantom_h5_dataset
-    root = writer(args.dst, n_train=args.train, n_test=args.test, shape=args.shape, seed=args.seed)
+    root = writer(
+        args.dst, n_train=args.train, n_test=args.test, shape=args.shape, seed=args.seed, num_classes=args.num_classes
+    )
     print(f"phantom dataset written to {root}")
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from crln.data.compact import compact_h5_dataset
+
+    summary = compact_h5_dataset(
+        args.src,
+        args.dst,
+        codec=args.codec,
+        max_part_mib=args.max_part_mib,
+        report=None if args.quiet else print,
+        report_error=print,  # a bad case is reported even with --quiet
+    )
+    print(f"compact copy {summary.dst}: {summary}")
+    for part in summary.parts:
+        print(f"  {part}: {sum(f.stat().st_size for f in part.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from crln.data.compact import merge_compact, read_manifest
+
+    summary = merge_compact(args.sources, args.dst)
+    state = "complete" if read_manifest(summary.dst).get("complete") else "incomplete (more parts to merge)"
+    print(f"merged into {summary.dst}: {summary.cases} cases ({summary.written} copied now), {state}")
     return 0
 
 
@@ -215,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default runs/<dataset>/<method>__<model>__<tag>/seed<k>)")
     p.add_argument("--evaluate", action="store_true", help="evaluate on the test list after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="stop cleanly before this many seconds have passed: save checkpoint_latest.pt, report the run "
+        "as incomplete and exit 0 (continue it with --resume); e.g. one 10-minute GPU session",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -251,20 +360,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.set_defaults(func=_cmd_predict)
 
-    data = sub.add_parser("data", help="dataset tools (prepare, phantom)", description="Dataset tools.").add_subparsers(
-        dest="data_command", metavar="TOOL", required=True
-    )
+    data = sub.add_parser(
+        "data", help="dataset tools (prepare, phantom, compact, merge)", description="Dataset tools."
+    ).add_subparsers(dest="data_command", metavar="TOOL", required=True)
     p = data.add_parser(
         "prepare",
-        help="downsampled copy of an h5 dataset",
-        description="Write a resampled copy of an h5 dataset (same layout, lists copied); "
-        "e.g. --scale 0.5 makes real LA training fit a 2-core CPU.",
+        help="h5 dataset from raw LA / Pancreas-CT / BraTS19 files, or a rescaled h5 copy",
+        description="DATASET la, pancreas or brats: the field's preprocessing of the public raw files "
+        "(LA 2018 NRRD; Pancreas-CT DICOM + NIfTI labels; BraTS 2019 NIfTI) into the h5 layout with case "
+        "lists (docs/datasets.md). DATASET rescale (the default): a resampled copy of an h5 dataset "
+        "(same layout, lists copied), e.g. --scale 0.5 makes real LA training fit a 2-core CPU.",
     )
-    p.add_argument("--src", required=True, help="source dataset folder")
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default="rescale",
+        choices=list(_PREPARE_OPTIONS),
+        help="what to prepare (default: rescale)",
+    )
+    p.add_argument("--src", required=True, help="source folder (raw files, or an h5 dataset for rescale)")
     p.add_argument("--dst", required=True, help="destination folder")
-    p.add_argument("--scale", type=float, default=0.5, help="resampling factor per axis (default 0.5)")
-    p.add_argument("--image-mode", choices=["area", "trilinear"], default="area")
-    p.add_argument("--label-mode", choices=["majority", "nearest"], default="majority")
+    g = p.add_argument_group("rescale")
+    g.add_argument("--scale", type=float, help=f"resampling factor per axis (default {_PREPARE_DEFAULT_SCALE})")
+    g.add_argument("--image-mode", choices=["area", "trilinear"], help="image resampling (default area)")
+    g.add_argument("--label-mode", choices=["majority", "nearest"], help="label resampling (default majority)")
+    g = p.add_argument_group("la, pancreas, brats")
+    g.add_argument(
+        "--split-dir",
+        help="folder with the field's case lists (train.list/test.list, or train.txt/val.txt/test.txt for "
+        "brats); default: a seeded shuffle cut in the field's proportions",
+    )
+    g.add_argument("--seed", type=int, help="seed of that shuffle (default 0)")
+    g.add_argument(
+        "--label-grid",
+        choices=["affine", "voxel"],
+        help="affine (default): the label file's geometry must place it on the image grid; voxel: the arrays "
+        "are already in the same voxel order",
+    )
+    g.add_argument("--margin", type=float, help="crop margin: voxels in x, y for la (15), mm for pancreas (25)")
+    g.add_argument("--min-size", type=int, help="la: smallest crop side in x and y before the margin (112)")
+    g.add_argument("--labels", help="pancreas: folder with label<n>.nii.gz (default: searched under --src)")
+    g.add_argument("--hu-range", type=_pair, help="pancreas: HU window, written --hu-range=-125,275 (default)")
+    g.add_argument("--spacing", type=float, help="pancreas: isotropic output voxel size in mm (1)")
+    g.add_argument("--clip-percentile", type=float, help="brats: clip brain intensities at this percentile (99.9)")
     p.set_defaults(func=_cmd_prepare)
 
     p = data.add_parser(
@@ -279,7 +417,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=4, help="test cases")
     p.add_argument("--shape", type=_triple, default=(80, 80, 48), help="volume shape H,W,D")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=2,
+        help="classes with background: 2 = one organ; 3 = organ + an inclusion (two structures), train with "
+        "data.num_classes=3",
+    )
     p.set_defaults(func=_cmd_phantom)
+
+    p = data.add_parser(
+        "compact",
+        help="compact, lossless copy of an h5 dataset (8-bit value tables), optionally in size-capped parts",
+        description="Write a compact copy of an h5 dataset: an image with at most 256 distinct float32 "
+        "values is stored as uint8 indices into its table of values (bit-exact), larger value sets as "
+        "lossless float32; compressed; labels uint8; case lists copied. Restartable (finished cases are "
+        "skipped). Training, evaluation and reports read the copy like the h5 folder (data.root=DST).",
+    )
+    p.add_argument("--src", required=True, help="h5 dataset folder")
+    p.add_argument("--dst", required=True, help="destination folder")
+    p.add_argument(
+        "--codec", choices=["zlib", "lzma"], default="zlib", help="zlib (default, fast loads) or lzma (smaller)"
+    )
+    p.add_argument(
+        "--max-part-mib",
+        type=float,
+        help="also write DST/part1, part2 ... each at most this many MiB (self-contained; crln data merge joins them)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress line per case (bad cases are still reported)")
+    p.set_defaults(func=_cmd_compact)
+
+    p = data.add_parser(
+        "merge",
+        help="merge compact folders (e.g. parts) into one",
+        description="Merge compact folders written by crln data compact (e.g. DST/part1, DST/part2) into "
+        "one folder; cases already there are kept, the case lists must agree.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="compact folders")
+    p.add_argument("--dst", required=True, help="destination folder (created, or extended when it is one already)")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser(
         "bench",
@@ -346,11 +522,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CrlnError as err:
-        print(f"crln: error: {err}", file=sys.stderr)
+        # One line whatever the message holds (e.g. a multi-line reason from a library).
+        print(f"crln: error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("crln: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Leave the torchrun process group that train / evaluate joined (only loaded when one was needed).
+        distributed = sys.modules.get("crln.engine.distributed")
+        if distributed is not None:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from crln.errors import CrlnError
 
 __all__ = [
     "DataConfig",
+    "DistributedConfig",
     "EvalConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -50,6 +51,7 @@ class DataConfig:
     root: str = ""  # dataset root folder (relative paths are relative to the working directory)
     train_split: str = "train"  # case list of the training pool (train.list / train.txt / imagesTr)
     test_split: str = "test"  # case list reported by `crln evaluate`
+    val_split: str = ""  # case list that validates (BraTS19's val.txt); "" = the last data.validation training cases
     labeled: int = 8  # the first N cases of the training list are labelled (field convention)
     validation: int = 0  # the last N training cases are held out for checkpoint selection
     num_classes: int = 2
@@ -67,7 +69,7 @@ class DataConfig:
 class ModelConfig:
     """Network architecture."""
 
-    name: str = "vnet"
+    name: str = "vnet"  # {"vnet", "unet3d"} (crln.models.MODELS)
     in_channels: int = 1
     n_filters: int = 16
     normalization: str = "batchnorm"
@@ -124,6 +126,18 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training under ``torchrun`` (ignored in a single process; docs/distributed.md).
+
+    The batch sizes of ``data`` are per process: N processes train on a global batch N times larger.
+    """
+
+    backend: str = "auto"  # {"auto", "nccl", "gloo"}; auto = nccl on CUDA, gloo on CPU
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (torch SyncBatchNorm, CUDA only)
+    timeout_minutes: float = 30.0  # how long a collective waits for a slow or dead process
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs; saved resolved as ``config.yaml`` in the run folder."""
 
@@ -134,6 +148,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -228,7 +243,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 def validate_config(config: RunConfig) -> None:
     """Range checks that span fields; raises :class:`CrlnError` naming the key."""
-    from crln.models import DOWNSAMPLING_FACTOR
+    from crln.models import DOWNSAMPLING_FACTOR, MODELS, NORMALIZATIONS
 
     d = config.data
     if d.format not in ("h5", "nifti"):
@@ -236,7 +251,12 @@ def validate_config(config: RunConfig) -> None:
     if any(s < DOWNSAMPLING_FACTOR or s % DOWNSAMPLING_FACTOR for s in d.patch_size):
         raise CrlnError(
             f"config key data.patch_size: every side must be a positive multiple of {DOWNSAMPLING_FACTOR} "
-            f"(VNet down-samples four times), got {list(d.patch_size)}; e.g. 64x64x48 at 0.5 scale"
+            f"(the networks down-sample four times), got {list(d.patch_size)}; e.g. 64x64x48 at 0.5 scale"
+        )
+    if d.val_split and d.validation:
+        raise CrlnError(
+            f"config keys data.val_split ({d.val_split!r}) and data.validation ({d.validation}): expected only one "
+            "source of validation cases; set data.validation=0 to validate on the list"
         )
     checks = [
         ("data.num_classes", d.num_classes >= 2, "an integer >= 2"),
@@ -255,10 +275,18 @@ def validate_config(config: RunConfig) -> None:
         ("train.val_every", config.train.val_every >= 0, "an integer >= 0"),
         ("train.amp", config.train.amp in ("auto", "none", "bf16", "fp16"), "one of auto, none, bf16, fp16"),
         ("train.channels_last", config.train.channels_last in ("auto", "on", "off"), "one of auto, on, off"),
+        ("distributed.backend", config.distributed.backend in ("auto", "nccl", "gloo"), "one of auto, nccl, gloo"),
+        ("distributed.timeout_minutes", config.distributed.timeout_minutes > 0, "a number > 0"),
         ("eval.checkpoint", config.eval.checkpoint in ("final", "best", "latest"), "one of final, best, latest"),
         ("eval.sw_batch_size", config.eval.sw_batch_size >= 1, "an integer >= 1"),
         ("eval.stride", all(s >= 1 for s in config.eval.stride), "three integers >= 1"),
-        ("model.name", config.model.name == "vnet", "'vnet'"),
+        (
+            "eval.stride",
+            all(s <= p for s, p in zip(config.eval.stride, d.patch_size, strict=True)),
+            f"at most data.patch_size {list(d.patch_size)} per axis (a larger step leaves voxels unpredicted)",
+        ),
+        ("model.name", config.model.name in MODELS, f"one of {', '.join(sorted(MODELS))}"),
+        ("model.normalization", config.model.normalization in NORMALIZATIONS, f"one of {', '.join(NORMALIZATIONS)}"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,24 @@ from crln.config import RunConfig
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
 from crln.data.validate import validate_case
+from crln.engine import distributed
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance, resolve_device
 from crln.engine.run_folder import RunFolder
 from crln.engine.trainer import method_from_checkpoint
 from crln.errors import CrlnError
-from crln.inference import entropy_map, predict_case
+from crln.inference import entropy_map, optimize_for_inference, predict_case
 from crln.metrics import case_metrics, summarize
 
-__all__ = ["EvalResult", "eval_dir_name", "evaluate", "format_summary_table", "load_network", "predict_files"]
+__all__ = [
+    "EvalResult",
+    "eval_dir_name",
+    "evaluate",
+    "format_summary_table",
+    "load_network",
+    "per_class_metric_names",
+    "predict_files",
+]
 
 METRICS = ("dice", "jaccard", "asd", "hd95")
 
@@ -54,11 +64,28 @@ def _resolve_checkpoint(target: str | Path, which: str | None) -> tuple[Path, Pa
 
 
 def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.Module, RunConfig, dict]:
-    """The inference network of a checkpoint, in eval mode on ``device``, with its config."""
+    """The inference network of a checkpoint, in eval mode on ``device`` and prepared by
+    :func:`crln.inference.optimize_for_inference` (forward-only), with its config."""
     state = load_checkpoint(checkpoint_path, map_location="cpu")
-    method, config = method_from_checkpoint(state)
-    network = method.inference_network().to(device).eval()
+    try:
+        method, config = method_from_checkpoint(state)
+    except CrlnError as err:  # a bad config or mismatched weights inside: name the file
+        raise CrlnError(f"checkpoint {checkpoint_path}: {err}") from err
+    network = optimize_for_inference(method.inference_network().to(device).eval(), device)
     return network, config, {"step": state["step"], "method": state["method"]}
+
+
+def _check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:
+    """Refuse a case the network of ``config`` cannot segment: non-finite voxels, a rank or channel
+    count other than ``(H, W, D)`` / ``(model.in_channels, H, W, D)``, labels outside the classes."""
+    channels = config.model.in_channels
+    validate_case(case, num_classes=config.data.num_classes, require_label=require_label, allow_channels=channels > 1)
+    found = 1 if case.image.ndim == 3 else case.image.shape[0]
+    if found != channels:
+        raise CrlnError(
+            f"{case.source or case.case_id}: image has {found} channel(s), expected model.in_channels = {channels} "
+            "of the checkpoint's network"
+        )
 
 
 def _predict(
@@ -128,7 +155,9 @@ def evaluate(
         CrlnError: missing checkpoint, data folder or cases.
     """
     ckpt_path, run_dir = _resolve_checkpoint(target, checkpoint)
-    dev = resolve_device(device)
+    # Under torchrun (crln train --evaluate, or torchrun -m crln evaluate) each process scores a share of the cases.
+    dev = distributed.process_device(device)
+    distributed.init_from_env(dev)
     network, config, info = load_network(ckpt_path, dev)
     perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
     if perf.channels_last:
@@ -142,12 +171,11 @@ def evaluate(
     if not ids:
         raise CrlnError(f"case list {split_name!r} in {root} is empty")
 
-    per_case: list[dict[str, Any]] = []
-    spacings: list[tuple[float, float, float]] = []
-    for index, case_id in enumerate(ids):
+    scored: list[tuple[int, tuple[dict[str, Any], tuple[float, ...]]]] = []
+    for index, case_id in distributed.shard(ids):
         (case,) = dataset.load_many([case_id], with_label=True)
-        validate_case(case, num_classes=config.data.num_classes, require_label=True)
-        spacings.append(tuple(float(v) for v in case.spacing))
+        _check_input(case, config, require_label=True)
+        spacing = tuple(float(v) for v in case.spacing)
         start = time.perf_counter()
         pred, _ = _predict(network, case.image, config, perf, stride, lcc)
         seconds = time.perf_counter() - start
@@ -156,11 +184,14 @@ def evaluate(
             **case_metrics(pred, case.label, num_classes=config.data.num_classes, spacing=case.spacing),
             "seconds": seconds,
         }
-        per_case.append(row)
+        scored.append((index, (row, spacing)))
         if progress:
             shown = "  ".join(f"{k}={row[k]:.4f}" for k in METRICS if k in row)
             print(f"[{index + 1}/{len(ids)}] {case_id}  {shown}  ({seconds:.1f} s)", flush=True)
 
+    gathered = distributed.gather_shards(scored)  # every process's rows, in case-list order
+    per_case = [row for row, _ in gathered]
+    spacings = [spacing for _, spacing in gathered]
     metric_rows = [{k: v for k, v in r.items() if k not in ("case", "seconds")} for r in per_case]
     summary = {
         "metrics": summarize(metric_rows, n_resamples=config.eval.bootstrap_resamples, seed=0),
@@ -178,13 +209,17 @@ def evaluate(
         "seconds_per_case": float(np.mean([r["seconds"] for r in per_case])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if distributed.get_world_size() > 1:
+        summary["processes"] = distributed.get_world_size()  # seconds_per_case is then per process
     if out_dir is None:
         base = Path(run_dir) if run_dir is not None else ckpt_path.parent
         which = ckpt_path.stem.replace("checkpoint_", "")
         out_dir = base / eval_dir_name(split_name, which, lcc, default_split=config.data.test_split)
     out_dir = Path(out_dir)
-    _write_per_case(out_dir / "per_case.csv", per_case)
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    if distributed.is_main_process():
+        _write_per_case(out_dir / "per_case.csv", per_case)
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    distributed.barrier()  # the files exist for every process once evaluate() returns
     return EvalResult(summary=summary, per_case=per_case, out_dir=out_dir)
 
 
@@ -206,18 +241,31 @@ def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def per_class_metric_names(names: Iterable[str]) -> list[str]:
+    """The per-class metric names among ``names`` (``dice_1``, ``jaccard_1``, ..., ``hd95_2``, ...),
+    grouped by class in :data:`METRICS` order; empty for a binary task."""
+    present = set(names)
+    split = [name.rpartition("_") for name in present]
+    classes = sorted({int(suffix) for base, _, suffix in split if base in METRICS and suffix.isdigit()})
+    return [f"{m}_{c}" for c in classes for m in METRICS if f"{m}_{c}" in present]
+
+
 def format_summary_table(summary: dict[str, Any], title: str = "") -> str:
-    """A Markdown table of the summary: metric, mean ± std (bootstrap) and the plain mean ± std."""
+    """A Markdown table of the summary: metric, mean ± std (bootstrap) and the plain mean ± std.
+
+    With more than one foreground class the plain names are the means over the classes, followed by
+    one row per class and metric (``dice_1``, ...).
+    """
     lines = [
         f"### {title}" if title else "",
         "| metric | bootstrap mean ± std | mean ± std (cases) | n |",
         "|---|---|---|---|",
     ]
-    for name in METRICS:
+    for name in (*METRICS, *per_class_metric_names(summary["metrics"])):
         stats = summary["metrics"].get(name)
         if stats is None:
             continue
-        scale = 100.0 if name in ("dice", "jaccard") else 1.0
+        scale = 100.0 if name.split("_")[0] in ("dice", "jaccard") else 1.0
         unit = "%" if scale == 100.0 else f" {summary.get('distance_unit', 'voxels')}"
         undefined = f" ({stats['n_undefined']} undefined)" if stats.get("n_undefined") else ""
         lines.append(
@@ -277,13 +325,22 @@ def predict_files(
     network, config, _ = load_network(ckpt_path, dev)
     perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
     paths = [Path(p) for p in inputs]
+    first_with_id: dict[str, Path] = {}
     for path in paths:
         if not path.is_file():
             raise CrlnError(f"input {path}: no such file")
+        case_id = _case_id_from_path(path)
+        if case_id in first_with_id:
+            raise CrlnError(
+                f"input {path}: its output {case_id}_seg.nii.gz would overwrite that of {first_with_id[case_id]}; "
+                "expected inputs with distinct case names"
+            )
+        first_with_id[case_id] = path
     out = Path(out_dir)
     written = []
     for path in paths:
         case = _read_input(path)
+        _check_input(case, config, require_label=False)
         case_id = _case_id_from_path(path)
         start = time.perf_counter()
         pred, probs = _predict(network, case.image, config, perf, config.eval.stride, largest_component)

@@ -9,31 +9,43 @@ The field (UA-MT / MC-Net ``test_single_case``) predicts a volume as follows, pe
 3. softmax each tile's logits, add the tiles' probabilities and divide by the count map;
 4. crop the padding off.
 
-:func:`sliding_window_predict` reproduces this with :func:`monai.inferers.sliding_window_inference`
-(batched tiles). MONAI pads the same way (``diff // 2`` before), and with ``mode="constant"`` its
-count map is the field's. Its windows: the interval is ``int(patch * (1 - overlap))`` (``patch``
-when the axis equals the patch), the number of windows is ``first d with d * interval + patch >= size``
-plus one, i.e. ``ceil((size - patch) / interval) + 1``, and the starts ``d * interval`` are clamped to
-``size - patch``: the field's positions whenever ``interval == stride <= patch``. The overlap is chosen
-as ``1 - (stride + 0.5) / patch`` so that the floating-point product lands half a voxel above
-``stride`` and ``int`` truncates it to exactly ``stride`` (``1 - stride / patch`` can give
-``stride - 1``); see :func:`monai_overlap`. The field's default strides are ``(18, 18, 4)`` on LA
-and ``(16, 16, 16)`` elsewhere (config values).
+:func:`sliding_window_predict` runs exactly these steps, in the field's window order (x outer, z
+inner), with batches of ``sw_batch_size`` windows per forward pass. The count map is never stored:
+the windows form a grid, so the number covering voxel ``(x, y, z)`` is ``n_x(x) * n_y(y) * n_z(z)``,
+the product of the per-axis window counts, and the sum is divided by it one x-row at a time. Only the
+``(C, H, W, D)`` float32 sum, one batch of windows and the network's activations are ever held. It
+replaced MONAI's ``sliding_window_inference``, which stores a float32 count map as large as the volume
+and spends more time per window (``benchmarks/RESULTS.md``). The field's default strides are
+``(18, 18, 4)`` on LA and ``(16, 16, 16)`` elsewhere (config values).
+
+:func:`optimize_for_inference` makes a network faster for this on CPU (BatchNorm folded,
+``channels_last_3d``), and :func:`predict_case` takes the argmax into a uint8 map in row blocks, so
+that no int64 map of the whole volume is ever made.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from crln.errors import CrlnError
 from crln.metrics import keep_largest_component
 
-__all__ = ["entropy_map", "monai_overlap", "predict_case", "sliding_window_predict"]
+__all__ = ["entropy_map", "optimize_for_inference", "predict_case", "sliding_window_predict", "window_starts"]
+
+#: Rows (first spatial axis) per block when dividing by the window count and taking the argmax:
+#: bounds the temporaries to a few rows of the volume.
+_ROWS_PER_BLOCK = 16
 
 
 def _triple(name: str, value: Sequence[int] | int) -> tuple[int, int, int]:
@@ -44,28 +56,74 @@ def _triple(name: str, value: Sequence[int] | int) -> tuple[int, int, int]:
     return int(values[0]), int(values[1]), int(values[2])
 
 
-def monai_overlap(patch_size: Sequence[int], stride: Sequence[int]) -> tuple[float, ...]:
-    """Per-axis MONAI ``overlap`` whose scan interval ``int(patch * (1 - overlap))`` is exactly ``stride``.
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """The field's window starts along one axis of ``size >= patch`` voxels (after padding).
 
     Args:
-        patch_size: window size per axis.
-        stride: wanted step per axis, ``1 <= stride <= patch``.
+        size: axis length, at least ``patch``.
+        patch: window length.
+        stride: step, ``1 <= stride <= patch``.
 
     Returns:
-        One overlap in ``[0, 1)`` per axis.
+        ``[min(stride * i, size - patch) for i in range(ceil((size - patch) / stride) + 1)]``.
+    """
+    count = math.ceil((size - patch) / stride) + 1
+    return [min(stride * i, size - patch) for i in range(count)]
+
+
+def _fold_batchnorm(sequence: nn.Sequential) -> int:
+    """Fold each eval-mode BatchNorm that directly follows a convolution in ``sequence`` into it.
+
+    The pair is replaced, in place, by the folded convolution and an ``Identity``; returns the number folded.
+    """
+    folded = 0
+    for index in range(len(sequence) - 1):
+        conv, norm = sequence[index], sequence[index + 1]
+        if not (isinstance(conv, _ConvNd) and isinstance(norm, _BatchNorm)) or norm.running_mean is None:
+            continue  # not a conv-BN pair, or BN without running statistics (it normalises by the batch)
+        transpose = isinstance(conv, _ConvTransposeNd)
+        if transpose and conv.groups != 1:
+            continue  # fuse_conv_bn_eval scales a transposed weight per output channel only for groups == 1
+        sequence[index] = fuse_conv_bn_eval(conv, norm, transpose=transpose)
+        sequence[index + 1] = nn.Identity()
+        folded += 1
+    return folded
+
+
+def optimize_for_inference(network: nn.Module, device: torch.device | str) -> nn.Module:
+    """A forward-only copy of an eval-mode network, made faster for sliding-window inference on ``device``.
+
+    On CPU (measured in ``benchmarks/bench_inference.py``, see ``benchmarks/RESULTS.md``): every
+    BatchNorm that directly follows a convolution inside an ``nn.Sequential`` is folded into that
+    convolution's weight and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``), which removes a full
+    pass over each feature map, and the weights are put in ``channels_last_3d``, the layout in which
+    oneDNN's 3D convolutions run fastest (their outputs follow the weights' layout). The logits equal
+    the original network's up to float rounding (about 1e-6). Other devices get ``network`` itself:
+    their memory format and precision are set by :class:`crln.engine.device.Performance`, and these
+    changes are only measured on CPU.
+
+    The copy shares nothing with ``network``, so training it or loading weights into it is
+    meaningless; make a new copy after the weights change.
+
+    Args:
+        network: a module in eval mode mapping ``(B, C_in, h, w, d)`` windows to ``(B, C, h, w, d)`` logits.
+        device: where the returned network will run (it must already be there).
+
+    Returns:
+        The optimised copy on CPU, else ``network`` unchanged.
 
     Raises:
-        CrlnError: a stride is not in ``[1, patch]`` (a larger stride would leave voxels unpredicted).
+        ValueError: ``network`` is in training mode (BatchNorm would then use batch statistics).
     """
-    overlaps = []
-    for p, s in zip(patch_size, stride, strict=True):
-        if not 1 <= s <= p:
-            raise CrlnError(
-                f"sliding window: stride {tuple(stride)} must be between 1 and the patch {tuple(patch_size)}"
-            )
-        # Half a voxel of headroom: int() of (s + 0.5) * (1 ± eps) is s; s == p needs overlap 0.
-        overlaps.append(0.0 if s == p else 1.0 - (s + 0.5) / p)
-    return tuple(overlaps)
+    if network.training:
+        raise ValueError("optimize_for_inference: the network is in training mode; call .eval() first")
+    if torch.device(device).type != "cpu":
+        return network
+    optimized = copy.deepcopy(network)
+    for module in list(optimized.modules()):
+        if isinstance(module, nn.Sequential):
+            _fold_batchnorm(module)
+    return optimized.to(memory_format=torch.channels_last_3d)
 
 
 def _resolve_device(model: Callable[[Tensor], Tensor], device: torch.device | str | None) -> torch.device:
@@ -92,10 +150,11 @@ def sliding_window_predict(
 ) -> Tensor:
     """Softmax probabilities of a whole volume by overlapping windows (the field's protocol).
 
-    The model is called as is (put it in eval mode first) under ``torch.inference_mode()``, on
-    batches of up to ``sw_batch_size`` windows moved to ``device``; each window's logits are
-    turned into float32 softmax probabilities before averaging. The averaged volume lives on
-    ``output_device``, so device memory holds only one batch of windows.
+    The model is called as is (put it in eval mode first, or pass :func:`optimize_for_inference`'s
+    copy) under ``torch.inference_mode()``, on batches of up to ``sw_batch_size`` windows moved to
+    ``device``; each window's logits are turned into float32 softmax probabilities before averaging.
+    The averaged volume lives on ``output_device``; besides it and the input, memory holds only one
+    batch of windows (on ``device``) and the model's activations.
 
     Args:
         model: maps ``(B, C_in, h, w, d)`` windows to logits ``(B, num_classes, h, w, d)``.
@@ -118,20 +177,29 @@ def sliding_window_predict(
     """
     patch = _triple("patch_size", patch_size)
     step = _triple("stride", stride)
-    overlap = monai_overlap(patch, step)
+    if any(s > p for s, p in zip(step, patch)):
+        raise CrlnError(f"sliding window: stride {step} must be between 1 and the patch {patch}")
     if sw_batch_size < 1:
         raise CrlnError(f"sliding window: sw_batch_size is {sw_batch_size}, expected at least 1")
-    if isinstance(image, np.ndarray) and not image.flags.writeable:
-        image = image.copy()  # torch warns on read-only arrays (e.g. from a cache); we never write it
-    volume = torch.as_tensor(image)
+    # A numpy volume stays numpy (read-only cache arrays included): only the windows are copied and cast.
+    volume = image if isinstance(image, Tensor) else np.asarray(image)
     if volume.ndim == 3:
         volume = volume[None]
     if volume.ndim != 4:
         raise CrlnError(f"sliding window: image shape {tuple(volume.shape)}, expected (H, W, D) or (C, H, W, D)")
     compute_device = _resolve_device(model, device)
     out_device = torch.device(output_device) if output_device is not None else torch.device("cpu")
-    # The input stays where it is (usually CPU); MONAI moves one batch of windows at a time.
-    volume = volume.to(dtype=torch.float32)[None]
+    spatial = tuple(int(n) for n in volume.shape[1:])
+    pads = [(max(p - n, 0) // 2, max(p - n, 0) - max(p - n, 0) // 2) for n, p in zip(spatial, patch)]
+    if any(before or after for before, after in pads):
+        # The field's zero padding of the axes shorter than the patch.
+        if isinstance(volume, Tensor):
+            volume = F.pad(volume, [width for pair in reversed(pads) for width in pair])
+        else:
+            volume = np.pad(volume, [(0, 0), *pads])
+    padded = tuple(int(n) for n in volume.shape[1:])
+    starts = [window_starts(n, p, s) for n, p, s in zip(padded, patch, step)]
+    corners = list(itertools.product(*starts))  # the field's order: x outer, z inner
 
     def predictor(windows: Tensor) -> Tensor:
         if amp_dtype is not None:
@@ -149,20 +217,49 @@ def sliding_window_predict(
         # Softmax per window, in float32, before averaging (the field averages probabilities).
         return torch.softmax(logits.float(), dim=1)
 
+    total = torch.zeros((num_classes, *padded), dtype=torch.float32, device=out_device)
     with torch.inference_mode():
-        probs = sliding_window_inference(
-            volume,
-            roi_size=patch,
-            sw_batch_size=sw_batch_size,
-            predictor=predictor,
-            overlap=overlap,
-            mode="constant",
-            padding_mode="constant",
-            cval=0.0,
-            sw_device=compute_device,
-            device=out_device,
-        )
-    return torch.as_tensor(probs)[0].to(dtype=torch.float32)
+        for first in range(0, len(corners), sw_batch_size):
+            group = corners[first : first + sw_batch_size]
+            probs = predictor(_gather_windows(volume, group, patch).to(compute_device)).to(out_device)
+            for corner, window_probs in zip(group, probs):
+                total[(slice(None), *_window(corner, patch))] += window_probs
+        _divide_by_window_count(total, starts, patch)
+    if padded == spatial:
+        return total
+    return total[(slice(None), *(slice(before, before + n) for (before, _), n in zip(pads, spatial)))].contiguous()
+
+
+def _window(corner: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:
+    """The spatial slices of the window starting at ``corner``."""
+    return tuple(slice(start, start + size) for start, size in zip(corner, patch))
+
+
+def _gather_windows(volume: np.ndarray | Tensor, corners: Sequence[Sequence[int]], patch: Sequence[int]) -> Tensor:
+    """The windows at ``corners`` of a ``(C_in, H, W, D)`` volume as one ``(B, C_in, h, w, d)`` float32 batch."""
+    pieces = [volume[(slice(None), *_window(corner, patch))] for corner in corners]
+    if isinstance(volume, Tensor):
+        return torch.stack(pieces).to(dtype=torch.float32)
+    return torch.from_numpy(np.stack(pieces).astype(np.float32, copy=False))
+
+
+def _divide_by_window_count(total: Tensor, starts: Sequence[Sequence[int]], patch: Sequence[int]) -> None:
+    """Divide the ``(C, H, W, D)`` sum of window probabilities, in place, by the number of windows per voxel.
+
+    The windows form a grid, so that number is ``n_x(x) * n_y(y) * n_z(z)`` (windows covering each
+    coordinate along each axis); it is formed exactly in float32, a few rows at a time, and never
+    stored for the whole volume.
+    """
+    per_axis = []
+    for size, window, axis_starts in zip(total.shape[1:], patch, starts):
+        count = torch.zeros(size, dtype=torch.float32, device=total.device)
+        for start in axis_starts:
+            count[start : start + window] += 1
+        per_axis.append(count)
+    count_x, count_yz = per_axis[0], per_axis[1][:, None] * per_axis[2][None, :]
+    for row in range(0, total.shape[1], _ROWS_PER_BLOCK):
+        block = slice(row, row + _ROWS_PER_BLOCK)
+        total[:, block] /= count_x[block, None, None] * count_yz
 
 
 def entropy_map(probs: Tensor | np.ndarray) -> Tensor:
@@ -223,7 +320,9 @@ def predict_case(
         device=device,
         amp_dtype=amp_dtype,
     )
-    label = probs.argmax(0).numpy().astype(np.uint8)
+    label = np.empty(tuple(probs.shape[1:]), dtype=np.uint8)
+    for row in range(0, label.shape[0], _ROWS_PER_BLOCK):  # no int64 argmax of the whole volume at once
+        label[row : row + _ROWS_PER_BLOCK] = probs[:, row : row + _ROWS_PER_BLOCK].argmax(0).numpy()
     if largest_component:
         kept = np.zeros_like(label)
         for c in range(1, num_classes):

@@ -1,8 +1,9 @@
-"""Data: readers (h5, NIfTI), validation, phantoms, splits, transforms and the two-stream loader."""
+"""Data: readers (h5, NIfTI, compact cache), validation, phantoms, splits, transforms and the two-stream loader."""
 
 from __future__ import annotations
 
 from crln.data.case import Case
+from crln.data.compact import CompactDataset, compact_h5_dataset, merge_compact
 from crln.data.h5 import H5Dataset, clear_h5_cache, locate_case, read_case_list, read_h5_case, write_h5_case
 from crln.data.loader import Batch, PatchDataset, TwoStreamBatchSampler, collate_two_stream, make_train_loader
 from crln.data.nifti import NiftiDataset, read_nifti_volume, write_nifti
@@ -16,6 +17,7 @@ __all__ = [
     "AugmentConfig",
     "Batch",
     "Case",
+    "CompactDataset",
     "H5Dataset",
     "NiftiDataset",
     "PatchDataset",
@@ -23,10 +25,12 @@ __all__ = [
     "TwoStreamBatchSampler",
     "clear_h5_cache",
     "collate_two_stream",
+    "compact_h5_dataset",
     "gaussian_noise",
     "locate_case",
     "make_phantom",
     "make_train_loader",
+    "merge_compact",
     "pad_to_size",
     "prepare_h5_dataset",
     "random_crop",

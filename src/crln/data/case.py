@@ -20,6 +20,7 @@ class Case:
         spacing: voxel size in mm along (H, W, D); ``(1, 1, 1)`` when the format has none (h5).
         affine: ``(4, 4)`` voxel-to-world matrix (NIfTI convention); identity scaled by spacing for h5.
         source: path the case was read from, for error messages and provenance.
+        label_source: path the label was read from when it is another file (NIfTI), else ``""``.
     """
 
     case_id: str
@@ -28,6 +29,7 @@ class Case:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     source: str = ""
+    label_source: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -53,6 +53,11 @@ def _open_h5(path: Path) -> h5py.File:
         raise CrlnError(f"{path}: file not found, expected an h5 case file")
     if path.stat().st_size == 0:
         raise CrlnError(f"{path}: file is empty (0 bytes), expected an HDF5 file")
+    try:  # h5py would report a permission problem as a corrupt file
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise CrlnError(f"{path}: cannot read ({exc.strerror}), expected a readable h5 case file") from None
     try:
         if not h5py.is_hdf5(path):
             raise CrlnError(f"{path}: not an HDF5 file (no HDF5 signature), expected an h5 case file")
@@ -80,6 +85,8 @@ def _read_dataset(f: h5py.File, key: str, path: Path) -> np.ndarray:
 def _label_to_uint8(label: np.ndarray, path: Path) -> np.ndarray:
     if label.dtype == np.uint8:
         return label
+    if label.dtype != bool and not (np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.floating)):
+        raise CrlnError(f"{path}: key 'label' has dtype {label.dtype}, expected integer class indices")
     if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
         raise CrlnError(f"{path}: key 'label' holds non-integer values, expected integer class indices")
     if label.size and (label.min() < 0 or label.max() > 255):
@@ -121,8 +128,9 @@ def read_h5_case(
     if not ok_ndim:
         expected = "3D (H, W, D) or 4D (C, H, W, D)" if allow_channels else "3D (H, W, D)"
         raise CrlnError(f"{path}: key 'image' has shape {image.shape} ({image.ndim}D), expected {expected}")
-    if not np.issubdtype(image.dtype, np.number):
-        raise CrlnError(f"{path}: key 'image' has dtype {image.dtype}, expected a numeric array")
+    # complex numbers are numeric too, but casting them to float32 would silently drop a part
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise CrlnError(f"{path}: key 'image' has dtype {image.dtype}, expected a real numeric array")
     image = image.astype(np.float32, copy=False)
     if label is not None:
         if label.ndim != 3:

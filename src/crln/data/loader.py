@@ -4,6 +4,9 @@ Every random choice is a pure function of ``(seed, step, slot)`` or ``(seed, str
 run resumed at step k sees exactly the batches of a straight run, whatever the number of workers:
 
 - :class:`TwoStreamBatchSampler` yields, for each step, keys ``(step, slot, case_index, is_labeled)``;
+  with several processes (``torchrun``), process ``rank`` gets its disjoint share of the global
+  batch, with the global slots, so N processes see exactly the patches one process would see with
+  an N times larger batch;
 - :class:`PatchDataset` turns one key into one augmented patch, drawing from
   ``np.random.default_rng([seed, step, slot])``;
 - :func:`collate_two_stream` stacks the patches into a :class:`Batch`.
@@ -135,6 +138,12 @@ class TwoStreamBatchSampler(Sampler[list[Key]]):
     Slots ``0 .. Bl-1`` are labelled, ``Bl .. Bl+Bu-1`` unlabelled. Each stream walks a fresh
     permutation of its own set per epoch (a pure function of ``(seed, epoch)``), so the batch of step s
     does not depend on ``start_step``. ``unlabeled_batch_size = 0`` gives a supervised sampler.
+
+    Data parallel: the batch sizes are per process. With ``world_size`` N the streams draw global
+    batches of ``N·Bl`` and ``N·Bu`` cases, and process ``rank`` keeps labelled slots
+    ``rank·Bl .. (rank+1)·Bl-1`` and unlabelled slots ``N·Bl + rank·Bu ..``: disjoint shares, a pure
+    function of ``(seed, step, rank, N)``, whose union is the batch of one process with the global
+    batch sizes (same cases, same slots, hence the same augmentation).
     """
 
     def __init__(
@@ -146,9 +155,13 @@ class TwoStreamBatchSampler(Sampler[list[Key]]):
         seed: int,
         start_step: int = 0,
         num_steps: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if num_steps is None:
             raise ValueError("num_steps is required")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise CrlnError(f"rank = {rank}, world_size = {world_size}: expected 0 <= rank < world_size")
         if labeled_batch_size < 1:
             raise CrlnError(f"labeled_batch_size = {labeled_batch_size}, expected at least 1")
         if unlabeled_batch_size < 0:
@@ -164,19 +177,26 @@ class TwoStreamBatchSampler(Sampler[list[Key]]):
         self.seed = int(seed)
         self.start_step = int(start_step)
         self.num_steps = int(num_steps)
-        self._labeled = _EpochStream(labeled_indices, labeled_batch_size, self.seed, _LABELED_STREAM)
-        self._unlabeled = _EpochStream(unlabeled_indices, unlabeled_batch_size, self.seed, _UNLABELED_STREAM)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        global_labeled, global_unlabeled = labeled_batch_size * world_size, unlabeled_batch_size * world_size
+        self._labeled = _EpochStream(labeled_indices, global_labeled, self.seed, _LABELED_STREAM)
+        self._unlabeled = _EpochStream(unlabeled_indices, global_unlabeled, self.seed, _UNLABELED_STREAM)
 
     @property
     def steps_per_epoch(self) -> int:
-        """Labelled batches per labelled epoch."""
+        """Labelled (global) batches per labelled epoch."""
         return self._labeled.per_epoch
 
     def keys(self, step: int) -> list[Key]:
-        """The keys of one step (a pure function of the step)."""
-        out: list[Key] = [(step, j, i, True) for j, i in enumerate(self._labeled.batch(step))]
-        off = self.labeled_batch_size
-        out += [(step, off + j, i, False) for j, i in enumerate(self._unlabeled.batch(step))]
+        """This process's keys of one step (a pure function of the step, the rank and the world size)."""
+        bl, bu = self.labeled_batch_size, self.unlabeled_batch_size
+        lab_start, unl_start = self.rank * bl, self.rank * bu
+        labeled = self._labeled.batch(step)[lab_start : lab_start + bl]
+        unlabeled = self._unlabeled.batch(step)[unl_start : unl_start + bu]
+        out: list[Key] = [(step, lab_start + j, i, True) for j, i in enumerate(labeled)]
+        off = bl * self.world_size + unl_start  # unlabelled slots follow the whole global labelled batch
+        out += [(step, off + j, i, False) for j, i in enumerate(unlabeled)]
         return out
 
     def __iter__(self) -> Iterator[list[Key]]:
@@ -278,10 +298,14 @@ def make_train_loader(
     num_steps: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A loader yielding ``num_steps - start_step`` :class:`Batch` es, identical for any ``num_workers``.
 
     Case indices are ``0 .. Nl-1`` for ``labeled_cases`` then ``Nl .. Nl+Nu-1`` for ``unlabeled_cases``.
+    The batch sizes are per process; ``rank`` / ``world_size`` select this process's share of the
+    global batch (see :class:`TwoStreamBatchSampler`).
     """
     cases = list(labeled_cases) + list(unlabeled_cases)
     n_lab = len(labeled_cases)
@@ -293,6 +317,8 @@ def make_train_loader(
         seed,
         start_step=start_step,
         num_steps=num_steps,
+        rank=rank,
+        world_size=world_size,
     )
     dataset = PatchDataset(cases, patch_size, augment, seed)
     return DataLoader(

@@ -254,7 +254,7 @@ class NiftiDataset:
                     raise CrlnError(f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}")
             chans.append(img)
         image = chans[0] if len(chans) == 1 else np.stack(chans)
-        label = None
+        label, label_source = None, ""
         lpath = self.label_path(case_id)
         if with_label and (lpath.is_file() or self._split_of(case_id) == "train"):
             ldata, laff, _ = _load_nifti(lpath)
@@ -264,8 +264,17 @@ class NiftiDataset:
                     f"{lpath}: label shape {label.shape} differs from image spatial shape {image.shape[-3:]}"
                 )
             _check_affine(affine, laff, paths[0], lpath)
+            label_source = str(lpath)
         spacing = (*zooms, 1.0, 1.0, 1.0)[:3]
-        return Case(case_id=case_id, image=image, label=label, spacing=spacing, affine=affine, source=str(paths[0]))
+        return Case(
+            case_id=case_id,
+            image=image,
+            label=label,
+            spacing=spacing,
+            affine=affine,
+            source=str(paths[0]),
+            label_source=label_source,
+        )
 
     def load_many(self, ids: list[str], with_label: bool = True) -> list[Case]:
         """Load several cases in order."""

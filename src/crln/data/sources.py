@@ -22,10 +22,15 @@ class CaseSource(Protocol):
 def open_dataset_root(root: str | Path, fmt: str = "auto") -> CaseSource:
     """Open ``root`` as an h5 (``*.list`` / ``*.txt`` case lists) or NIfTI (``imagesTr/``) dataset.
 
+    A folder holding ``crln_compact.json`` (written by ``crln data compact``) is the compact copy of an
+    h5 dataset: with ``fmt`` ``"auto"`` or ``"h5"`` it is read by :class:`crln.data.compact.CompactDataset`,
+    so the same config trains on either copy.
+
     Args:
         root: dataset folder.
         fmt: one of {``"auto"``, ``"h5"``, ``"nifti"``}; auto picks NIfTI when ``imagesTr/`` exists.
     """
+    from crln.data.compact import CompactDataset, is_compact_root
     from crln.data.h5 import H5Dataset
     from crln.data.nifti import NiftiDataset
 
@@ -34,6 +39,8 @@ def open_dataset_root(root: str | Path, fmt: str = "auto") -> CaseSource:
         raise CrlnError("config key data.root: no dataset folder given (set data.root=DIR)")
     if not path.is_dir():
         raise CrlnError(f"data root {path}: no such folder (set data.root or --data to a dataset folder)")
+    if fmt in ("auto", "h5") and is_compact_root(path):
+        return CompactDataset(path)
     if fmt == "auto":
         fmt = "nifti" if (path / "imagesTr").is_dir() else "h5"
     if fmt == "nifti":

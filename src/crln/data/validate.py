@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from crln.data.case import Case
 from crln.errors import CrlnError
 
-__all__ = ["validate_case"]
+__all__ = ["MIN_PATCH_COVERAGE", "check_patch_fits", "validate_case"]
+
+#: Along every axis, the largest training volume must fill at least this share of the patch. Volumes
+#: smaller than the patch are zero-padded (the field's rule, e.g. LA at 0.5 scale: 44 slices in a
+#: 48-slice patch), but a patch that is mostly padding on every volume is a configuration mistake.
+MIN_PATCH_COVERAGE = 0.5
 
 
 def _where(case: Case) -> str:
@@ -53,6 +60,7 @@ def validate_case(
             raise CrlnError(f"{where}: label is missing, expected a label for this case")
         return case
     label = np.asarray(case.label)
+    where = case.label_source or where  # label messages name the label's own file when it has one
     spatial = image.shape[-3:]
     if label.shape != spatial:
         raise CrlnError(f"{where}: label shape {label.shape} differs from image spatial shape {spatial}")
@@ -70,3 +78,27 @@ def validate_case(
     if label.dtype != np.uint8:
         case.label = label.astype(np.uint8)
     return case
+
+
+def check_patch_fits(cases: Sequence[Case], patch_size: Sequence[int], key: str = "data.patch_size") -> None:
+    """Refuse a patch that would be mostly zero padding on every case.
+
+    Args:
+        cases: the training cases, images ``(H, W, D)`` or ``(C, H, W, D)``.
+        patch_size: the training patch ``(h, w, d)``.
+        key: the config key named in the error.
+
+    Raises:
+        CrlnError: along some axis even the largest case fills less than :data:`MIN_PATCH_COVERAGE`
+            of the patch.
+    """
+    if not cases:
+        return
+    largest = [max(case.shape[axis] for case in cases) for axis in range(3)]
+    for axis, (size, patch) in enumerate(zip(largest, patch_size, strict=True)):
+        if size < MIN_PATCH_COVERAGE * patch:
+            raise CrlnError(
+                f"config key {key}: {list(patch_size)} is larger than every training volume (largest extent "
+                f"{largest}), so patches would be more than {1 - MIN_PATCH_COVERAGE:.0%} padding along axis {axis}; "
+                "expected a patch at most about the volume size"
+            )

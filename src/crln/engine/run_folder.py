@@ -135,9 +135,18 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        """Append one record (flushed).
+
+        Raises:
+            CrlnError: the log cannot be written (e.g. a full disk); the records before stay intact,
+                and a torn last line is skipped by :func:`read_log`.
+        """
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+        except OSError as err:
+            raise CrlnError(f"cannot write {self.path}: {err.strerror or err}") from err
         if self._tensorboard is not None:
             step = int(record.get("step", 0))
             for key, value in record.items():

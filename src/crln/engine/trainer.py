@@ -7,6 +7,11 @@ backward → gradient clipping → optimiser step → LR schedule → ``method.a
 The loop is resumable exactly: the batches of iteration ``k`` are a pure function of
 ``(seed, k)`` (see :mod:`crln.data.loader`), and the checkpoint holds the method, optimiser,
 grad-scaler and torch RNG states, so ``N`` iterations straight equal ``N/2`` + resume + ``N/2``.
+
+Under ``torchrun`` (:mod:`crln.engine.distributed`, ``docs/distributed.md``) every process runs
+this loop on its share of the global batch: ``method.train_step`` runs inside
+DistributedDataParallel, BatchNorm running statistics are averaged after the optimiser step (before
+the EMA), validation cases are split between the processes, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -28,26 +33,34 @@ from crln.config import RunConfig, build_config, config_to_dict
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
-from crln.data.splits import split_train
+from crln.data.splits import split_train, with_validation_list
 from crln.data.transforms import AugmentConfig
-from crln.data.validate import validate_case
-from crln.engine.checkpoint import load_checkpoint, save_checkpoint
-from crln.engine.device import Performance, resolve_device, seed_everything
+from crln.data.validate import check_patch_fits, validate_case
+from crln.engine import distributed
+from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
+from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
 from crln.engine.schedule import poly_lr_factor
 from crln.errors import CrlnError
 from crln.methods import Method, build_method
-from crln.models import VNet
+from crln.models import build_model
 
 __all__ = ["TrainResult", "build_network_factory", "method_from_checkpoint", "train"]
 
 
 def build_network_factory(config: RunConfig):
-    """A zero-argument callable building the configured segmentation network."""
+    """A zero-argument callable building the configured segmentation network (``model.name``)."""
     m, num_classes = config.model, config.data.num_classes
 
     def factory() -> nn.Module:
-        return VNet(m.in_channels, num_classes, m.n_filters, m.normalization, m.dropout)
+        return build_model(
+            m.name,
+            in_channels=m.in_channels,
+            num_classes=num_classes,
+            n_filters=m.n_filters,
+            normalization=m.normalization,
+            dropout=m.dropout,
+        )
 
     return factory
 
@@ -56,11 +69,7 @@ def method_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Method, RunConfi
     """Rebuild a method (all its networks, weights loaded) and its config from a checkpoint dict."""
     config = build_config(checkpoint["config"])
     method = build_method(config.method, build_network_factory(config), config.data.num_classes)
-    try:
-        method.load_state_dict(checkpoint["method_state"])
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CrlnError(f"checkpoint does not match its config's architecture ({first[:200]})") from err
+    restore_module_state(method, checkpoint["method_state"])
     return method, config
 
 
@@ -72,11 +81,13 @@ class TrainResult:
     steps: int
     seconds: float
     best_metric: float | None
+    method: Method | None = None  # the trained method of this process (identical on every process)
+    complete: bool = True  # False when the time budget stopped the run early (resume it with --resume)
 
 
 def _validate(method: Method, cases: list[Case], config: RunConfig, perf: Performance) -> float:
     """Mean foreground Dice of the inference network on held-out training cases."""
-    from crln.inference import sliding_window_predict
+    from crln.inference import optimize_for_inference, sliding_window_predict
     from crln.metrics import dice
 
     network = method.inference_network()
@@ -84,9 +95,11 @@ def _validate(method: Method, cases: list[Case], config: RunConfig, perf: Perfor
     network.eval()
     scores = []
     try:
-        for case in cases:
+        fast = optimize_for_inference(network, perf.device)  # a forward-only copy (CPU: BN folded, channels-last)
+        # Each process scores its share of the cases; the mean is taken over all of them, in case order.
+        for index, case in distributed.shard(cases):
             probs = sliding_window_predict(
-                lambda x: network(perf.input(x)),
+                lambda x: fast(perf.input(x)),
                 case.image,
                 patch_size=config.data.patch_size,
                 stride=config.eval.stride,
@@ -97,10 +110,10 @@ def _validate(method: Method, cases: list[Case], config: RunConfig, perf: Perfor
             )
             pred = probs.argmax(0).numpy()
             per_class = [dice(pred == c, case.label == c) for c in range(1, config.data.num_classes)]
-            scores.append(float(np.mean(per_class)))
+            scores.append((index, float(np.mean(per_class))))
     finally:
         network.train(was_training)
-    return float(np.mean(scores))
+    return float(np.mean(distributed.gather_shards(scores)))
 
 
 class _StopRequest:
@@ -134,6 +147,8 @@ _RESUMABLE_CHANGES = {
     "train.val_every",
     "train.checkpoint_every",
     "train.output_dir",
+    "distributed.backend",
+    "distributed.timeout_minutes",
     "data.num_workers",
     "data.pin_memory",
     "data.root",
@@ -175,16 +190,66 @@ def _load_unlabeled(dataset: Any, ids: list[str], method: Method) -> list[Case]:
 
 
 def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
-    for name, value in out.items():
-        if value.numel() == 1 and not torch.isfinite(value.detach()).all():
+    bad = {name: v.item() for name, v in out.items() if v.numel() == 1 and not torch.isfinite(v.detach()).all()}
+    if bad:
+        # The named terms first: the total "loss" is non-finite whenever one of them is.
+        shown = ", ".join(f"{name!r} is {bad[name]}" for name in sorted(bad, key=lambda name: name == "loss"))
+        raise CrlnError(
+            f"training diverged: loss term {shown} at iteration {step + 1}; "
+            "the last good checkpoint is kept (lower optim.lr or check the data)"
+        )
+
+
+def _check_finite_weights(method: Method, step: int) -> None:
+    """Refuse to checkpoint non-finite weights, so that the last checkpoint on disk stays a good one."""
+    for name, value in method.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
             raise CrlnError(
-                f"training diverged: loss term {name!r} is {value.item()} at iteration {step + 1}; "
+                f"training diverged: weight {name!r} is not finite after iteration {step}; "
                 "the last good checkpoint is kept (lower optim.lr or check the data)"
             )
 
 
+class _NullLog:
+    """The metrics log of processes other than rank 0: they compute every record but write none."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
+
+
+def _distributed_meta(config: RunConfig, world: int) -> dict[str, Any]:
+    """What ``meta.json`` records of a data-parallel run: processes and global batch sizes."""
+    import torch.distributed as dist
+
+    d = config.data
+    return {
+        "world_size": world,
+        "backend": dist.get_backend(),
+        "global_labeled_batch_size": d.labeled_batch_size * world,
+        "global_unlabeled_batch_size": d.unlabeled_batch_size * world,
+    }
+
+
+def _check_resume_world_size(state: dict[str, Any], world: int, path: Path) -> None:
+    """The global batch is per-process batch × processes: resuming on another number would change it."""
+    saved = int(state.get("world_size", 1))
+    if saved != world:
+        raise CrlnError(
+            f"--resume: {path} was trained by {saved} process(es), this run has {world}; resume with "
+            f"torchrun --nproc_per_node=... giving {saved} processes in all (the global batch would change)"
+        )
+
+
 def train(
-    config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None, progress: bool = True
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
 ) -> TrainResult:
     """Train ``config.method`` and write the run folder.
 
@@ -193,6 +258,9 @@ def train(
         resume: continue from ``checkpoint_latest.pt`` of the run folder (error if there is none).
         run_dir: run folder; default ``RunFolder.for_config(config)``.
         progress: show a progress bar with loss and ETA.
+        time_budget_s: wall-clock seconds this call may take, counted from its start (data loading
+            included). Before an iteration that would end past it, the loop saves
+            ``checkpoint_latest.pt`` and returns with ``complete=False``; ``--resume`` continues exactly.
 
     Returns:
         A :class:`TrainResult` with the run folder.
@@ -200,23 +268,34 @@ def train(
     Raises:
         CrlnError: bad data or config, an existing run folder without ``resume``, a diverged loss.
     """
+    started = time.monotonic()  # the time budget counts from here
     folder = RunFolder(run_dir) if run_dir is not None else RunFolder.for_config(config)
     latest = folder.checkpoint("latest")
-    if resume and not latest.exists():
-        raise CrlnError(f"--resume: no checkpoint at {latest}")
-    if not resume and (latest.exists() or folder.checkpoint("final").exists()):
-        raise CrlnError(f"run folder {folder.path} already holds a run; pass --resume or change train.tag")
+    # Under torchrun: join the process group (cuda:LOCAL_RANK on GPUs); rank 0 alone reads and writes the folder.
+    device = distributed.process_device(config.train.device)
+    distributed.init_from_env(device, config.distributed.backend, config.distributed.timeout_minutes)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    main = distributed.is_main_process()
+
+    def check_run_folder() -> None:
+        if resume and not latest.exists():
+            raise CrlnError(f"--resume: no checkpoint at {latest}")
+        if not resume and (latest.exists() or folder.checkpoint("final").exists()):
+            raise CrlnError(f"run folder {folder.path} already holds a run; pass --resume or change train.tag")
+
+    distributed.run_on_main(check_run_folder)
 
     seed_everything(config.train.seed, config.train.deterministic)
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
-    device = resolve_device(config.train.device)
     perf = Performance.for_device(device, config.train.amp, config.train.channels_last, config.train.deterministic)
 
     # Data: split the training list, decode every case once into memory.
     d = config.data
     dataset = open_dataset(d)
     split = split_train(dataset.ids(d.train_split), labeled=d.labeled, validation=d.validation)
+    if d.val_split:
+        split = with_validation_list(split, dataset.ids(d.val_split), d.val_split)
     method = build_method(config.method, build_network_factory(config), d.num_classes)
     labeled_cases = dataset.load_many(split.labeled, with_label=True)
     unlabeled_cases = _load_unlabeled(dataset, split.unlabeled, method) if method.uses_unlabeled else []
@@ -228,8 +307,13 @@ def train(
     validation_cases = dataset.load_many(split.validation, with_label=True)
     for case in (*labeled_cases, *validation_cases):
         validate_case(case, num_classes=d.num_classes, require_label=True)
+    for case in unlabeled_cases:  # a label loaded here is for monitoring only
+        validate_case(case, num_classes=d.num_classes)
+    check_patch_fits([*labeled_cases, *unlabeled_cases, *validation_cases], d.patch_size)
 
     method = perf.place(method)
+    if world > 1 and config.distributed.sync_batchnorm:
+        method = distributed.convert_sync_batchnorm(method, device)
     optimizer = torch.optim.SGD(
         method.trainable_parameters(),
         lr=config.optim.lr,
@@ -241,28 +325,52 @@ def train(
 
     start_step, best = 0, {"metric": None, "step": None}
     if resume:
-        state = load_checkpoint(latest, map_location=device)
-        _check_resume_config(state["config"], config_to_dict(config), latest)
-        method.load_state_dict(state["method_state"])
+
+        def load_resume_state() -> dict[str, Any]:
+            # Several processes: rank 0 reads the file on CPU and hands it to the others (no shared disk needed).
+            loaded = load_checkpoint(latest, map_location=device if world == 1 else "cpu")
+            _check_resume_config(loaded["config"], config_to_dict(config), latest)
+            _check_resume_world_size(loaded, world, latest)
+            return loaded
+
+        state = distributed.run_on_main(load_resume_state)
+        restore_module_state(method, state["method_state"], latest)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step, best = int(state["step"]), dict(state["best"])
-    folder.path.mkdir(parents=True, exist_ok=True)
-    folder.remove_stale_temp_files()
-    folder.write_config(config)
-    if not resume:
-        folder.write_meta(
-            {"split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation}}
+    if main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.remove_stale_temp_files()
+        folder.write_config(config)
+    if main and not resume:
+        meta: dict[str, Any] = {
+            "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation}
+        }
+        if world > 1:
+            meta["distributed"] = _distributed_meta(config, world)
+        folder.write_meta(meta)
+    log: MetricsLog | _NullLog = (
+        MetricsLog(
+            folder.log_path,
+            truncate_after_step=start_step if resume else None,
+            tensorboard_dir=folder.path / "tensorboard" if config.logging.tensorboard else None,
         )
-    log = MetricsLog(
-        folder.log_path,
-        truncate_after_step=start_step if resume else None,
-        tensorboard_dir=folder.path / "tensorboard" if config.logging.tensorboard else None,
+        if main
+        else _NullLog()
     )
 
     total = config.train.iterations
 
     def checkpoint(which: str, step: int) -> None:
+        _check_finite_weights(method, step)
+        rng = torch.get_rng_state()
+        extra: dict[str, Any] = {}
+        if world > 1:
+            # Every process draws its own dropout/noise stream: keep each one for an exact resume.
+            extra = {"world_size": world, "torch_rng_per_rank": distributed.all_gather_objects(rng)}
+            distributed.verify_identical(method.state_dict().items(), f"checkpoint at iteration {step}")
+        if not main:
+            return
         save_checkpoint(
             folder.checkpoint(which),
             {
@@ -272,8 +380,9 @@ def train(
                 "method_state": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
+                "torch_rng": rng,
                 "best": best,
+                **extra,
             },
         )
 
@@ -298,25 +407,33 @@ def train(
         num_steps=total,
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and device.type == "cuda",
+        rank=rank,
+        world_size=world,
     )
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start_step, desc=f"{config.method.name}", dynamic_ncols=True)
 
     # Creating the iterator may draw from torch's RNG: restore the resumed RNG state after it.
+    if rank != distributed.MAIN_RANK:
+        torch.manual_seed(distributed.rank_seed(config.train.seed, rank))  # own dropout/noise; weights built alike
     batches = iter(loader)
     if resume:
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"] if world == 1 else state["torch_rng_per_rank"][rank])
+    # DDP averages the gradients of method.trainable_parameters() (student, CRLN's DIM, prototypes, CPS head).
+    step_fn = distributed.wrap_for_data_parallel(method, device) if world > 1 else method.train_step
     stop = _StopRequest()
     method.train()
     sums: dict[str, float] = defaultdict(float)
     window_start, data_wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
     completed = start_step
+    slowest_iteration, stopped_on_budget = 0.0, False
     try:
         stop.install()
         for step in range(start_step, total):
+            iteration_start = time.monotonic()
             wait_start = time.perf_counter()
             batch = next(batches).to(device, non_blocking=True)
             data_wait += time.perf_counter() - wait_start
@@ -327,7 +444,7 @@ def train(
                 group["lr"] = config.optim.lr * poly_lr_factor(step, total, config.optim.poly_power)
 
             with perf.autocast():
-                out = method.train_step(batch, step)
+                out = step_fn(batch, step)
             _check_finite(out, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
@@ -336,6 +453,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), config.optim.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            distributed.average_batchnorm_statistics_(method)  # before the EMA: same student, same teacher
             method.after_optimizer_step(step)
             completed = step + 1
 
@@ -346,7 +464,7 @@ def train(
                 n = config.train.log_every if done % config.train.log_every == 0 else done % config.train.log_every
                 elapsed = time.perf_counter() - window_start
                 record = {"step": done, "lr": optimizer.param_groups[0]["lr"]}
-                record.update({k: v / n for k, v in sums.items()})
+                record.update(distributed.mean_across_processes({k: v / n for k, v in sums.items()}))
                 record.update(seconds_per_iteration=elapsed / n, data_wait_fraction=data_wait / max(elapsed, 1e-9))
                 log.write(record)
                 sums.clear()
@@ -358,24 +476,42 @@ def train(
                 validate(done)
             if done % config.train.checkpoint_every == 0 and done < total:
                 checkpoint("latest", done)
-            if stop.signal_name:
+            # torchrun forwards the signal to every process, not always within the same iteration: agree.
+            if distributed.any_process(stop.signal_name is not None):
                 checkpoint("latest", completed)
                 raise CrlnError(
-                    f"stopped by {stop.signal_name} after iteration {completed}; checkpoint saved in "
+                    f"stopped by {stop.signal_name or 'a signal to another process'} after iteration {completed}; "
+                    "checkpoint saved in "
                     f"{folder.path}, continue with --resume"
                 )
+            if time_budget_s is not None and done < total:
+                if step > start_step:  # the first iteration of a process pays warm-up costs
+                    slowest_iteration = max(slowest_iteration, time.monotonic() - iteration_start)
+                # every process must stop at the same iteration
+                if distributed.any_process(time.monotonic() - started + slowest_iteration > time_budget_s):
+                    checkpoint("latest", completed)
+                    stopped_on_budget = True
+                    break
     finally:
         stop.uninstall()
         if bar is not None:
             bar.close()
 
+    if stopped_on_budget:  # no final validation, no checkpoint_final.pt: the run is not finished
+        log.close()
+        distributed.barrier()
+        best_metric = None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"]
+        return TrainResult(folder.path, completed, time.perf_counter() - t0, best_metric, method, complete=False)
+
     validate(total)
     checkpoint("latest", total)
     checkpoint("final", total)
     log.close()  # every record was flushed as written; this only releases the TensorBoard writer
+    distributed.barrier()  # the final checkpoint exists for every process once train() returns (--evaluate)
     return TrainResult(
         folder.path,
         total,
         time.perf_counter() - t0,
         None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"],
+        method,
     )

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crln.data.loader import Batch
+from crln.engine.distributed import all_reduce_mean_
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
 from crln.methods.base import ModelFactory, frozen_copy, register_method
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
@@ -161,8 +162,7 @@ class CRLN(MeanTeacher):
 
     def __init__(self, config: CRLNConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__(config, model_factory, num_classes)
-        f = int(getattr(self.student, "n_filters", 16))
-        quarter, half, full = 4 * f, 2 * f, f
+        quarter, half, full = _decoder_widths(self.student)
         self.student_dim: DynamicInteractionModule | None = None
         self.teacher_dim: DynamicInteractionModule | None = None
         self.rectifier: Rectifier | None = None
@@ -242,8 +242,12 @@ class CRLN(MeanTeacher):
         with torch.enable_grad():
             loss, _, _ = self.rect_loss(self.rectifier(pred.detach(), m.detach()), label)
             grads = torch.autograd.grad(loss, params)
+        loss = loss.detach()
+        # Data parallel: each process holds a share of the labelled batch; averaging the gradient (and the
+        # logged loss) gives every process the same rectifier step, as the engine's DDP does for eq. 15.
+        all_reduce_mean_([*grads, loss])
         self._pending["grads"] = grads
-        self.rect_loss_last.copy_(loss.detach())
+        self.rect_loss_last.copy_(loss)
 
     @torch.no_grad()
     def _rectifier_step(self, step: int) -> None:
@@ -366,6 +370,22 @@ class CRLN(MeanTeacher):
                 self.student.train(modes[0])
                 self.student_dim.train(modes[1])
         self._rectifier_step(step)
+
+
+_FIELD_N_FILTERS = 16  # the field's VNet / 3D-UNet width
+
+
+def _decoder_widths(network: nn.Module) -> tuple[int, int, int]:
+    """Channels of the ``quarter``, ``half`` and ``full`` decoder features of ``network``.
+
+    Networks of :mod:`crln.models` state them in ``feature_channels``; any other network with the
+    field's VNet layout is read from its ``n_filters`` (4f, 2f, f; 16 when it has none).
+    """
+    widths = getattr(network, "feature_channels", None)
+    if isinstance(widths, dict):
+        return int(widths["quarter"]), int(widths["half"]), int(widths["full"])
+    f = int(getattr(network, "n_filters", _FIELD_N_FILTERS))
+    return 4 * f, 2 * f, f
 
 
 def _autocast_state(device_type: str) -> torch.dtype | None:

@@ -1,7 +1,32 @@
-"""Segmentation networks. Each returns logits ``(B, C, H, W, D)`` and, on request, decoder features."""
+"""Segmentation networks. Each returns logits ``(B, C, H, W, D)`` and, on request, decoder features.
+
+Networks are chosen by name (config key ``model.name``) through :func:`build_model`.
+"""
 
 from __future__ import annotations
 
-from crln.models.vnet import DOWNSAMPLING_FACTOR, VNet
+from torch import nn
 
-__all__ = ["DOWNSAMPLING_FACTOR", "VNet"]
+from crln.errors import CrlnError
+from crln.models.layers import DOWNSAMPLING_FACTOR, NORMALIZATIONS
+from crln.models.unet3d import UNet3D
+from crln.models.vnet import VNet
+
+__all__ = ["DOWNSAMPLING_FACTOR", "MODELS", "NORMALIZATIONS", "UNet3D", "VNet", "build_model"]
+
+#: ``model.name`` → network class; every class takes
+#: ``(in_channels, num_classes, n_filters, normalization, dropout)``.
+MODELS: dict[str, type[nn.Module]] = {"vnet": VNet, "unet3d": UNet3D}
+
+
+def build_model(
+    name: str, *, in_channels: int, num_classes: int, n_filters: int, normalization: str, dropout: float
+) -> nn.Module:
+    """Build the network registered as ``name`` (see :data:`MODELS`).
+
+    Raises:
+        CrlnError: unknown ``name``.
+    """
+    if name not in MODELS:
+        raise CrlnError(f"config key model.name: expected one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name](in_channels, num_classes, n_filters, normalization, dropout)

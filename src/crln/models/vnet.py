@@ -15,21 +15,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from crln.models.layers import DOWNSAMPLING_FACTOR, check_common_arguments
+from crln.models.layers import norm_layer as _norm
+
 __all__ = ["DOWNSAMPLING_FACTOR", "VNet"]
-
-#: Spatial sides of an input must be multiples of this (four stride-2 down-samplings).
-DOWNSAMPLING_FACTOR = 16
-_NORMS = ("batchnorm", "groupnorm", "instancenorm", "none")
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batchnorm":
-        return nn.BatchNorm3d(channels)
-    if kind == "groupnorm":
-        return nn.GroupNorm(num_groups=16 if channels % 16 == 0 else 1, num_channels=channels)
-    if kind == "instancenorm":
-        return nn.InstanceNorm3d(channels)
-    return nn.Identity()
 
 
 class _ConvStage(nn.Module):
@@ -96,13 +85,7 @@ class VNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("n_filters", n_filters)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if normalization not in _NORMS:
-            raise ValueError(f"normalization must be one of {_NORMS}, got {normalization!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_common_arguments(in_channels, num_classes, n_filters, normalization, dropout)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.n_filters = n_filters
@@ -128,6 +111,11 @@ class VNet(nn.Module):
         self.dec1 = _ConvStage(1, f, f, norm)
         self.dropout = nn.Dropout3d(p=dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv3d(f, num_classes, 1)
+
+    @property
+    def feature_channels(self) -> dict[str, int]:
+        """Channels of the decoder features returned with ``return_features=True``."""
+        return {"quarter": 4 * self.n_filters, "half": 2 * self.n_filters, "full": self.n_filters}
 
     def forward(self, x: Tensor, return_features: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Segment ``x`` ``(B, in_channels, H, W, D)``; see the class docstring for outputs."""

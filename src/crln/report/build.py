@@ -27,6 +27,7 @@ import yaml
 from crln.atomic import atomic_write_text
 from crln.engine.run_folder import RunFolder, read_log
 from crln.errors import CrlnError
+from crln.evaluation import per_class_metric_names
 from crln.report import figures
 from crln.report.page import Section, render_page, table
 
@@ -88,10 +89,20 @@ def _choose_cases(per_case: list[dict[str, Any]]) -> list[tuple[str, str, float 
     return out
 
 
-def _foreground_dice(pred: np.ndarray, label: np.ndarray) -> float:
-    p, g = pred > 0, label > 0
-    denom = p.sum() + g.sum()
-    return 1.0 if denom == 0 else float(2.0 * (p & g).sum() / denom)
+def _mean_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes ``1..C-1`` (empty vs empty = 1), as the evaluation's ``dice``."""
+    scores = []
+    for c in range(1, max(num_classes, 2)):
+        p, g = pred == c, label == c
+        denom = p.sum() + g.sum()
+        scores.append(1.0 if denom == 0 else float(2.0 * (p & g).sum() / denom))
+    return float(np.mean(scores))
+
+
+def _class_of(name: str) -> tuple[str, str]:
+    """``("dice", "2")`` for ``dice_2``."""
+    base, _, cls = name.rpartition("_")
+    return base, cls
 
 
 def _crop(volume: np.ndarray, centre: tuple[int, int, int], size: tuple[int, ...]) -> np.ndarray:
@@ -225,12 +236,20 @@ def build_report(
         unit = (summary or {}).get("distance_unit", "voxels")
         if summary and summary.get("metrics"):
             rows = []
-            for name, label in METRIC_LABELS.items():
+            class_names = per_class_metric_names(summary["metrics"])
+            for name in (*METRIC_LABELS, *class_names):
                 stats = summary["metrics"].get(name)
                 if not stats:
                     continue
-                scale = 100.0 if name in ("dice", "jaccard") else 1.0
+                base, cls = _class_of(name) if name in class_names else (name, "")
+                scale = 100.0 if base in ("dice", "jaccard") else 1.0
                 suffix = " %" if scale == 100.0 else f" {unit}"
+                if cls:
+                    label = f"{METRIC_LABELS[base]} class {cls}"
+                elif class_names:
+                    label = f"{METRIC_LABELS[base]} (mean over classes)"
+                else:
+                    label = METRIC_LABELS[base]
                 rows.append(
                     [
                         label + suffix,
@@ -253,10 +272,20 @@ def build_report(
         else:
             evaluation.note(f"{summary_path} missing or unreadable: per-case table only.")
         ranked = sorted(per_case, key=lambda r: np.nan_to_num(r.get("dice", np.nan), nan=-1.0))
+        # with several foreground classes, one Dice column per class after the means
+        class_dice = [n for n in per_class_metric_names(per_case[0]) if n.startswith("dice_")]
         evaluation.heading("Per case, worst first")
         evaluation.html(
             table(
-                ["case", "Dice %", "Jaccard %", f"ASD ({unit})", f"95HD ({unit})", "seconds"],
+                [
+                    "case",
+                    "Dice %" if not class_dice else "Dice % (mean)",
+                    "Jaccard %",
+                    f"ASD ({unit})",
+                    f"95HD ({unit})",
+                    *(f"Dice class {_class_of(n)[1]} %" for n in class_dice),
+                    "seconds",
+                ],
                 [
                     [
                         r["case"],
@@ -264,6 +293,7 @@ def build_report(
                         _fmt(r.get("jaccard"), 100),
                         _fmt(r.get("asd")),
                         _fmt(r.get("hd95")),
+                        *(_fmt(r.get(n), 100) for n in class_dice),
                         _fmt(r.get("seconds")),
                     ]
                     for r in ranked
@@ -330,7 +360,7 @@ def _case_figures(
     from crln.data.sources import open_dataset_root
     from crln.engine.checkpoint import load_checkpoint
     from crln.engine.trainer import method_from_checkpoint
-    from crln.inference import sliding_window_predict
+    from crln.inference import optimize_for_inference, sliding_window_predict
 
     notes = result.notes
     try:
@@ -342,7 +372,7 @@ def _case_figures(
         section.note(message)
         return
     method = method.to(device).eval()
-    network = method.inference_network()
+    network = optimize_for_inference(method.inference_network(), device)
     step = int(state.get("step", 0))
     root = Path(str((summary or {}).get("data_root") or ckpt_config.data.root))
     try:
@@ -386,7 +416,7 @@ def _case_figures(
         pred = probs_np.argmax(0).astype(np.uint8)
         confidence = probs_np.max(0)
         label = case.label
-        dice_now = _foreground_dice(pred, label) if label is not None else None
+        dice_now = _mean_dice(pred, label, num_classes) if label is not None else None
         shown = dice_value if dice_value is not None else dice_now
         heading = f"{role}: {case_id}" + (f" (Dice {100 * shown:.2f}%)" if shown is not None else "")
         safe = role.replace(" ", "_")
@@ -439,7 +469,7 @@ def _case_figures(
     )
     result.figures["rectification"] = fig
     if label_patch is not None:
-        scores = {k: _foreground_dice(v.argmax(0), label_patch) for k, v in arrays.items()}
+        scores = {k: _mean_dice(v.argmax(0), label_patch, v.shape[0]) for k, v in arrays.items()}
         rect_section.html(
             table(
                 ["", "teacher ȳ", "M(x)", "rectified ȳ_r"],

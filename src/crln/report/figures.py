@@ -51,6 +51,8 @@ CURVE_PANEL_INCHES = (3.6, 2.6)
 OVERLAY_INCHES = (10.5, 6.6)
 RENDER_INCHES = (10.0, 4.8)
 RECTIFY_INCHES = (12.0, 6.2)
+#: Argmax colours of foreground classes 1, 2, 3, ... in the rectification figure (RGB in [0, 1]).
+ARGMAX_CLASS_COLORS = ((1.0, 1.0, 1.0), (0.0, 0.9, 1.0), (0.6, 0.4, 1.0), (0.3, 0.85, 0.3))
 MAX_RENDER_GRID = 64  # marching cubes on at most ~64 samples per axis (step_size), to keep renders fast
 
 
@@ -428,7 +430,8 @@ def plot_rectification(
         conf, arg = probs.max(0), probs.argmax(0)
         reliable = conf >= threshold
         rgb = np.zeros((*arg.shape, 3), dtype=float)
-        rgb[arg > 0] = (1.0, 1.0, 1.0)  # reliable foreground: white
+        for cls in range(1, probs.shape[0]):  # reliable foreground: white for class 1, then one colour per class
+            rgb[arg == cls] = ARGMAX_CLASS_COLORS[(cls - 1) % len(ARGMAX_CLASS_COLORS)]
         rgb[arg == 0] = (0.25, 0.25, 0.25)  # reliable background: dark grey
         rgb[~reliable] = (0.96, 0.62, 0.04)  # unreliable: orange
         axes[1, col].imshow(rgb[:, :, z].transpose(1, 0, 2), origin="lower", aspect=aspect, interpolation="nearest")
