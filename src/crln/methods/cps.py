@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crln.engine.distributed import all_reduce_sum_
 
 __all__ = ["CPSHead", "CPSSample", "cps_loss", "gather_voxels", "positive_prototypes", "sample_cps"]
 
@@ -143,7 +142,6 @@ def cps_loss(
         sums = flat_valid.T @ flat.detach().float()  # (C, D)
         # Data parallel: r_m and the classes present are those of the global batch. Every process reduces,
         # samples or not, so that the collective always pairs up.
-        all_reduce_sum_([sums, counts])
         class_means = sums / counts.clamp_min(1.0).unsqueeze(1)  # r_m per class
     present = int((counts > 0).sum())
     if not samples:
