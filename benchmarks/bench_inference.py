@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from crln.data.h5 import H5Dataset  # noqa: E402
+from crln.engine.allocator import ALLOCATOR_ENV, tune_cpu_allocator  # noqa: E402
 from crln.inference import optimize_for_inference, sliding_window_predict  # noqa: E402
 from crln.models import VNet  # noqa: E402
 from reference_sliding_window import reference_sliding_window, window_starts  # noqa: E402
@@ -52,10 +54,12 @@ VARIANTS = ("reference", "crln", "crln-unoptimized", "crln-fold", "crln-channels
 
 def _network(checkpoint: str | None, device: torch.device) -> nn.Module:
     """The trained inference network of ``checkpoint``, else a random VNet with non-trivial BatchNorm statistics."""
-    if checkpoint is not None:
-        from crln.evaluation import load_network
+    if checkpoint is not None:  # the network as trained (crln.evaluation.load_network would optimise it)
+        from crln.engine.checkpoint import load_checkpoint
+        from crln.engine.trainer import method_from_checkpoint
 
-        return load_network(Path(checkpoint), device)[0].eval()
+        method, _ = method_from_checkpoint(load_checkpoint(Path(checkpoint), map_location="cpu"))
+        return method.inference_network().eval().to(device)
     torch.manual_seed(0)
     model = VNet()
     for module in model.modules():
@@ -90,7 +94,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["reference", "crln"])
     parser.add_argument("--checkpoint", default=None, help="checkpoint file of a trained network")
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "system"],
+        default="tuned",
+        help="CPU heap settings: crln's (tuned, what `crln` runs with) or the C library's defaults (system)",
+    )
     args = parser.parse_args()
+    os.environ[ALLOCATOR_ENV] = args.allocator
+    print(f"cpu allocator: {tune_cpu_allocator()}")
 
     device = torch.device(args.device)
     model = _network(args.checkpoint, device)

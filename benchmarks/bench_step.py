@@ -12,6 +12,7 @@ to mean_teacher (the reference of the CRLN step-time target).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -19,6 +20,7 @@ import torch
 import yaml
 
 from crln.data.loader import Batch
+from crln.engine.allocator import ALLOCATOR_ENV, tune_cpu_allocator
 from crln.engine.device import Performance
 from crln.methods import build_method, method_config_class
 from crln.models import VNet
@@ -48,7 +50,15 @@ def main() -> None:
         metavar="METHOD.key=value",
         help="method hyper-parameters, e.g. crln.mu_step_input=current (values parsed as YAML)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "system"],
+        default="tuned",
+        help="CPU heap settings: crln's (tuned, what `crln` runs with) or the C library's defaults (system)",
+    )
     args = parser.parse_args()
+    os.environ[ALLOCATOR_ENV] = args.allocator
+    print(f"cpu allocator: {tune_cpu_allocator()}")
 
     device = torch.device(args.device)
     perf = Performance.for_device(device, args.amp, "auto")

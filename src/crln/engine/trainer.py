@@ -37,6 +37,7 @@ from crln.data.splits import split_train, with_validation_list
 from crln.data.transforms import AugmentConfig
 from crln.data.validate import check_patch_fits, validate_case
 from crln.engine import distributed
+from crln.engine.allocator import tune_cpu_allocator
 from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
@@ -269,6 +270,7 @@ def train(
         CrlnError: bad data or config, an existing run folder without ``resume``, a diverged loss.
     """
     started = time.monotonic()  # the time budget counts from here
+    tune_cpu_allocator()  # activation maps reuse heap memory instead of fresh page-faulted mmaps
     folder = RunFolder(run_dir) if run_dir is not None else RunFolder.for_config(config)
     latest = folder.checkpoint("latest")
     # Under torchrun: join the process group (cuda:LOCAL_RANK on GPUs); rank 0 alone reads and writes the folder.
