@@ -50,7 +50,7 @@ def _crln(num_classes: int = 2, **overrides: object) -> CRLN:
 def test_dim_and_cps_shapes(num_classes: int, shape: tuple[int, int, int]) -> None:
     net = VNet(num_classes=num_classes, n_filters=4)
     _, feats = net(torch.randn(2, 1, *shape), return_features=True)
-    for upsample in ("deconv", "trilinear"):
+    for upsample in ("deconv", "deconv_relu", "trilinear"):
         dim = DynamicInteractionModule(num_classes, 5, 16, 8, upsample=upsample)
         assert dim.prototypes.shape == (num_classes, 5, 16)
         prox = dim.proximity(feats["quarter"], feats["half"])
@@ -63,6 +63,21 @@ def test_dim_and_cps_shapes(num_classes: int, shape: tuple[int, int, int]) -> No
     assert rep.shape == (2, 16, *shape)  # projection dim R (code default)
     assert positive_prototypes(method.student_dim.prototypes, "features").shape == (num_classes, 16)  # type: ignore[union-attr]
     assert positive_prototypes(method.student_dim.prototypes, "prototypes").shape == (num_classes, 16)  # type: ignore[union-attr]
+
+
+def test_dim_output_is_signed_unless_the_code_relu_is_asked_for() -> None:
+    """Eq. 6 ends with the up-sampling: M(x) must be able to go negative (a ReLU there went dead on LA)."""
+    torch.manual_seed(0)
+    net = VNet(n_filters=4)
+    _, feats = net(torch.randn(2, 1, *SHAPE), return_features=True)
+    paper = DynamicInteractionModule(2, 3, 16, 8, upsample="deconv")
+    code = DynamicInteractionModule(2, 3, 16, 8, upsample="deconv_relu")
+    code.load_state_dict(paper.state_dict())  # same parameters, only the ReLU differs
+    m_paper, m_code = paper(feats["quarter"], feats["half"]), code(feats["quarter"], feats["half"])
+    assert (m_paper < 0).any() and (m_paper > 0).any()
+    assert torch.equal(m_code, m_paper.clamp_min(0))
+    with pytest.raises(ValueError, match="upsample"):
+        DynamicInteractionModule(2, 3, 16, 8, upsample="relu")
 
 
 def test_block_one_softmax_runs_over_the_spatial_axis() -> None:
@@ -284,7 +299,12 @@ def test_short_crln_run_lowers_loss_and_logs_telemetry(phantom_root: Path, tmp_p
     from crln.engine.trainer import train
 
     config = load_config(
-        "demo", _overrides(phantom_root, tmp_path, **{"train.iterations": 12, "optim.lr": 0.05, "method.mu_lr": 0.5})
+        "demo",
+        _overrides(
+            phantom_root,
+            tmp_path,
+            **{"train.iterations": 12, "optim.lr": 0.05, "method.mu_lr": 0.5, "method.mu_init": 0.5},
+        ),
     )
     run = train(config, progress=False).run_dir
     records = [r for r in read_log(run / "log.jsonl") if "loss" in r]
@@ -292,7 +312,7 @@ def test_short_crln_run_lowers_loss_and_logs_telemetry(phantom_root: Path, tmp_p
     for key in TELEMETRY:
         assert all(key in r for r in records), key
     assert records[0]["rectified"] == 0.0 and records[-1]["rectified"] == 1.0
-    assert records[-1]["mu"] != records[0]["mu"]
+    assert records[-1]["mu"] != records[0]["mu"]  # from 0.5 (interior), so any gradient moves it
     first = records[0]["loss_sup"] + records[0]["loss_dim"]
     last = records[-1]["loss_sup"] + records[-1]["loss_dim"]
     assert last < first and records[-1]["loss"] < records[0]["loss"], (records[0], records[-1])

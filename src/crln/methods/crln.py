@@ -30,7 +30,7 @@ from crln.engine.distributed import all_reduce_mean_
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
 from crln.methods.base import ModelFactory, frozen_copy, register_method
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
-from crln.methods.dim import RECTIFY_VARIANTS, DynamicInteractionModule, Rectifier
+from crln.methods.dim import RECTIFY_VARIANTS, UPSAMPLE_MODES, DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
 from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, consistency_terms, masked_nll
 
@@ -55,7 +55,7 @@ class CRLNConfig(MeanTeacherConfig):
     conv_integration: bool = True  # CI: Conv1×1×1 over R (off: sum over R) (Tab. 6)
     cross_class: bool = True  # CR: SA/CI weights shared across classes (off: one set per class) (Tab. 6)
     normalize_proximity: bool = True  # standardise each proximity map over its positions (code: LayerNorm over N)
-    dim_upsample: str = "deconv"  # "deconv": 2×2×2 transposed conv + ReLU (code); "trilinear"
+    dim_upsample: str = "deconv"  # "deconv": 2×2×2 transposed conv (eq. 6); "deconv_relu": + ReLU (code); "trilinear"
     prototype_init_std: float = 0.02  # normal init of P (0 = zeros, as the code)
     dim_weight: float = 1.0  # weight of ℓs(M(x), y) in eq. 15 (code: 0.5·CE + 0.5·Dice, like ℓs(ŷ, y))
     # --- rectification (Sec. 3.2.2, eq. 8, 16, 17; Tab. 7) ---
@@ -92,7 +92,7 @@ class CRLNConfig(MeanTeacherConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("unsup_loss", self.unsup_loss, ("weighted", "masked"))
-        _choice("dim_upsample", self.dim_upsample, ("deconv", "trilinear"))
+        _choice("dim_upsample", self.dim_upsample, UPSAMPLE_MODES)
         _choice("rectify", self.rectify, RECTIFY_VARIANTS)
         _choice("rectify_space", self.rectify_space, ("logits", "probs"))
         _choice("mu_param", self.mu_param, ("clamp", "sigmoid"))

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RECTIFY_VARIANTS", "DynamicInteractionModule", "Rectifier"]
+__all__ = ["RECTIFY_VARIANTS", "UPSAMPLE_MODES", "DynamicInteractionModule", "Rectifier"]
 
 RECTIFY_VARIANTS = ("fixed_v1", "learnable_v2", "learnable_v3")
+UPSAMPLE_MODES = ("deconv", "deconv_relu", "trilinear")  # eq. 6's Upsample
 
 
 class _CrossAttention(nn.Module):
@@ -72,7 +73,10 @@ class DynamicInteractionModule(nn.Module):
         conv_integration: CI, the Conv1×1×1 from R maps to one (off: sum over R).
         cross_class: CR, SA/CI weights shared by all classes (off: one set of weights per class).
         normalize_proximity: standardise each proximity map over its positions before eq. 6.
-        upsample: ``"deconv"`` (learned 2×2×2 transposed conv + ReLU) or ``"trilinear"``.
+        upsample: ``"deconv"`` (learned 2×2×2 transposed conv, eq. 6), ``"deconv_relu"`` (the same
+            followed by a ReLU, as the authors' code; on LA at 0.5 scale that ReLU went dead within
+            the first iterations, leaving ``M(x) = 0`` and the rectification a no-op, see
+            ``docs/method.md``) or ``"trilinear"``.
         prototype_init_std: std of the normal initialisation of P (0 = zeros).
 
     ``forward(quarter, half)`` with ``quarter`` ``(B, F, h, w, d)`` and ``half`` ``(B, F3, 2h, 2w, 2d)``
@@ -96,8 +100,8 @@ class DynamicInteractionModule(nn.Module):
         super().__init__()
         if num_classes < 1 or num_prototypes < 1:
             raise ValueError(f"num_classes and num_prototypes must be >= 1, got {num_classes}, {num_prototypes}")
-        if upsample not in ("deconv", "trilinear"):
-            raise ValueError(f"upsample must be 'deconv' or 'trilinear', got {upsample!r}")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {upsample!r}")
         C, R = num_classes, num_prototypes
         self.num_classes, self.num_prototypes = C, R
         self.cross_class = cross_class
@@ -113,7 +117,8 @@ class DynamicInteractionModule(nn.Module):
         width = R if cross_class else C * R
         self.sa = nn.Conv3d(width, width, 3, padding=1, groups=groups) if spatial_awareness else None
         self.ci = nn.Conv3d(width, 1 if cross_class else C, 1, groups=groups) if conv_integration else None
-        self.up = nn.ConvTranspose3d(C, C, 2, stride=2) if upsample == "deconv" else None
+        self.up = nn.ConvTranspose3d(C, C, 2, stride=2) if upsample != "trilinear" else None
+        self.output_relu = upsample == "deconv_relu"
 
     def proximity(self, quarter: Tensor, half: Tensor, keep_attention: bool = False) -> Tensor:
         """Blocks I and II: ``M^II`` ``(B, C, R, *half.shape[2:])``."""
@@ -142,7 +147,8 @@ class DynamicInteractionModule(nn.Module):
     def forward(self, quarter: Tensor, half: Tensor, keep_attention: bool = False) -> Tensor:
         m = self.aggregate(self.proximity(quarter, half, keep_attention))
         if self.up is not None:
-            return F.relu(self.up(m))
+            m = self.up(m)
+            return F.relu(m) if self.output_relu else m
         return F.interpolate(m, scale_factor=2, mode="trilinear", align_corners=False)
 
 
