@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_overrides
 from crln.bench import load_plan, run_plan
 from crln.errors import CrlnError
-from crln.report.bench_figures import smooth
+from crln.report.bench_figures import smooth, smoothing_window
 
 
 def _plan(tmp_path: Path, phantom_root: Path, body: str) -> Path:
@@ -83,3 +83,9 @@ def test_smooth_is_a_trailing_mean() -> None:
     np.testing.assert_allclose(smooth(values, window=2), [0.0, 1.0, 3.0, 5.0])
     np.testing.assert_allclose(smooth(values, window=10), [0.0, 1.0, 2.0, 3.0])
     assert smooth(np.zeros(0)).size == 0
+
+
+def test_smoothing_window_follows_the_run_length() -> None:
+    assert smoothing_window(100) == 5  # 1000 iterations logged every 10: a 50-iteration window
+    assert smoothing_window(4000) == 25  # capped
+    assert smoothing_window(3) == 1

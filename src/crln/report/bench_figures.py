@@ -22,11 +22,12 @@ import numpy as np
 
 from crln.report.figures import SavedFigure, save_figure
 
-__all__ = ["LoggedRun", "plot_metric_by_method", "plot_mu", "plot_pseudo_label_quality", "smooth"]
+__all__ = ["LoggedRun", "plot_metric_by_method", "plot_mu", "plot_pseudo_label_quality", "smooth", "smoothing_window"]
 
 METRIC_LABELS = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "asd": "ASD", "hd95": "95HD"}
 PERCENT_METRICS = ("dice", "jaccard")
-SMOOTH_WINDOW = 25  # logged points per moving-average window (log_every iterations apart)
+SMOOTH_WINDOW = 25  # at most this many logged points per moving-average window
+SMOOTH_FRACTION = 0.05  # and at most this share of a run's logged points (a trailing mean lags by half its window)
 BAR_INCHES_PER_ROW = 0.45
 QUALITY_PANEL_INCHES = (4.6, 3.0)
 
@@ -47,6 +48,11 @@ def smooth(values: np.ndarray, window: int = SMOOTH_WINDOW) -> np.ndarray:
     cumulative = np.cumsum(np.insert(values.astype(float), 0, 0.0))
     counts = np.minimum(np.arange(1, values.size + 1), window)
     return (cumulative[1:] - cumulative[np.arange(values.size) + 1 - counts]) / counts
+
+
+def smoothing_window(num_points: int) -> int:
+    """Moving-average window for a series of ``num_points`` logs: 5% of them, between 1 and 25."""
+    return max(1, min(SMOOTH_WINDOW, int(num_points * SMOOTH_FRACTION)))
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -113,14 +119,17 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
         squeeze=False,
         layout="constrained",
     )
-    fig.suptitle(f"Teacher pseudo-labels before / after rectification (moving average of {SMOOTH_WINDOW} logs)")
+    fig.suptitle(
+        "Teacher pseudo-labels before / after rectification "
+        f"(faint: as logged; bold: trailing mean over 5% of the logs, at most {SMOOTH_WINDOW})"
+    )
     for row, run in zip(axes, runs):
         for ax, (heading, before, after) in zip(row, QUALITY_PANELS):
             for key, label, color in ((before, "before", "#dd8452"), (after, "after", "#4c72b0")):
                 x, y = _series(run.records, key)
                 if x.size:
                     ax.plot(x, y, color=color, alpha=0.2, lw=0.8)
-                    ax.plot(x, smooth(y), color=color, lw=1.6, label=f"{label} rectification")
+                    ax.plot(x, smooth(y, smoothing_window(y.size)), color=color, lw=1.6, label=f"{label} rectification")
             if run.rectify_start is not None:
                 ax.axvline(run.rectify_start, color="grey", ls="--", lw=1, label="S")
             ax.set_ylim(-0.02, 1.02)
