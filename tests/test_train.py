@@ -90,6 +90,27 @@ def test_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest
     assert steps == [2, 4, 6]
 
 
+def test_first_log_window_after_a_resume_averages_only_its_own_iterations(
+    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = {"train.iterations": 8, "train.checkpoint_every": 3, "data.validation": 0}
+    per_step = train(
+        load_config(
+            "demo", tiny_overrides(phantom_root, tmp_path, **common, **{"train.log_every": 1, "train.tag": "a"})
+        ),
+        progress=False,
+    ).run_dir
+    config = load_config(
+        "demo", tiny_overrides(phantom_root, tmp_path, **common, **{"train.log_every": 4, "train.tag": "b"})
+    )
+    train_interrupted(config, 3, monkeypatch)  # checkpoint at 3: the window 1–4 is cut after its first 3 iterations
+    resumed = train(config, resume=True, progress=False).run_dir
+    loss = {r["step"]: r["loss"] for r in read_log(per_step / "log.jsonl") if "loss" in r}
+    windows = {r["step"]: r["loss"] for r in read_log(resumed / "log.jsonl") if "loss" in r}
+    assert windows[4] == pytest.approx(loss[4], rel=1e-5)  # the resumed process ran iteration 4 only
+    assert windows[8] == pytest.approx(sum(loss[k] for k in range(5, 9)) / 4, rel=1e-5)
+
+
 def test_resume_without_checkpoint_is_an_error(phantom_root: Path, tmp_path: Path) -> None:
     config = load_config("demo", tiny_overrides(phantom_root, tmp_path))
     with pytest.raises(CrlnError, match="--resume: no checkpoint"):

@@ -429,6 +429,7 @@ def train(
     stop = _StopRequest()
     method.train()
     sums: dict[str, float] = defaultdict(float)
+    window_steps = 0  # iterations summed since the last record (fewer than log_every after a resume)
     window_start, data_wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
     completed = start_step
     slowest_iteration, stopped_on_budget = 0.0, False
@@ -461,15 +462,17 @@ def train(
 
             for name, value in out.items():
                 sums[name] += float(value.detach())
+            window_steps += 1
             done = step + 1
             if done % config.train.log_every == 0 or done == total:
-                n = config.train.log_every if done % config.train.log_every == 0 else done % config.train.log_every
+                n = window_steps
                 elapsed = time.perf_counter() - window_start
                 record = {"step": done, "lr": optimizer.param_groups[0]["lr"]}
                 record.update(distributed.mean_across_processes({k: v / n for k, v in sums.items()}))
                 record.update(seconds_per_iteration=elapsed / n, data_wait_fraction=data_wait / max(elapsed, 1e-9))
                 log.write(record)
                 sums.clear()
+                window_steps = 0
                 window_start, data_wait = time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)
