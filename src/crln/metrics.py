@@ -159,7 +159,7 @@ def _nearest_distances(points: np.ndarray, targets: np.ndarray, *, shared: np.nd
     distances = np.zeros(len(points))
     query = ~shared
     if query.any():
-        distances[query] = cKDTree(targets).query(points[query], k=1)[0]
+        distances[query] = cKDTree(targets).query(points[query], k=1, workers=-1)[0]  # all cores; same values
     return distances
 
 
