@@ -121,7 +121,7 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
     )
     fig.suptitle(
         "Teacher pseudo-labels before / after rectification "
-        f"(faint: as logged; bold: trailing mean over 5% of the logs, at most {SMOOTH_WINDOW})"
+        f"(faint: as logged; bold: trailing mean over {SMOOTH_FRACTION:.0%} of the logs, at most {SMOOTH_WINDOW})"
     )
     for row, run in zip(axes, runs):
         for ax, (heading, before, after) in zip(row, QUALITY_PANELS):
