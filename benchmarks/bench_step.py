@@ -2,11 +2,14 @@
 
 Usage: python benchmarks/bench_step.py [--methods supervised mean_teacher crln] [--patch 64 64 48]
        [--batch 2 2] [--steps 5] [--warmup 2] [--device cpu|cuda] [--amp none|bf16]
+       [--channels-last auto|on|off] [--set METHOD.key=value ...] [--allocator tuned|system] [--profile N]
 
 One step = the method's ``train_step`` (forward passes and losses), backward, SGD step and
 ``after_optimizer_step`` (EMA, CRLN's μ step), exactly as the engine runs it, on random tensors of
 the given patch (no data loading). Prints the median seconds per step of each method and its ratio
-to mean_teacher (the reference of the CRLN step-time target).
+to mean_teacher (the reference of the CRLN step-time target). ``--profile N`` then runs one more
+step of each method under ``torch.profiler`` and prints its N most expensive operators (self time),
+to see where a method's extra time goes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"])
     parser.add_argument(
+        "--channels-last",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="channels_last_3d layout of weights and inputs (auto: on for CUDA, off for CPU)",
+    )
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators")
+    parser.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -61,7 +71,7 @@ def main() -> None:
     print(f"cpu allocator: {tune_cpu_allocator()}")
 
     device = torch.device(args.device)
-    perf = Performance.for_device(device, args.amp, "auto")
+    perf = Performance.for_device(device, args.amp, args.channels_last)
     patch = tuple(args.patch)
     batch = _batch(patch, *args.batch, device)
     batch.labeled_image, batch.unlabeled_image = perf.input(batch.labeled_image), perf.input(batch.unlabeled_image)
@@ -100,7 +110,8 @@ def main() -> None:
             if step >= args.warmup:
                 times[name].append(elapsed)
     print(
-        f"device {device} ({torch.get_num_threads()} threads), amp {perf.amp_dtype}, patch {patch}, "
+        f"device {device} ({torch.get_num_threads()} threads), amp {perf.amp_dtype}, "
+        f"channels_last {perf.channels_last}, patch {patch}, "
         f"batch {args.batch[0]}+{args.batch[1]}, median of {args.steps} steps after {args.warmup} warm-up"
     )
     reference = statistics.median(times["mean_teacher"]) if "mean_teacher" in times else None
@@ -108,6 +119,16 @@ def main() -> None:
         median = statistics.median(values)
         ratio = f"   {median / reference:.2f}x mean_teacher" if reference else ""
         print(f"{name:>14}: {median:.3f} s/step{ratio}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        for name in methods:
+            with profile(activities=activities) as prof:
+                one_step(name, args.warmup + args.steps + 1000)
+            sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"\n{name}: {args.profile} costliest operators of one step")
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile))
 
 
 if __name__ == "__main__":

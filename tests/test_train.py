@@ -111,6 +111,18 @@ def test_first_log_window_after_a_resume_averages_only_its_own_iterations(
     assert windows[8] == pytest.approx(sum(loss[k] for k in range(5, 9)) / 4, rel=1e-5)
 
 
+def test_a_fresh_start_drops_the_log_of_an_abandoned_attempt(
+    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed before its first checkpoint: the next run starts from scratch in the same folder.
+    common = {"train.iterations": 6, "train.checkpoint_every": 100, "train.log_every": 1, "data.validation": 0}
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **common))
+    train_interrupted(config, 4, monkeypatch)
+    run = train(config, progress=False).run_dir
+    steps = [r["step"] for r in read_log(run / "log.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_without_checkpoint_is_an_error(phantom_root: Path, tmp_path: Path) -> None:
     config = load_config("demo", tiny_overrides(phantom_root, tmp_path))
     with pytest.raises(CrlnError, match="--resume: no checkpoint"):

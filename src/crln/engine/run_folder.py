@@ -130,7 +130,7 @@ class MetricsLog:
             self._tensorboard = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=truncate_after_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None and self.path.exists():
-            # On resume, drop records written after the checkpoint we resume from.
+            # Drop records written after the checkpoint we resume from (all of them on a fresh start).
             kept = [r for r in read_log(self.path) if r.get("step", 0) <= truncate_after_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 

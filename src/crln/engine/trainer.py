@@ -354,7 +354,8 @@ def train(
     log: MetricsLog | _NullLog = (
         MetricsLog(
             folder.log_path,
-            truncate_after_step=start_step if resume else None,
+            # A fresh start (start_step 0) empties the log: records of an abandoned attempt are stale.
+            truncate_after_step=start_step,
             tensorboard_dir=folder.path / "tensorboard" if config.logging.tensorboard else None,
         )
         if main
@@ -476,7 +477,7 @@ def train(
                 window_start, data_wait = time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(out['loss']):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}", refresh=False)
             if config.train.val_every and done % config.train.val_every == 0 and done < total:
                 validate(done)
             if done % config.train.checkpoint_every == 0 and done < total:

@@ -12,6 +12,7 @@ smoothed with a trailing moving average whose window is stated on the figure.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ SMOOTH_WINDOW = 25  # at most this many logged points per moving-average window
 SMOOTH_FRACTION = 0.05  # and at most this share of a run's logged points (a trailing mean lags by half its window)
 BAR_INCHES_PER_ROW = 0.45
 QUALITY_PANEL_INCHES = (4.6, 3.0)
+ROW_LABEL_WIDTH = 28  # characters per line of a row's run name in the pseudo-label figure
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
         f"(faint: as logged; bold: trailing mean over {SMOOTH_FRACTION:.0%} of the logs, at most {SMOOTH_WINDOW})"
     )
     for row, run in zip(axes, runs):
+        # The run's name labels the row once (wrapped), so long names do not collide across panels.
+        row[0].set_ylabel(textwrap.fill(run.name, ROW_LABEL_WIDTH), fontsize=9)
         for ax, (heading, before, after) in zip(row, QUALITY_PANELS):
             for key, label, color in ((before, "before", "#dd8452"), (after, "after", "#4c72b0")):
                 x, y = _series(run.records, key)
@@ -133,7 +137,7 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
             if run.rectify_start is not None:
                 ax.axvline(run.rectify_start, color="grey", ls="--", lw=1, label="S")
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{run.name}: {heading}", fontsize=9)
+            ax.set_title(heading, fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
