@@ -97,7 +97,7 @@ class TrainConfig:
     deterministic: bool = False  # bit-reproducible kernels (slower on CUDA)
     device: str = "auto"  # {"auto", "cpu", "cuda", "cuda:N"}
     amp: str = "auto"  # {"auto", "none", "bf16", "fp16"}; auto = bf16 on CUDA, none on CPU
-    channels_last: str = "auto"  # {"auto", "on", "off"}; auto = on for CUDA
+    channels_last: str = "auto"  # {"auto", "on", "off"}; auto = on (CPU and CUDA)
     compile: bool = False  # torch.compile the networks (CUDA only)
     threads: int = 0  # torch intra-op threads on CPU, 0 = torch default
     log_every: int = 10

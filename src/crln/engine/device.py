@@ -43,8 +43,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 class Performance:
     """Autocast dtype and memory format for one device.
 
-    ``auto`` settings give bf16 autocast + ``channels_last_3d`` + cudnn.benchmark on CUDA and plain
-    fp32 on CPU (CPU autocast is slower for 3D convolutions).
+    ``auto`` settings give bf16 autocast + ``channels_last_3d`` + cudnn.benchmark on CUDA, and fp32 +
+    ``channels_last_3d`` on CPU (CPU autocast is slower for 3D convolutions; the channels-last layout
+    made every method's CPU training step 1.05–1.2× faster, ``benchmarks/RESULTS.md``).
     """
 
     device: torch.device
@@ -58,7 +59,7 @@ class Performance:
         cuda = device.type == "cuda"
         dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         amp_dtype = (torch.bfloat16 if cuda else None) if amp == "auto" else dtypes[amp]
-        use_cl = cuda if channels_last == "auto" else channels_last == "on"
+        use_cl = channels_last in ("auto", "on")
         if cuda and not deterministic:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
