@@ -6,8 +6,9 @@ Usage: python benchmarks/bench_memory.py [--what train inference] [--methods sup
        [--inference-module PATH]
 
 Every measurement runs in a fresh Python process, which reports ``ru_maxrss`` (peak resident set
-size) twice: after the imports and the network are built (the baseline: interpreter, torch, weights)
-and after the work. The difference is what the work itself needed at its peak.
+size) twice, with the heap settings of the ``crln`` commands (:mod:`crln.engine.allocator`; set
+``CRLN_CPU_ALLOCATOR=system`` for glibc's): after the imports and the network are built (the
+baseline: interpreter, torch, weights) and after the work. The difference is what the work itself needed at its peak.
 
 - ``train``: the engine's step (``Method.train_step``, backward, SGD with momentum,
   ``after_optimizer_step``) of the field's VNet (n_filters 16) on random tensors of each patch, batch
@@ -144,7 +145,10 @@ def main() -> None:
     if args.child:  # inside a fresh measurement process
         import torch
 
+        from crln.engine.allocator import tune_cpu_allocator
+
         torch.set_num_threads(args.threads)
+        tune_cpu_allocator()  # the heap settings every `crln` command runs with
         kind, *rest = args.child
         if kind == "train":
             report = _child_train(rest[0], _patch(rest[1]), args.batch, args.steps)

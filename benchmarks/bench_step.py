@@ -2,12 +2,13 @@
 
 Usage: python benchmarks/bench_step.py [--methods supervised mean_teacher crln] [--patch 64 64 48]
        [--batch 2 2] [--steps 5] [--warmup 2] [--device cpu|cuda] [--amp none|bf16]
-       [--channels-last auto|on|off] [--set METHOD.key=value ...] [--allocator tuned|system] [--profile N]
+       [--channels-last auto|on|off ...] [--set METHOD.key=value ...] [--allocator tuned|system] [--profile N]
 
 One step = the method's ``train_step`` (forward passes and losses), backward, SGD step and
 ``after_optimizer_step`` (EMA, CRLN's μ step), exactly as the engine runs it, on random tensors of
 the given patch (no data loading). Prints the median seconds per step of each method and its ratio
-to mean_teacher (the reference of the CRLN step-time target). ``--profile N`` then runs one more
+to mean_teacher in the same layout (the reference of the CRLN step-time target); with several
+``--channels-last`` layouts, also each method's speed-up over the first layout. ``--profile N`` then runs one more
 step of each method under ``torch.profiler`` and prints its N most expensive operators (self time),
 to see where a method's extra time goes.
 """
@@ -48,9 +49,10 @@ def main() -> None:
     parser.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"])
     parser.add_argument(
         "--channels-last",
-        default="auto",
+        nargs="+",
+        default=["auto"],
         choices=["auto", "on", "off"],
-        help="channels_last_3d layout of weights and inputs (auto: on for CUDA, off for CPU)",
+        help="channels_last_3d layout of weights and inputs (auto: on); several, e.g. `off on`, are interleaved",
     )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators")
     parser.add_argument(
@@ -71,29 +73,32 @@ def main() -> None:
     print(f"cpu allocator: {tune_cpu_allocator()}")
 
     device = torch.device(args.device)
-    perf = Performance.for_device(device, args.amp, args.channels_last)
-    patch = tuple(args.patch)
-    batch = _batch(patch, *args.batch, device)
-    batch.labeled_image, batch.unlabeled_image = perf.input(batch.labeled_image), perf.input(batch.unlabeled_image)
-    methods, optimizers = {}, {}
-    for name in args.methods:
-        torch.manual_seed(0)
-        fields = {
-            k.split(".", 1)[1]: yaml.safe_load(v)
-            for k, v in (i.split("=", 1) for i in args.set)
-            if k.startswith(f"{name}.")
-        }
-        method = perf.place(build_method(method_config_class(name)(name=name, **fields), lambda: VNet(), 2)).train()
-        methods[name] = method
-        optimizers[name] = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9)
+    layouts = list(dict.fromkeys(args.channels_last))
+    methods, optimizers, perfs, batches = {}, {}, {}, {}
+    for layout in layouts:
+        perf = perfs[layout] = Performance.for_device(device, args.amp, layout)
+        batch = _batch(tuple(args.patch), *args.batch, device)
+        batch.labeled_image, batch.unlabeled_image = perf.input(batch.labeled_image), perf.input(batch.unlabeled_image)
+        batches[layout] = batch
+        for name in args.methods:
+            torch.manual_seed(0)
+            fields = {
+                k.split(".", 1)[1]: yaml.safe_load(v)
+                for k, v in (i.split("=", 1) for i in args.set)
+                if k.startswith(f"{name}.")
+            }
+            config = method_config_class(name)(name=name, **fields)
+            method = perf.place(build_method(config, lambda: VNet(), 2)).train()
+            methods[name, layout] = method
+            optimizers[name, layout] = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9)
 
-    def one_step(name: str, step: int) -> float:
-        method, optimizer = methods[name], optimizers[name]
+    def one_step(key: tuple[str, str], step: int) -> float:
+        method, optimizer, perf = methods[key], optimizers[key], perfs[key[1]]
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with perf.autocast():
-            out = method.train_step(batch, step)
+            out = method.train_step(batches[key[1]], step)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
@@ -102,32 +107,37 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in methods}
     for step in range(args.warmup + args.steps):
-        for name in methods:  # interleaved: load changes hit every method alike
+        for key in methods:  # interleaved: load changes hit every method and layout alike
             # Iterations past CRLN's S = 800, so its rectification stage (teacher DIM) is timed too.
-            elapsed = one_step(name, step + 1000)
+            elapsed = one_step(key, step + 1000)
             if step >= args.warmup:
-                times[name].append(elapsed)
+                times[key].append(elapsed)
+    amp = perfs[layouts[0]].amp_dtype
     print(
-        f"device {device} ({torch.get_num_threads()} threads), amp {perf.amp_dtype}, "
-        f"channels_last {perf.channels_last}, patch {patch}, "
+        f"device {device} ({torch.get_num_threads()} threads), amp {amp}, patch {tuple(args.patch)}, "
         f"batch {args.batch[0]}+{args.batch[1]}, median of {args.steps} steps after {args.warmup} warm-up"
     )
-    reference = statistics.median(times["mean_teacher"]) if "mean_teacher" in times else None
-    for name, values in times.items():
-        median = statistics.median(values)
-        ratio = f"   {median / reference:.2f}x mean_teacher" if reference else ""
-        print(f"{name:>14}: {median:.3f} s/step{ratio}")
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    first = layouts[0]
+    for (name, layout), median in medians.items():
+        perf = perfs[layout]
+        line = f"{name:>14} [channels_last {'on' if perf.channels_last else 'off'}]: {median:.3f} s/step"
+        if ("mean_teacher", layout) in medians:
+            line += f"   {median / medians['mean_teacher', layout]:.2f}x mean_teacher"
+        if layout != first:
+            line += f"   {medians[name, first] / median:.2f}x faster than channels_last {first}"
+        print(line)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        for name in methods:
+        for key in methods:
             with profile(activities=activities) as prof:
-                one_step(name, args.warmup + args.steps + 1000)
+                one_step(key, args.warmup + args.steps + 1000)
             sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(f"\n{name}: {args.profile} costliest operators of one step")
+            print(f"\n{key[0]} [channels_last {key[1]}]: {args.profile} costliest operators of one step")
             print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile))
 
 
