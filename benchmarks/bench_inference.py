@@ -1,4 +1,4 @@
-"""Sliding-window inference of LA test volumes: crln (MONAI, batched windows) against the field's loop.
+"""Sliding-window inference of LA test volumes: crln (batched windows) against the field's loop.
 
 Usage: python benchmarks/bench_inference.py [--data DIR] [--patch 112 112 80] [--stride 18 18 4]
        [--cases 1] [--repeats 5] [--warmup 1] [--sw-batch-size 4] [--device cpu|cuda]
@@ -10,9 +10,9 @@ same volumes (after ``--warmup`` untimed rounds), are:
 
 - ``reference``: the field's loop, one window per forward pass;
 - ``crln``: what ``crln evaluate`` runs, :func:`crln.inference.optimize_for_inference` (on CPU:
-  BatchNorm folded into the convolutions, ``channels_last_3d``) + MONAI with ``--sw-batch-size``
-  windows per forward pass;
-- ``crln-unoptimized``: MONAI batching on the network as trained;
+  BatchNorm folded into the convolutions, ``channels_last_3d``) + :func:`crln.inference.predict_case`'s
+  tiling with ``--sw-batch-size`` windows per forward pass;
+- ``crln-unoptimized``: the same batched tiling on the network as trained;
 - ``crln-fold``: BatchNorm folded, default memory format;
 - ``crln-channels-last``: ``channels_last_3d`` only, BatchNorm kept.
 
