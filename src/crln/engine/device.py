@@ -45,7 +45,7 @@ class Performance:
 
     ``auto`` settings give bf16 autocast + ``channels_last_3d`` + cudnn.benchmark on CUDA, and fp32 +
     ``channels_last_3d`` on CPU (CPU autocast is slower for 3D convolutions; the channels-last layout
-    made every method's CPU training step 1.05–1.2× faster, ``benchmarks/RESULTS.md``).
+    made every method's CPU training step 1.1–1.2× faster, ``benchmarks/RESULTS.md``).
     """
 
     device: torch.device
