@@ -61,19 +61,19 @@ def train_interrupted(config: object, after: int, monkeypatch: pytest.MonkeyPatc
     """
     import crln.engine.trainer as trainer_module
 
-    original = trainer_module.poly_lr_factor
+    original = trainer_module._lr_factor
     calls = {"n": 0}
 
-    def interrupting(step: int, total: int, power: float = 0.9) -> float:
+    def interrupting(optim: object, step: int, total: int) -> float:
         calls["n"] += 1
         if calls["n"] == after + 1:
             raise KeyboardInterrupt
-        return original(step, total, power)
+        return original(optim, step, total)
 
-    monkeypatch.setattr(trainer_module, "poly_lr_factor", interrupting)
+    monkeypatch.setattr(trainer_module, "_lr_factor", interrupting)
     with pytest.raises(KeyboardInterrupt):
         trainer_module.train(config, progress=False)
-    monkeypatch.setattr(trainer_module, "poly_lr_factor", original)
+    monkeypatch.setattr(trainer_module, "_lr_factor", original)
 
 
 def assert_user_error(argv: list[object], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:

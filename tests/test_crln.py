@@ -267,6 +267,7 @@ def test_ablation_variants_train_one_step(overrides: dict[str, object]) -> None:
 
 TELEMETRY = (
     "loss",
+    "saturated_fraction",
     "loss_sup",
     "loss_dim",
     "loss_unsup",
@@ -337,3 +338,78 @@ def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: p
         "seconds_per_iteration": 0,
         "data_wait_fraction": 0,
     }  # the last window is complete in both runs (a resumed run's first window is partial)
+
+
+# --- issue 16: the option and ablation bugs -----------------------------------------------------
+
+
+def test_sa_bn_relu_makes_sa_and_sa_ci_different_functions() -> None:
+    """Without a non-linearity between SA and CI, both are one linear map R → 1 (Tab. 6 rows SA = SA+CI)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 2, 5, 4, 4, 4, generator=g), torch.randn(2, 2, 5, 4, 4, 4, generator=g)
+
+    def affine_defect(dim: DynamicInteractionModule) -> float:
+        dim.eval()  # BatchNorm on running statistics: affine on its own, so only the ReLU breaks linearity
+        with torch.no_grad():
+            f = dim.aggregate
+            return float((f(a) + f(b) - f(a + b) - f(torch.zeros_like(a))).abs().max())
+
+    torch.manual_seed(0)
+    assert affine_defect(DynamicInteractionModule(2, 5, 16, 8, sa_bn_relu=False)) < 1e-5
+    torch.manual_seed(0)
+    assert affine_defect(DynamicInteractionModule(2, 5, 16, 8)) > 1e-3
+
+
+def test_mu_sigmoid_starts_where_it_can_move() -> None:
+    with pytest.raises(ValueError, match=r"mu_init must be in \[0.01, 0.99\] with mu_param=sigmoid"):
+        CRLNConfig(mu_param="sigmoid", mu_init=0.0)
+    with pytest.raises(ValueError, match="mu_init must be in"):
+        Rectifier("learnable_v3", 2, mu_param="sigmoid", mu_init=0.0)
+    method = _crln(mu_param="sigmoid", mu_init=0.05, mu_lr=1.0, rectify_start=0, mu_step_input="current")
+    rectifier = method.rectifier
+    assert rectifier is not None and float(rectifier.mu().detach()) == pytest.approx(0.05)  # type: ignore[union-attr]
+    for step in range(3):
+        method.train_step(_batch(), step)
+        method.after_optimizer_step(step)
+    assert abs(float(rectifier.mu().detach()) - 0.05) > 1e-4  # type: ignore[union-attr]
+
+
+def test_weighted_nonzero_averages_over_unsaturated_voxels_like_the_code() -> None:
+    from crln.methods.crln import saturated_fraction, weighted_nll
+
+    pseudo = torch.zeros(2, 2, 2, 2, 1)
+    pseudo[:, 1] = 1.0  # every voxel confidently class 1: per-sample weight 1
+    pseudo[1, :, 0, 0, 0] = torch.tensor([0.5, 0.5])  # one unconfident voxel: sample 1 weight 3/4
+    logits = torch.zeros(2, 2, 2, 2, 1)
+    logits[0, 1] = 100.0  # sample 0 saturated: NLL exactly 0 in fp32
+    nll = torch.nn.functional.cross_entropy(logits, pseudo.argmax(1), reduction="none")
+    assert float(saturated_fraction(logits, pseudo)) == 0.5
+    weights = torch.tensor([1.0, 0.75]).view(2, 1, 1, 1)
+    mean_all, reliable = weighted_nll(logits, pseudo, 0.97)
+    nonzero, _ = weighted_nll(logits, pseudo, 0.97, nonzero_only=True)
+    assert float(reliable) == pytest.approx(7 / 8)
+    assert float(mean_all) == pytest.approx(float((nll * weights).mean()))
+    assert float(nonzero) == pytest.approx(float((nll * weights)[1].mean()))  # only sample 1's voxels count
+    assert float(nonzero) == pytest.approx(2 * float(mean_all))
+
+
+def test_cps_positive_prototype_part_trains_with_the_papers_mean_not_the_codes(
+    phantom_root: Path, tmp_path: Path
+) -> None:
+    """The DIM's LayerNorm over F gives P a zero-mean gradient over F: the code's mean over F never moves,
+    the paper's mean over the R prototypes does."""
+    from crln.engine.trainer import train
+
+    # No weight decay: it would shrink every component of P, the feature-mean included.
+    values = {"train.iterations": 4, "optim.lr": 0.5, "optim.weight_decay": 0, "method.rectify_start": 0}
+    config = load_config("demo", _overrides(phantom_root, tmp_path, **values))
+    result = train(config, progress=False)
+    torch.manual_seed(config.train.seed)
+    start = build_method(config.method, lambda: VNet(num_classes=2, n_filters=4), 2)
+    before = start.student_dim.prototypes.detach()  # type: ignore[union-attr]
+    after = result.method.student_dim.prototypes.detach()  # type: ignore[union-attr]
+    assert before.shape == after.shape and not torch.equal(before, after)
+    paper = positive_prototypes(after, "prototypes") - positive_prototypes(before, "prototypes")
+    code = positive_prototypes(after, "features") - positive_prototypes(before, "features")
+    assert float(paper.abs().max()) > 1e-4
+    assert float(code.abs().max()) < 1e-6

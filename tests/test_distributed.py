@@ -94,16 +94,16 @@ def _interrupt_at(step: int) -> object:
     """Patch the trainer so that iteration ``step`` + 1 raises KeyboardInterrupt when it starts."""
     import crln.engine.trainer as trainer_module
 
-    original = trainer_module.poly_lr_factor
+    original = trainer_module._lr_factor
     calls = {"n": 0}
 
-    def interrupting(s: int, total: int, power: float = 0.9) -> float:
+    def interrupting(optim: object, s: int, total: int) -> float:
         calls["n"] += 1
         if calls["n"] == step + 1:
             raise KeyboardInterrupt
-        return original(s, total, power)
+        return original(optim, s, total)
 
-    trainer_module.poly_lr_factor = interrupting
+    trainer_module._lr_factor = interrupting
     return original
 
 
@@ -132,7 +132,7 @@ def _worker(rank: int, port: int, root: Path, out: Path) -> None:
         except KeyboardInterrupt:
             pass
         finally:
-            trainer_module.poly_lr_factor = original
+            trainer_module._lr_factor = original
         save("resumed", train(resumed, resume=True, progress=False).method)
         # The weight check itself must be able to fail.
         try:

@@ -12,7 +12,7 @@ from torch import nn
 from crln.atomic import atomic_write_text
 from crln.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from crln.engine.ema import ema_decay_at, ema_update
-from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
+from crln.engine.schedule import lr_factor, poly_lr_factor, sigmoid_rampup
 from crln.errors import CrlnError
 
 
@@ -43,6 +43,12 @@ def test_schedules() -> None:
     assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(10, 10) == 1.0
     assert sigmoid_rampup(3, 0) == 1.0
+    # UA-MT's step decay: ÷10 after 2,500 iterations (0-based step 2500 is the first at 0.1×).
+    step = [lr_factor(s, 6000, "step", power=0.9, step_size=2500, gamma=0.1) for s in (0, 2499, 2500, 5000)]
+    assert step == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert lr_factor(50, 100, "poly", power=1.0, step_size=1, gamma=0.1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule must be one of poly, step"):
+        lr_factor(0, 10, "cosine", power=0.9, step_size=1, gamma=0.1)
 
 
 def _state() -> dict:
@@ -111,3 +117,16 @@ def test_failed_write_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.Mo
 def test_atomic_text(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "a" / "b.txt", "hello")
     assert (tmp_path / "a" / "b.txt").read_text() == "hello"
+
+
+def test_trainer_follows_the_step_schedule(phantom_root: Path, tmp_path: Path) -> None:
+    from conftest import tiny_overrides
+    from crln.config import load_config
+    from crln.engine.run_folder import read_log
+    from crln.engine.trainer import train
+
+    extra = {"method.name": "supervised", "optim.lr": 0.01, "optim.lr_schedule": "step"}
+    extra |= {"optim.lr_step_size": 2, "optim.lr_step_gamma": 0.5, "data.patch_size": "[32,32,16]"}
+    run = train(load_config("demo", tiny_overrides(phantom_root, tmp_path, **extra)), progress=False).run_dir
+    lrs = [r["lr"] for r in read_log(run / "log.jsonl") if "loss" in r]
+    assert lrs == pytest.approx([0.01, 0.005, 0.0025])  # the lr of 0-based steps 1, 3 and 5

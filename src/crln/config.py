@@ -78,13 +78,16 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with a poly learning-rate schedule (the field's and the CRLN paper's setting)."""
+    """SGD with a poly (the field's and the CRLN paper's setting) or step learning-rate schedule."""
 
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False  # the CRLN authors' code uses Nesterov momentum
     weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    lr_schedule: str = "poly"  # {"poly", "step"} (crln.engine.schedule.LR_SCHEDULES)
+    poly_power: float = 0.9  # poly: lr · (1 − step/iterations) ** poly_power
+    lr_step_size: int = 2500  # step: lr · lr_step_gamma ** (step // lr_step_size) (UA-MT's code: ÷10 every 2,500)
+    lr_step_gamma: float = 0.1
     grad_clip: float = 0.0  # max gradient norm, 0 = no clipping
 
 
@@ -243,6 +246,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 def validate_config(config: RunConfig) -> None:
     """Range checks that span fields; raises :class:`CrlnError` naming the key."""
+    from crln.engine.schedule import LR_SCHEDULES
     from crln.models import DOWNSAMPLING_FACTOR, MODELS, NORMALIZATIONS
 
     d = config.data
@@ -269,6 +273,9 @@ def validate_config(config: RunConfig) -> None:
         ("optim.lr", config.optim.lr > 0, "a number > 0"),
         ("optim.momentum", 0 <= config.optim.momentum < 1, "a number in [0, 1)"),
         ("optim.weight_decay", config.optim.weight_decay >= 0, "a number >= 0"),
+        ("optim.lr_schedule", config.optim.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+        ("optim.lr_step_size", config.optim.lr_step_size >= 1, "an integer >= 1"),
+        ("optim.lr_step_gamma", 0 < config.optim.lr_step_gamma <= 1, "a number in (0, 1]"),
         ("train.iterations", config.train.iterations >= 1, "an integer >= 1"),
         ("train.log_every", config.train.log_every >= 1, "an integer >= 1"),
         ("train.checkpoint_every", config.train.checkpoint_every >= 1, "an integer >= 1"),

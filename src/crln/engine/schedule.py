@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["poly_lr_factor", "sigmoid_rampup"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "poly_lr_factor", "sigmoid_rampup", "step_lr_factor"]
+
+LR_SCHEDULES = ("poly", "step")
 
 
 def poly_lr_factor(step: int, total_steps: int, power: float = 0.9) -> float:
@@ -12,6 +14,22 @@ def poly_lr_factor(step: int, total_steps: int, power: float = 0.9) -> float:
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     return max(0.0, 1.0 - step / total_steps) ** power
+
+
+def step_lr_factor(step: int, step_size: int, gamma: float) -> float:
+    """Step decay ``gamma ** (step // step_size)`` for 0-based ``step`` (UA-MT's ÷10 every 2,500 iterations)."""
+    if step_size < 1:
+        raise ValueError(f"step_size must be >= 1, got {step_size}")
+    return gamma ** (step // step_size)
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, *, power: float, step_size: int, gamma: float) -> float:
+    """The multiplier of the base learning rate at 0-based ``step`` for ``schedule`` (one of ``LR_SCHEDULES``)."""
+    if schedule == "poly":
+        return poly_lr_factor(step, total_steps, power)
+    if schedule == "step":
+        return step_lr_factor(step, step_size, gamma)
+    raise ValueError(f"schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
 
 
 def sigmoid_rampup(step: float, length: float) -> float:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crln.config import RunConfig, build_config, config_to_dict
+from crln.config import OptimConfig, RunConfig, build_config, config_to_dict
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
@@ -41,7 +41,7 @@ from crln.engine.allocator import tune_cpu_allocator
 from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
-from crln.engine.schedule import poly_lr_factor
+from crln.engine.schedule import lr_factor
 from crln.errors import CrlnError
 from crln.methods import Method, build_method
 from crln.models import build_model
@@ -188,6 +188,13 @@ def _load_unlabeled(dataset: Any, ids: list[str], method: Method) -> list[Case]:
         except CrlnError:
             pass  # unlabelled data without labels: nothing to monitor against
     return dataset.load_many(ids, with_label=False)
+
+
+def _lr_factor(optim: OptimConfig, step: int, total: int) -> float:
+    """The configured schedule's multiplier of ``optim.lr`` at 0-based ``step`` of ``total``."""
+    return lr_factor(
+        step, total, optim.lr_schedule, power=optim.poly_power, step_size=optim.lr_step_size, gamma=optim.lr_step_gamma
+    )
 
 
 def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
@@ -445,7 +452,7 @@ def train(
             if batch.unlabeled_image is not None:
                 batch.unlabeled_image = perf.input(batch.unlabeled_image)
             for group in optimizer.param_groups:
-                group["lr"] = config.optim.lr * poly_lr_factor(step, total, config.optim.poly_power)
+                group["lr"] = config.optim.lr * _lr_factor(config.optim, step, total)
 
             with perf.autocast():
                 out = step_fn(batch, step)

@@ -119,6 +119,7 @@ def cps_loss(
     prototype_term: Tensor | None,
     xi: float,
     temperature: float,
+    unit_mix: bool = False,
 ) -> Tensor:
     """Eq. 13–14: InfoNCE of each anchor against its positive and negatives, cosine similarity / t.
 
@@ -131,6 +132,9 @@ def cps_loss(
         xi: ξ of eq. 13; the positive is ``(r_m + ξ·mean(P^c)) / (1 + ξ)``. ``xi = inf`` means the
             prototype alone ("LP").
         temperature: t.
+        unit_mix: mix the unit vectors of r_m and mean(P^c) instead of the raw vectors. The loss compares
+            directions (cosine), and raw prototypes are far smaller than r_m (N(0, 0.02²) init, kept small
+            by the LayerNorm's scale invariance and weight decay), so a raw mix points where r_m does.
 
     Returns:
         Mean over classes with valid voxels of the mean over anchors (the authors' reduction); a
@@ -164,7 +168,10 @@ def cps_loss(
         elif xi == float("inf"):
             positive = prototype_term[s.cls].float()
         else:
-            positive = (r_m + xi * prototype_term[s.cls].float()) / (1.0 + xi)
+            prototype = prototype_term[s.cls].float()
+            if unit_mix:
+                r_m, prototype = F.normalize(r_m, dim=0), F.normalize(prototype, dim=0)
+            positive = (r_m + xi * prototype) / (1.0 + xi)
         pos_logit = (anchors @ F.normalize(positive, dim=0)).unsqueeze(1)  # (A, 1)
         neg_logit = torch.einsum("ad,akd->ak", anchors, negatives.expand(anchors.shape[0], -1, -1))
         logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature

@@ -30,11 +30,14 @@ from crln.engine.distributed import all_reduce_mean_
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
 from crln.methods.base import ModelFactory, frozen_copy, register_method
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
-from crln.methods.dim import RECTIFY_VARIANTS, UPSAMPLE_MODES, DynamicInteractionModule, Rectifier
+from crln.methods.dim import MU_SIGMOID_RANGE, RECTIFY_VARIANTS, UPSAMPLE_MODES, DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
 from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, consistency_terms, masked_nll
 
-__all__ = ["CRLN", "CRLNConfig", "pseudo_label_dice", "weighted_nll"]
+__all__ = ["CRLN", "CRLNConfig", "pseudo_label_dice", "saturated_fraction", "weighted_nll"]
+
+
+UNSUP_LOSSES = ("weighted", "weighted_nonzero", "masked")
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -47,11 +50,14 @@ class CRLNConfig(MeanTeacherConfig):
     """Hyper-parameters of CRLN; defaults = the paper's LA setting, the authors' code where they differ."""
 
     name: str = "crln"
-    unsup_loss: str = "weighted"  # "weighted": code (per-sample confident share × NLL); "masked": eq. 2
+    # ℓu: "weighted_nonzero" (code): per-sample confident share × NLL, averaged over the voxels with NLL > 0
+    # (its masked_select(loss > 0)); "weighted": the same averaged over all voxels; "masked": eq. 2
+    unsup_loss: str = "weighted_nonzero"
     # --- prototypes + DIM (Sec. 3.2.1, eq. 3–7; Tab. 6, Fig. 10) ---
     dim: bool = True  # DIM, prototypes and rectification on (off: mean teacher [+ CPS with positive=mean])
     num_prototypes: int = 16  # R prototypes per class
     spatial_awareness: bool = True  # SA: Conv3×3×3 over the R proximity maps (Tab. 6)
+    sa_bn_relu: bool = True  # BatchNorm + ReLU between SA and CI (code); off: SA + CI is one linear map
     conv_integration: bool = True  # CI: Conv1×1×1 over R (off: sum over R) (Tab. 6)
     cross_class: bool = True  # CR: SA/CI weights shared across classes (off: one set per class) (Tab. 6)
     normalize_proximity: bool = True  # standardise each proximity map over its positions (code: LayerNorm over N)
@@ -74,9 +80,10 @@ class CRLNConfig(MeanTeacherConfig):
     cps: bool = True  # the contrastive term ℓcp on/off
     cps_weight: float = 0.5  # weight of ℓcp in eq. 15 (code: 0.5)
     cps_positive: str = "mixed"  # "mean" (MR) | "prototype" (LP) | "mixed" (eq. 13)
-    cps_prototype_reduce: str = (
-        "features"  # mean(P^c): "features" (code, projection dim R) | "prototypes" (paper, dim F)
-    )
+    # mean(P^c) in eq. 13: "prototypes" (paper: mean of the R prototypes, projection dim F) | "features" (code: mean
+    # over F, projection dim R; inert: the DIM's LayerNorm gives P a zero-mean gradient over F, so it never trains)
+    cps_prototype_reduce: str = "prototypes"
+    cps_unit_mix: bool = True  # eq. 13 mixes the unit vectors of r_m and mean(P^c) (off: raw vectors, as the code)
     cps_prototype_source: str = (
         "teacher"  # prototypes in the positive: "teacher" (code, no gradient) | "student" (grad to P)
     )
@@ -91,7 +98,7 @@ class CRLNConfig(MeanTeacherConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("unsup_loss", self.unsup_loss, ("weighted", "masked"))
+        _choice("unsup_loss", self.unsup_loss, UNSUP_LOSSES)
         _choice("dim_upsample", self.dim_upsample, UPSAMPLE_MODES)
         _choice("rectify", self.rectify, RECTIFY_VARIANTS)
         _choice("rectify_space", self.rectify_space, ("logits", "probs"))
@@ -100,10 +107,16 @@ class CRLNConfig(MeanTeacherConfig):
         _choice("cps_positive", self.cps_positive, ("mean", "prototype", "mixed"))
         _choice("cps_prototype_reduce", self.cps_prototype_reduce, ("features", "prototypes"))
         _choice("cps_prototype_source", self.cps_prototype_source, ("teacher", "student"))
+        low, high = MU_SIGMOID_RANGE
         checks = [
             ("num_prototypes", self.num_prototypes >= 1, "an integer >= 1"),
             ("rectify_start", self.rectify_start >= 0, "an integer >= 0"),
             ("mu_init", 0.0 <= self.mu_init <= 1.0, "a number in [0, 1]"),
+            (
+                "mu_init",
+                self.mu_param != "sigmoid" or low <= self.mu_init <= high,
+                f"in [{low}, {high}] with mu_param=sigmoid (its gradient vanishes at 0 and 1)",
+            ),
             ("mu_lr", self.mu_lr >= 0, "a number >= 0"),
             ("mu_momentum", 0.0 <= self.mu_momentum < 1.0, "a number in [0, 1)"),
             ("mu_weight_decay", self.mu_weight_decay >= 0, "a number >= 0"),
@@ -124,14 +137,32 @@ class CRLNConfig(MeanTeacherConfig):
                 raise ValueError(f"{field_name} must be {expected}, got {getattr(self, field_name)!r}")
 
 
-def weighted_nll(student_logits: Tensor, pseudo_probs: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+def weighted_nll(
+    student_logits: Tensor, pseudo_probs: Tensor, threshold: float, nonzero_only: bool = False
+) -> tuple[Tensor, Tensor]:
     """The authors' unsupervised term: NLL of the pseudo-label argmax on every voxel, weighted per
-    sample by the share of its voxels with confidence ≥ ``threshold``. Returns ``(loss, reliable)``."""
+    sample by the share of its voxels with confidence ≥ ``threshold``. Returns ``(loss, reliable)``.
+
+    ``nonzero_only=False`` averages over all voxels; ``True`` averages only over the voxels whose NLL
+    is > 0, as the code's ``masked_select(loss > 0)`` does. The two differ once logit margins exceed
+    ~17 and the NLL rounds to exactly 0 in fp32 (see :func:`saturated_fraction`).
+    """
     confidence, target = pseudo_probs.max(dim=1)
     mask = (confidence >= threshold).float()
     weight = mask.flatten(1).mean(dim=1)  # (B,)
-    nll = F.cross_entropy(student_logits.float(), target, reduction="none")
-    return (nll.flatten(1).mean(dim=1) * weight).mean(), mask.mean()
+    nll = F.cross_entropy(student_logits.float(), target, reduction="none")  # (B, H, W, D)
+    weighted = nll * weight.view(-1, *([1] * (nll.dim() - 1)))
+    if not nonzero_only:
+        return weighted.mean(), mask.mean()
+    positive = nll > 0
+    return (weighted * positive).sum() / positive.sum().clamp_min(1), mask.mean()
+
+
+@torch.no_grad()
+def saturated_fraction(student_logits: Tensor, pseudo_probs: Tensor) -> Tensor:
+    """Share of voxels whose NLL against the pseudo-label argmax is exactly 0 in fp32 (saturated margin)."""
+    target = pseudo_probs.argmax(dim=1)
+    return (F.cross_entropy(student_logits.float(), target, reduction="none") == 0).float().mean()
 
 
 @torch.no_grad()
@@ -173,6 +204,7 @@ class CRLN(MeanTeacher):
                 quarter,
                 half,
                 spatial_awareness=config.spatial_awareness,
+                sa_bn_relu=config.sa_bn_relu,
                 conv_integration=config.conv_integration,
                 cross_class=config.cross_class,
                 normalize_proximity=config.normalize_proximity,
@@ -286,7 +318,7 @@ class CRLN(MeanTeacher):
             protos = dim.prototypes.detach() if cfg.cps_prototype_source == "teacher" else dim.prototypes
             proto_term = positive_prototypes(protos, cfg.cps_prototype_reduce)
         xi_used = float("inf") if cfg.cps_positive == "prototype" else xi
-        return cps_loss(rep, valid, samples, proto_term, xi_used, cfg.temperature), xi
+        return cps_loss(rep, valid, samples, proto_term, xi_used, cfg.temperature, cfg.cps_unit_mix), xi
 
     # --- one iteration ----------------------------------------------------------------------
     def train_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
@@ -300,8 +332,11 @@ class CRLN(MeanTeacher):
         n_labeled = batch.labeled_image.shape[0]
         logits, feats = self.student(torch.cat([batch.labeled_image, strong], dim=0), return_features=True)
         sup, ce, dice = self.supervised_loss(logits[:n_labeled], batch.labeled_label)
-        unsup_fn = weighted_nll if cfg.unsup_loss == "weighted" else masked_nll
-        unsup, reliable = unsup_fn(logits[n_labeled:], pseudo, cfg.confidence_threshold)
+        if cfg.unsup_loss == "masked":
+            unsup, reliable = masked_nll(logits[n_labeled:], pseudo, cfg.confidence_threshold)
+        else:
+            nonzero = cfg.unsup_loss == "weighted_nonzero"
+            unsup, reliable = weighted_nll(logits[n_labeled:], pseudo, cfg.confidence_threshold, nonzero)
         weight = cfg.unsup_weight * sigmoid_rampup(step, cfg.rampup_iterations)
         loss = sup + weight * unsup
         out: dict[str, Tensor] = {}
@@ -332,6 +367,7 @@ class CRLN(MeanTeacher):
             out.update(
                 reliable_before=(raw.max(dim=1).values >= cfg.confidence_threshold).float().mean(),
                 reliable_after=(rectified.max(dim=1).values >= cfg.confidence_threshold).float().mean(),
+                saturated_fraction=saturated_fraction(logits[n_labeled:], pseudo),
                 rectified=torch.tensor(float(self.rectification_active(step))),
             )
             oracle = batch.unlabeled_oracle_label

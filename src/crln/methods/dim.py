@@ -12,8 +12,9 @@ features, F3 = channels of its 1/2-resolution features):
   resolution (N2 positions), softmax over the N2 positions → updated prototypes ``p_i^I``;
 - block II (eq. 5): ``m_i^II = φ_q(p_i^I) φ_k(r3)ᵀ / √F3`` with ``r3 = Conv1×1(f3)`` at 1/2
   resolution → proximity maps ``M^II``: ``(B, C, R, H/2, W/2, D/2)``;
-- aggregation (eq. 6): Conv3×3×3 over the R maps (SA), Conv1×1×1 R → 1 (CI), weights shared by
-  all classes (CR), up-sampling to full resolution → ``M(x)``: ``(B, C, H, W, D)``.
+- aggregation (eq. 6): Conv3×3×3 over the R maps (SA) followed by BatchNorm + ReLU (the authors'
+  code), Conv1×1×1 R → 1 (CI), weights shared by all classes (CR), up-sampling to full resolution →
+  ``M(x)``: ``(B, C, H, W, D)``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RECTIFY_VARIANTS", "UPSAMPLE_MODES", "DynamicInteractionModule", "Rectifier"]
+__all__ = ["MU_SIGMOID_RANGE", "RECTIFY_VARIANTS", "UPSAMPLE_MODES", "DynamicInteractionModule", "Rectifier"]
 
 RECTIFY_VARIANTS = ("fixed_v1", "learnable_v2", "learnable_v3")
 UPSAMPLE_MODES = ("deconv", "deconv_relu", "trilinear")  # eq. 6's Upsample
+# μ = sigmoid(raw) must start where its gradient μ(1 − μ) is usable: at μ = 0.01 it is ~0.01, at the
+# former silent clamp 1e-4 it was 1e-4 and μ stayed frozen (issue 16).
+MU_SIGMOID_RANGE = (0.01, 0.99)
 
 
 class _CrossAttention(nn.Module):
@@ -70,6 +74,8 @@ class DynamicInteractionModule(nn.Module):
         quarter_channels: F, channels of the decoder's 1/4-resolution features (the prototype dim).
         half_channels: F3, channels of the decoder's 1/2-resolution features (block II's dim).
         spatial_awareness: SA, the Conv3×3×3 over the R proximity maps (off: identity).
+        sa_bn_relu: BatchNorm + ReLU after SA, as the authors' code. Without a non-linearity there,
+            SA followed by CI is one linear map R → 1 and Tab. 6's rows SA and SA + CI coincide.
         conv_integration: CI, the Conv1×1×1 from R maps to one (off: sum over R).
         cross_class: CR, SA/CI weights shared by all classes (off: one set of weights per class).
         normalize_proximity: standardise each proximity map over its positions before eq. 6.
@@ -91,6 +97,7 @@ class DynamicInteractionModule(nn.Module):
         half_channels: int,
         *,
         spatial_awareness: bool = True,
+        sa_bn_relu: bool = True,
         conv_integration: bool = True,
         cross_class: bool = True,
         normalize_proximity: bool = True,
@@ -116,6 +123,7 @@ class DynamicInteractionModule(nn.Module):
         groups = 1 if cross_class else C
         width = R if cross_class else C * R
         self.sa = nn.Conv3d(width, width, 3, padding=1, groups=groups) if spatial_awareness else None
+        self.sa_act = nn.Sequential(nn.BatchNorm3d(width), nn.ReLU()) if spatial_awareness and sa_bn_relu else None
         self.ci = nn.Conv3d(width, 1 if cross_class else C, 1, groups=groups) if conv_integration else None
         self.up = nn.ConvTranspose3d(C, C, 2, stride=2) if upsample != "trilinear" else None
         self.output_relu = upsample == "deconv_relu"
@@ -140,6 +148,8 @@ class DynamicInteractionModule(nn.Module):
         x = proximity.reshape(B * C, R, *spatial) if self.cross_class else proximity.reshape(B, C * R, *spatial)
         if self.sa is not None:
             x = self.sa(x)
+        if self.sa_act is not None:
+            x = self.sa_act(x)
         # CI off: the ablation baseline, the sum of the proximity maps over the R prototypes.
         x = self.ci(x) if self.ci is not None else x.reshape(-1, R, *spatial).sum(dim=1, keepdim=True)
         return x.reshape(B, C, *spatial)
@@ -164,7 +174,7 @@ class Rectifier(nn.Module):
             probabilities, ``(softmax(y) + (1 − μ)·softmax(M)) / (2 − μ)``.
         mu_param: ``"clamp"`` (μ is the raw scalar, clamped to [0, 1] after each of its steps) or
             ``"sigmoid"`` (μ = sigmoid(raw)).
-        mu_init: initial μ.
+        mu_init: initial μ (in ``MU_SIGMOID_RANGE`` for ``"sigmoid"``).
         threshold: τ of eq. 17 (``fixed_v1`` only).
 
     ``forward(pred_logits, m)`` returns scores ``s`` ``(B, C, ...)`` whose softmax is the rectified
@@ -191,7 +201,9 @@ class Rectifier(nn.Module):
         self.conv: nn.Conv3d | None = None
         if variant == "learnable_v3":
             if mu_param == "sigmoid":
-                mu_init = min(max(mu_init, 1e-4), 1 - 1e-4)
+                low, high = MU_SIGMOID_RANGE
+                if not low <= mu_init <= high:
+                    raise ValueError(f"mu_init must be in [{low}, {high}] with mu_param='sigmoid', got {mu_init}")
                 raw = math.log(mu_init / (1 - mu_init))
             else:
                 raw = min(max(mu_init, 0.0), 1.0)
