@@ -251,8 +251,9 @@ def test_config_validation_names_the_field(phantom_root: Path, tmp_path: Path) -
         {"rectify": "learnable_v2", "mu_step_input": "current"},
         {"rectify_space": "probs", "mu_param": "sigmoid", "mu_init": 0.5, "unsup_loss": "masked"},
         {"cross_class": False, "spatial_awareness": False, "cps_positive": "prototype", "xi_random": True},
-        {"cps": False, "conv_integration": False, "cps_prototype_reduce": "prototypes"},
-        {"cps_prototype_source": "student", "cps_prototype_reduce": "prototypes", "cps_with_replacement": False},
+        {"cps": False, "conv_integration": False, "cps_prototype_reduce": "features"},
+        {"cps_prototype_source": "student", "cps_unit_mix": False, "cps_with_replacement": False},
+        {"separate_forward": True, "unsup_loss": "weighted", "sa_bn_relu": False},
     ],
 )
 def test_ablation_variants_train_one_step(overrides: dict[str, object]) -> None:
@@ -413,3 +414,21 @@ def test_cps_positive_prototype_part_trains_with_the_papers_mean_not_the_codes(
     code = positive_prototypes(after, "features") - positive_prototypes(before, "features")
     assert float(paper.abs().max()) > 1e-4
     assert float(code.abs().max()) < 1e-6
+
+
+def test_separate_forward_gives_each_stream_its_own_batchnorm_statistics() -> None:
+    from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig
+
+    torch.manual_seed(0)
+    method = build_method(MeanTeacherConfig(separate_forward=True), lambda: VNet(num_classes=2, n_filters=4), 2)
+    assert isinstance(method, MeanTeacher)
+    method.train()
+    batch = _batch()
+    labeled, strong = batch.labeled_image, batch.unlabeled_image
+    assert strong is not None
+    with torch.no_grad():
+        separate = method.student_forward(labeled, strong)
+        assert torch.equal(separate[:2], method.student(labeled)) and torch.equal(separate[2:], method.student(strong))
+        method.config.separate_forward = False  # type: ignore[attr-defined]
+        joint = method.student_forward(labeled, strong)
+    assert joint.shape == separate.shape and not torch.allclose(joint, separate)  # shared batch statistics

@@ -330,7 +330,7 @@ class CRLN(MeanTeacher):
         strong, pseudo = self.strong_view(weak, rectified)  # same CutMix box for image and ȳ_r (A_g)
 
         n_labeled = batch.labeled_image.shape[0]
-        logits, feats = self.student(torch.cat([batch.labeled_image, strong], dim=0), return_features=True)
+        logits, feats = self.student_forward(batch.labeled_image, strong, return_features=True)
         sup, ce, dice = self.supervised_loss(logits[:n_labeled], batch.labeled_label)
         if cfg.unsup_loss == "masked":
             unsup, reliable = masked_nll(logits[n_labeled:], pseudo, cfg.confidence_threshold)

@@ -14,6 +14,7 @@ Wang et al., "Cooperative Rectification Learning Network", Medical Image Analysi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ class MeanTeacherConfig(MethodConfig):
     cutmix_box_fraction: float = 2 / 3  # CutMix box side as a fraction of each patch side
     strong_noise_sigma: float = 0.1  # Gaussian noise of the strong view (0 = none)
     strong_noise_clip: float = 0.2
+    # Student forward: one pass over [labelled, strong unlabelled] (shared BatchNorm batch statistics) or,
+    # with separate_forward, one pass per stream (the CRLN authors' code: separate statistics).
+    separate_forward: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -134,6 +138,18 @@ class MeanTeacher(TeacherStudentMethod):
             pseudo_probs = pseudo_probs * (1 - box) + pseudo_probs.roll(1, dims=0) * box
         return strong, pseudo_probs
 
+    def student_forward(self, labeled: Tensor, strong: Tensor, return_features: bool = False) -> Any:
+        """Student logits ``(Bl + Bu, C, H, W, D)`` of [labelled, strong unlabelled] (and, with
+        ``return_features``, the decoder features, concatenated the same way)."""
+        kwargs = {"return_features": True} if return_features else {}
+        if not self.config.separate_forward:  # type: ignore[attr-defined]
+            return self.student(torch.cat([labeled, strong], dim=0), **kwargs)
+        first, second = self.student(labeled, **kwargs), self.student(strong, **kwargs)
+        if not return_features:
+            return torch.cat([first, second], dim=0)
+        feats = {key: torch.cat([first[1][key], second[1][key]], dim=0) for key in first[1]}
+        return torch.cat([first[0], second[0]], dim=0), feats
+
     def train_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         cfg: MeanTeacherConfig = self.config  # type: ignore[assignment]
         if batch.unlabeled_image is None:
@@ -143,7 +159,7 @@ class MeanTeacher(TeacherStudentMethod):
         strong, pseudo = self.strong_view(batch.unlabeled_image, pseudo)
 
         n_labeled = batch.labeled_image.shape[0]
-        logits = self.student(torch.cat([batch.labeled_image, strong], dim=0))
+        logits = self.student_forward(batch.labeled_image, strong)
         sup, ce, dice = self.supervised_loss(logits[:n_labeled], batch.labeled_label)
         unsup, reliable = masked_nll(logits[n_labeled:], pseudo, cfg.confidence_threshold)
         weight = cfg.unsup_weight * sigmoid_rampup(step, cfg.rampup_iterations)
