@@ -58,7 +58,12 @@ class DataConfig:
     patch_size: tuple[int, int, int] = (112, 112, 80)
     labeled_batch_size: int = 2
     unlabeled_batch_size: int = 2
+    # Intensity normalisation of every volume, in training, validation, evaluate and predict alike (part of the
+    # model's input contract, stored in the run's config): "as_stored" | "minmax" (per volume and channel to [0, 1],
+    # the CRLN authors' code). crln.data.transforms.INTENSITY_MODES
+    intensity: str = "as_stored"
     rot_flip: bool = True
+    brightness: tuple[float, float] = (1.0, 1.0)  # training patches × U(low, high), clipped to [0, 1] (needs minmax)
     noise_sigma: float = 0.0  # Gaussian noise on training patches (0 = off)
     noise_clip: float = 0.2
     num_workers: int = 2
@@ -246,6 +251,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 def validate_config(config: RunConfig) -> None:
     """Range checks that span fields; raises :class:`CrlnError` naming the key."""
+    from crln.data.transforms import INTENSITY_MODES
     from crln.engine.schedule import LR_SCHEDULES
     from crln.models import DOWNSAMPLING_FACTOR, MODELS, NORMALIZATIONS
 
@@ -270,6 +276,18 @@ def validate_config(config: RunConfig) -> None:
         ("data.unlabeled_batch_size", d.unlabeled_batch_size >= 0, "an integer >= 0"),
         ("data.num_workers", d.num_workers >= 0, "an integer >= 0"),
         ("data.noise_sigma", d.noise_sigma >= 0, "a number >= 0"),
+        ("data.intensity", d.intensity in INTENSITY_MODES, f"one of {', '.join(INTENSITY_MODES)}"),
+        ("data.brightness", 0 < d.brightness[0] <= d.brightness[1], "two numbers 0 < low <= high"),
+        (
+            "data.brightness",
+            tuple(d.brightness) == (1.0, 1.0) or d.intensity == "minmax",
+            "[1, 1] unless data.intensity=minmax (brightness is clipped to [0, 1])",
+        ),
+        (
+            "method.strong_view",
+            getattr(config.method, "strong_view", "field") != "authors" or d.intensity == "minmax",
+            "'field' unless data.intensity=minmax (the authors' view rescales to [0, 1])",
+        ),
         ("optim.lr", config.optim.lr > 0, "a number > 0"),
         ("optim.momentum", 0 <= config.optim.momentum < 1, "a number in [0, 1)"),
         ("optim.weight_decay", config.optim.weight_decay >= 0, "a number >= 0"),

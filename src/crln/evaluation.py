@@ -25,6 +25,7 @@ from crln.atomic import atomic_write_text
 from crln.config import RunConfig
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
+from crln.data.transforms import normalize_intensity
 from crln.data.validate import validate_case
 from crln.engine import distributed
 from crln.engine.checkpoint import load_checkpoint
@@ -96,10 +97,11 @@ def _predict(
     stride: tuple[int, int, int],
     largest_component: bool,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """``(label map (H, W, D) uint8, probabilities (C, H, W, D))`` with the run's protocol."""
+    """``(label map (H, W, D) uint8, probabilities (C, H, W, D))`` with the run's protocol, on ``image``
+    normalised as in training (``data.intensity`` of the checkpoint's config)."""
     return predict_case(
         lambda x: network(perf.input(x)),
-        image,
+        normalize_intensity(image, config.data.intensity),
         patch_size=config.data.patch_size,
         stride=stride,
         num_classes=config.data.num_classes,

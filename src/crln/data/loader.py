@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from crln.data.case import Case
-from crln.data.transforms import AugmentConfig, gaussian_noise, random_crop, random_rot_flip
+from crln.data.transforms import AugmentConfig, gaussian_noise, random_brightness, random_crop, random_rot_flip
 from crln.errors import CrlnError
 
 __all__ = [
@@ -212,7 +212,7 @@ class PatchDataset(Dataset):
 
     ``__getitem__((step, slot, case_index, is_labeled))`` draws all randomness from
     ``np.random.default_rng([seed, step, slot])``: rot/flip (on the whole volume, as the field does),
-    random crop (padding volumes smaller than the patch), then Gaussian noise.
+    random crop (padding volumes smaller than the patch), brightness, then Gaussian noise.
 
     Returns a dict: ``image`` ``(C, h, w, d)`` float32 tensor, ``label`` ``(h, w, d)`` int64 tensor
     (labelled keys only), ``oracle_label`` (unlabelled keys whose case has a label; monitoring only),
@@ -248,6 +248,7 @@ class PatchDataset(Dataset):
         if self.augment.rot_flip:
             image, label = random_rot_flip(image, label, rng)
         image, label = random_crop(image, label, self.patch_size, rng)
+        image = random_brightness(image, rng, *self.augment.brightness)
         image = gaussian_noise(image, rng, self.augment.noise_sigma, self.augment.noise_clip)
         out: dict[str, Any] = {
             "image": torch.from_numpy(np.array(image, dtype=np.float32, copy=True, order="C")),

@@ -11,7 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AugmentConfig", "gaussian_noise", "pad_to_size", "random_crop", "random_rot_flip"]
+__all__ = [
+    "INTENSITY_MODES",
+    "AugmentConfig",
+    "gaussian_noise",
+    "normalize_intensity",
+    "pad_to_size",
+    "random_brightness",
+    "random_crop",
+    "random_rot_flip",
+]
+
+INTENSITY_MODES = ("as_stored", "minmax")
 
 
 @dataclass
@@ -22,9 +33,11 @@ class AugmentConfig:
         rot_flip: rot90 by k in {0..3} in the H-W plane, then a flip along H or W.
         noise_sigma: std of additive Gaussian noise (0 disables).
         noise_clip: noise is clipped to ``[-noise_clip, noise_clip]``.
+        brightness: ``(low, high)``: multiply by ``U(low, high)`` and clip to [0, 1] (``(1, 1)``: off).
     """
 
     rot_flip: bool = True
+    brightness: tuple[float, float] = (1.0, 1.0)
     noise_sigma: float = 0.0
     noise_clip: float = 0.2
 
@@ -99,3 +112,27 @@ def gaussian_noise(image: np.ndarray, rng: np.random.Generator, sigma: float, cl
     noise = rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
     np.clip(noise, -clip, clip, out=noise)
     return (image + noise).astype(np.float32, copy=False)
+
+
+def random_brightness(image: np.ndarray, rng: np.random.Generator, low: float, high: float) -> np.ndarray:
+    """Multiply by ``U(low, high)`` and clip to [0, 1] (the authors' RandomBrightness, for min-max data)."""
+    if low == high == 1.0:
+        return image
+    return np.clip(image * np.float32(rng.uniform(low, high)), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def normalize_intensity(image: np.ndarray, mode: str) -> np.ndarray:
+    """Whole-volume intensity normalisation: ``"as_stored"`` returns ``image``; ``"minmax"`` scales each
+    channel of ``(H, W, D)`` / ``(C, H, W, D)`` to [0, 1] (a constant channel becomes 0)."""
+    if mode == "as_stored":
+        return image
+    if mode != "minmax":
+        raise ValueError(f"intensity mode must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}")
+    volume = image.astype(np.float32, copy=True)
+    channels = volume.reshape(-1, *volume.shape[-3:]) if volume.ndim == 4 else volume[None]
+    for channel in channels:
+        low, high = float(channel.min()), float(channel.max())
+        channel -= low
+        if high > low:
+            channel /= high - low
+    return volume

@@ -34,7 +34,7 @@ from crln.data.case import Case
 from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
 from crln.data.splits import split_train, with_validation_list
-from crln.data.transforms import AugmentConfig
+from crln.data.transforms import AugmentConfig, normalize_intensity
 from crln.data.validate import check_patch_fits, validate_case
 from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
@@ -319,6 +319,8 @@ def train(
     for case in unlabeled_cases:  # a label loaded here is for monitoring only
         validate_case(case, num_classes=d.num_classes)
     check_patch_fits([*labeled_cases, *unlabeled_cases, *validation_cases], d.patch_size)
+    for case in (*labeled_cases, *unlabeled_cases, *validation_cases):
+        case.image = normalize_intensity(case.image, d.intensity)  # the model's input contract (data.intensity)
 
     method = perf.place(method)
     if world > 1 and config.distributed.sync_batchnorm:
@@ -411,7 +413,9 @@ def train(
         patch_size=d.patch_size,
         labeled_batch_size=d.labeled_batch_size,
         unlabeled_batch_size=d.unlabeled_batch_size if method.uses_unlabeled else 0,
-        augment=AugmentConfig(rot_flip=d.rot_flip, noise_sigma=d.noise_sigma, noise_clip=d.noise_clip),
+        augment=AugmentConfig(
+            rot_flip=d.rot_flip, brightness=d.brightness, noise_sigma=d.noise_sigma, noise_clip=d.noise_clip
+        ),
         seed=config.train.seed,
         start_step=start_step,
         num_steps=total,

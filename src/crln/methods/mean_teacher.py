@@ -24,8 +24,12 @@ from crln.data.loader import Batch
 from crln.engine.schedule import sigmoid_rampup
 from crln.methods.base import MethodConfig, ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
+from crln.methods.strong_view import authors_strong_view
 
-__all__ = ["MeanTeacher", "MeanTeacherConfig", "consistency_terms", "cutmix_box_mask", "masked_nll"]
+__all__ = ["STRONG_VIEWS", "MeanTeacher", "MeanTeacherConfig", "consistency_terms", "cutmix_box_mask", "masked_nll"]
+
+
+STRONG_VIEWS = ("field", "authors")
 
 
 @dataclass
@@ -44,6 +48,9 @@ class MeanTeacherConfig(MethodConfig):
     # Student forward: one pass over [labelled, strong unlabelled] (shared BatchNorm batch statistics) or,
     # with separate_forward, one pass per stream (the CRLN authors' code: separate statistics).
     separate_forward: bool = False
+    # Strong view: "field" (noise + the 3-D CutMix box above) or "authors" (the CRLN code's zoom, 2-D full-depth
+    # CutMix, brightness, noise, rot/flip, min-max; crln.methods.strong_view; needs data.intensity=minmax).
+    strong_view: str = "field"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -52,6 +59,8 @@ class MeanTeacherConfig(MethodConfig):
             raise ValueError(f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
         if not 0.0 < self.cutmix_box_fraction < 1.0:
             raise ValueError(f"cutmix_box_fraction must be in (0, 1), got {self.cutmix_box_fraction}")
+        if self.strong_view not in STRONG_VIEWS:
+            raise ValueError(f"strong_view must be one of {', '.join(STRONG_VIEWS)}, got {self.strong_view!r}")
         if self.unsup_weight < 0 or self.strong_noise_sigma < 0 or self.rampup_iterations < 0:
             raise ValueError("unsup_weight, strong_noise_sigma and rampup_iterations must be >= 0")
 
@@ -125,6 +134,8 @@ class MeanTeacher(TeacherStudentMethod):
     def strong_view(self, weak: Tensor, pseudo_probs: Tensor) -> tuple[Tensor, Tensor]:
         """Noise + CutMix of the unlabelled weak view ``(Bu, 1, H, W, D)``, with aligned pseudo-labels."""
         cfg: MeanTeacherConfig = self.config  # type: ignore[assignment]
+        if cfg.strong_view == "authors":
+            return authors_strong_view(weak, pseudo_probs, cutmix=cfg.cutmix)
         strong = weak
         if cfg.strong_noise_sigma > 0:
             noise = torch.randn_like(weak) * cfg.strong_noise_sigma

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from crln.atomic import atomic_write_text
+from crln.data.transforms import normalize_intensity
 from crln.engine.run_folder import RunFolder, read_log
 from crln.errors import CrlnError
 from crln.evaluation import per_class_metric_names
@@ -406,7 +407,7 @@ def _case_figures(
         with torch.no_grad():
             probs = sliding_window_predict(
                 lambda x: network(x),
-                case.image,
+                normalize_intensity(case.image, ckpt_config.data.intensity),
                 patch_size=ckpt_config.data.patch_size,
                 stride=ckpt_config.eval.stride,
                 num_classes=num_classes,
