@@ -432,3 +432,52 @@ def test_separate_forward_gives_each_stream_its_own_batchnorm_statistics() -> No
         method.config.separate_forward = False  # type: ignore[attr-defined]
         joint = method.student_forward(labeled, strong)
     assert joint.shape == separate.shape and not torch.allclose(joint, separate)  # shared batch statistics
+
+
+def test_inference_networks_and_the_authors_rectified_teacher() -> None:
+    from crln.methods.crln import RectifiedNetwork
+
+    method = _crln(mu_init=0.25).eval()
+    x = _batch().labeled_image
+    assert method.inference_network("student") is method.student
+    assert method.inference_network("teacher") is method.teacher
+    rectified = method.inference_network("teacher_rectified")
+    assert isinstance(rectified, RectifiedNetwork)
+    with torch.no_grad():
+        logits, feats = method.teacher(x, return_features=True)
+        m = method.teacher_dim(feats["quarter"], feats["half"])  # type: ignore[misc]
+        assert torch.allclose(rectified(x), logits + 0.75 * m)  # ȳ + (1 − μ)·M(x), μ = 0.25
+    with pytest.raises(CrlnError, match="available: student, teacher, teacher_rectified"):
+        method.inference_network("ensemble")
+    with pytest.raises(CrlnError, match="needs method.dim=true"):
+        _crln(dim=False, cps_positive="mean").inference_network("teacher_rectified")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["method.name=supervised", "eval.network=teacher"], "one of student for supervised"),
+        (["method.name=mean_teacher", "eval.network=teacher_rectified"], "one of student, teacher for mean_teacher"),
+        (
+            ["method.name=crln", "method.dim=false", "method.cps_positive=mean", "eval.network=teacher_rectified"],
+            "dim=false",
+        ),
+    ],
+)
+def test_eval_network_is_checked_with_the_config(
+    phantom_root: Path, tmp_path: Path, overrides: list[str], fragment: str
+) -> None:
+    with pytest.raises(CrlnError, match=f"eval.network.*{fragment}"):
+        load_config("demo", [*tiny_overrides(phantom_root, tmp_path), *overrides])
+
+
+def test_rectified_teacher_validates_evaluates_and_is_recorded(phantom_root: Path, tmp_path: Path) -> None:
+    from crln.engine.trainer import train
+    from crln.evaluation import evaluate
+
+    values = {"train.iterations": 2, "data.validation": 1, "eval.network": "teacher_rectified"}
+    config = load_config("demo", _overrides(phantom_root, tmp_path, **values))
+    run = train(config, progress=False).run_dir
+    result = evaluate(run, limit=1, progress=False)
+    assert result["summary"]["network"] == "teacher_rectified"
+    assert 0.0 <= result["summary"]["metrics"]["dice"]["mean"] <= 1.0

@@ -131,6 +131,9 @@ class EvalConfig:
     largest_component: bool = False
     bootstrap_resamples: int = 100
     checkpoint: str = "final"  # {"final", "best", "latest"}
+    # The network validated, evaluated, predicted with and reported: "student" | "teacher" (the EMA teacher) |
+    # "teacher_rectified" (CRLN: the teacher with ȳ + (1 − μ)·M(x), the authors' validate.py)
+    network: str = "student"
 
 
 @dataclass
@@ -253,8 +256,10 @@ def validate_config(config: RunConfig) -> None:
     """Range checks that span fields; raises :class:`CrlnError` naming the key."""
     from crln.data.transforms import INTENSITY_MODES
     from crln.engine.schedule import LR_SCHEDULES
+    from crln.methods import method_class
     from crln.models import DOWNSAMPLING_FACTOR, MODELS, NORMALIZATIONS
 
+    networks = method_class(config.method.name).inference_networks
     d = config.data
     if d.format not in ("h5", "nifti"):
         raise CrlnError(f"config key data.format: expected 'h5' or 'nifti', got {d.format!r}")
@@ -304,6 +309,12 @@ def validate_config(config: RunConfig) -> None:
         ("distributed.timeout_minutes", config.distributed.timeout_minutes > 0, "a number > 0"),
         ("eval.checkpoint", config.eval.checkpoint in ("final", "best", "latest"), "one of final, best, latest"),
         ("eval.sw_batch_size", config.eval.sw_batch_size >= 1, "an integer >= 1"),
+        ("eval.network", config.eval.network in networks, f"one of {', '.join(networks)} for {config.method.name}"),
+        (
+            "eval.network",
+            config.eval.network != "teacher_rectified" or getattr(config.method, "dim", False),
+            "not teacher_rectified when method.dim=false (no M(x) to rectify with)",
+        ),
         ("eval.stride", all(s >= 1 for s in config.eval.stride), "three integers >= 1"),
         (
             "eval.stride",

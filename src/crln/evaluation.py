@@ -72,7 +72,7 @@ def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.
         method, config = method_from_checkpoint(state)
     except CrlnError as err:  # a bad config or mismatched weights inside: name the file
         raise CrlnError(f"checkpoint {checkpoint_path}: {err}") from err
-    network = optimize_for_inference(method.inference_network().to(device).eval(), device)
+    network = optimize_for_inference(method.inference_network(config.eval.network).to(device).eval(), device)
     return network, config, {"step": state["step"], "method": state["method"]}
 
 
@@ -203,6 +203,7 @@ def evaluate(
         "checkpoint": str(ckpt_path),
         "checkpoint_step": info["step"],
         "method": info["method"],
+        "network": config.eval.network,
         "patch_size": list(config.data.patch_size),
         "stride": list(stride),
         "largest_component": lcc,

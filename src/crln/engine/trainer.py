@@ -91,7 +91,7 @@ def _validate(method: Method, cases: list[Case], config: RunConfig, perf: Perfor
     from crln.inference import optimize_for_inference, sliding_window_predict
     from crln.metrics import dice
 
-    network = method.inference_network()
+    network = method.inference_network(config.eval.network)
     was_training = network.training
     network.eval()
     scores = []

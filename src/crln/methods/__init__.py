@@ -10,9 +10,18 @@ from crln.methods.base import (
     Method,
     MethodConfig,
     build_method,
+    method_class,
     method_config_class,
     method_names,
     register_method,
 )
 
-__all__ = ["Method", "MethodConfig", "build_method", "method_config_class", "method_names", "register_method"]
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "build_method",
+    "method_class",
+    "method_config_class",
+    "method_names",
+    "register_method",
+]

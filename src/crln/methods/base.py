@@ -27,6 +27,7 @@ __all__ = [
     "TeacherStudentMethod",
     "build_method",
     "frozen_copy",
+    "method_class",
     "method_config_class",
     "method_names",
     "register_method",
@@ -59,6 +60,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_unlabeled: ClassVar[bool] = True
+    #: What ``eval.network`` may name for this method (:meth:`inference_network`).
+    inference_networks: ClassVar[tuple[str, ...]] = ("student",)
     #: Load the labels of unlabelled cases, when they exist, to monitor pseudo-label quality
     #: (``Batch.unlabeled_oracle_label``). Never used in a loss.
     monitors_pseudo_labels: ClassVar[bool] = False
@@ -86,9 +89,14 @@ class Method(nn.Module):
         """Parameters the engine's main optimiser updates (the student's by default)."""
         return self.student.parameters()
 
-    def inference_network(self) -> nn.Module:
-        """The network used for validation, evaluation and prediction."""
-        return self.student
+    def inference_network(self, which: str = "student") -> nn.Module:
+        """The network used for validation, evaluation and prediction (``eval.network``)."""
+        if which == "student":
+            return self.student
+        raise CrlnError(
+            f"config key eval.network: {which!r} is not available for method {self.name!r} "
+            f"(available: {', '.join(self.inference_networks)})"
+        )
 
     def networks(self) -> dict[str, nn.Module]:
         """Named networks, for device/memory-format placement and compilation."""
@@ -112,9 +120,15 @@ class TeacherStudentMethod(Method):
     The config must have an ``ema_decay`` field.
     """
 
+    inference_networks: ClassVar[tuple[str, ...]] = ("student", "teacher")
+
     def __init__(self, config: MethodConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__(config, model_factory, num_classes)
         self.teacher = frozen_copy(self.student)
+
+    def inference_network(self, which: str = "student") -> nn.Module:
+        """The student, or the EMA teacher (``which="teacher"``; its BatchNorm buffers are the EMA of the student's)."""
+        return self.teacher if which == "teacher" else super().inference_network(which)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher}
@@ -155,6 +169,11 @@ def _lookup(name: str) -> type[Method]:
             f"config key method.name: unknown method {name!r} (available: {', '.join(method_names())}){hint}"
         )
     return _REGISTRY[name]
+
+
+def method_class(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    return _lookup(name)
 
 
 def method_config_class(name: str) -> type[MethodConfig]:

@@ -28,13 +28,14 @@ from torch import Tensor, nn
 from crln.data.loader import Batch
 from crln.engine.distributed import all_reduce_mean_
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
+from crln.errors import CrlnError
 from crln.methods.base import ModelFactory, frozen_copy, register_method
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
 from crln.methods.dim import MU_SIGMOID_RANGE, RECTIFY_VARIANTS, UPSAMPLE_MODES, DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
 from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, consistency_terms, masked_nll
 
-__all__ = ["CRLN", "CRLNConfig", "pseudo_label_dice", "saturated_fraction", "weighted_nll"]
+__all__ = ["CRLN", "CRLNConfig", "RectifiedNetwork", "pseudo_label_dice", "saturated_fraction", "weighted_nll"]
 
 
 UNSUP_LOSSES = ("weighted", "weighted_nonzero", "masked")
@@ -190,6 +191,7 @@ class CRLN(MeanTeacher):
     name = "crln"
     config_class = CRLNConfig
     monitors_pseudo_labels = True
+    inference_networks = ("student", "teacher", "teacher_rectified")
 
     def __init__(self, config: CRLNConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__(config, model_factory, num_classes)
@@ -239,6 +241,15 @@ class CRLN(MeanTeacher):
             if module is not None:
                 nets[name] = module
         return nets
+
+    def inference_network(self, which: str = "student") -> nn.Module:
+        """``"teacher_rectified"``: the authors' test-time network (their ``validate.py``), the EMA teacher
+        with its DIM and the learned rectification, ``ȳ + (1 − μ)·M(x)``; else as the mean teacher."""
+        if which != "teacher_rectified":
+            return super().inference_network(which)
+        if self.teacher_dim is None or self.rectifier is None:
+            raise CrlnError("config key eval.network: 'teacher_rectified' needs method.dim=true (the DIM gives M(x))")
+        return RectifiedNetwork(self.teacher, self.teacher_dim, self.rectifier)
 
     def trainable_parameters(self):
         """Student backbone, student DIM + prototypes, CPS projection (not the teacher, not μ)."""
@@ -406,6 +417,22 @@ class CRLN(MeanTeacher):
                 self.student.train(modes[0])
                 self.student_dim.train(modes[1])
         self._rectifier_step(step)
+
+
+class RectifiedNetwork(nn.Module):
+    """A segmentation network whose output is rectified by its DIM: ``rectifier(logits, M(x))``.
+
+    ``forward(x)`` with ``x`` ``(B, C_in, H, W, D)`` returns scores ``(B, C, H, W, D)`` whose softmax is the
+    rectified distribution (logits for the default ``rectify_space``), like any other network's logits.
+    """
+
+    def __init__(self, network: nn.Module, dim: DynamicInteractionModule, rectifier: Rectifier) -> None:
+        super().__init__()
+        self.network, self.dim, self.rectifier = network, dim, rectifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits, feats = self.network(x, return_features=True)
+        return self.rectifier(logits, self.dim(feats["quarter"], feats["half"]))
 
 
 _FIELD_N_FILTERS = 16  # the field's VNet / 3D-UNet width

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from crln.data.loader import Batch
 from crln.engine.schedule import sigmoid_rampup
@@ -175,6 +175,3 @@ class MeanTeacher(TeacherStudentMethod):
         unsup, reliable = masked_nll(logits[n_labeled:], pseudo, cfg.confidence_threshold)
         weight = cfg.unsup_weight * sigmoid_rampup(step, cfg.rampup_iterations)
         return consistency_terms(sup + weight * unsup, (sup, ce, dice), unsup, weight, reliable)
-
-    def inference_network(self) -> nn.Module:
-        return self.student

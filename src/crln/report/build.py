@@ -373,7 +373,7 @@ def _case_figures(
         section.note(message)
         return
     method = method.to(device).eval()
-    network = optimize_for_inference(method.inference_network(), device)
+    network = optimize_for_inference(method.inference_network(ckpt_config.eval.network), device)
     step = int(state.get("step", 0))
     root = Path(str((summary or {}).get("data_root") or ckpt_config.data.root))
     try:
