@@ -449,7 +449,7 @@ def test_inference_networks_and_the_authors_rectified_teacher() -> None:
         assert torch.allclose(rectified(x), logits + 0.75 * m)  # ȳ + (1 − μ)·M(x), μ = 0.25
     with pytest.raises(CrlnError, match="available: student, teacher, teacher_rectified"):
         method.inference_network("ensemble")
-    with pytest.raises(CrlnError, match="needs method.dim=true"):
+    with pytest.raises(CrlnError, match=r"needs method\.dim=true"):
         _crln(dim=False, cps_positive="mean").inference_network("teacher_rectified")
 
 
