@@ -34,6 +34,8 @@ training uses the training cases present.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import os
 import platform
@@ -135,17 +137,20 @@ class Clock:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def arm(self) -> Any:
-        """Raise :class:`OutOfTime` in whatever part still runs ``GRACE_S`` after the deadline.
+    def arm(self, limit_s: float) -> Any:
+        """Raise :class:`OutOfTime` in the running part after ``limit_s``, or ``GRACE_S`` past the deadline.
 
-        Returns the previous SIGALRM handler, for :meth:`disarm`.
+        A part's own checks stop it earlier; the alarm is for a step that cannot be interrupted
+        otherwise (a ``torch.compile`` that takes minutes, a hung data worker). Returns the previous
+        SIGALRM handler, for :meth:`disarm`.
         """
+        seconds = max(1, int(min(limit_s, self.left() + GRACE_S)))
 
         def _expire(signum: int, frame: object) -> None:
-            raise OutOfTime(f"stopped by the alarm {GRACE_S:.0f} s past the budget")
+            raise OutOfTime(f"stopped by the alarm after {seconds} s (its share of the budget)")
 
         previous = signal.signal(signal.SIGALRM, _expire)
-        signal.alarm(max(1, int(self.left() + GRACE_S)))
+        signal.alarm(seconds)
         return previous
 
     @staticmethod
@@ -215,6 +220,8 @@ _PYTEST_COUNTS = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xf
 
 def part_cuda_tests(settings: Settings, seconds: float) -> dict[str, Any]:
     """``pytest -m cuda`` on the mixed-precision tests, in a subprocess that cannot outlive ``seconds``."""
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "failed", "reason": "pytest is not installed: carry its wheels in data/wheels (reproduce.md)"}
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider"]
     command.append(str(REPO / "tests" / "test_mixed_precision.py"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), *sys.path[1:]]))
@@ -383,7 +390,12 @@ def part_inference(settings: Settings, config: Any, data: dict[str, Any], second
     device = torch.device(settings.device)
     torch.manual_seed(0)
     network = VNet(n_filters=settings.n_filters).to(device).eval()
-    variants = {"fp32": ("none", "off"), "bf16 + channels-last": ("bf16", "on")}
+    variants = {}
+    for name, (amp, layout) in {"fp32": ("none", "off"), "bf16 + channels-last": ("bf16", "on")}.items():
+        perf = Performance.for_device(device, amp, layout)
+        fast = optimize_for_inference(network, device)  # CPU: a folded copy; CUDA: the network itself
+        fast = copy.deepcopy(fast).to(memory_format=torch.channels_last_3d) if perf.channels_last else fast
+        variants[name] = (perf, fast)
     dataset = open_dataset(config.data)
     times: dict[str, list[float]] = {name: [] for name in variants}
     agreement: list[float] = []
@@ -393,10 +405,7 @@ def part_inference(settings: Settings, config: Any, data: dict[str, Any], second
             break
         image = dataset.load(case_id, with_label=False).image
         labels = {}
-        for name, (amp, layout) in variants.items():
-            perf = Performance.for_device(device, amp, layout)
-            fast = optimize_for_inference(network, device)
-            fast = fast.to(memory_format=torch.channels_last_3d) if perf.channels_last else fast
+        for name, (perf, fast) in variants.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -529,9 +538,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 # running the parts
 
 
-def _run_part(report: Report, name: str, action: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one part; an exception or the alarm becomes its result instead of ending the check."""
+def _run_part(
+    report: Report, name: str, action: Callable[[], dict[str, Any]], clock: Clock, limit_s: float
+) -> dict[str, Any]:
+    """Run one part for at most ``limit_s``; an exception or the alarm becomes its result, the check goes on."""
     started = time.monotonic()
+    previous = clock.arm(limit_s)
     try:
         result = action()
     except OutOfTime as err:
@@ -539,6 +551,8 @@ def _run_part(report: Report, name: str, action: Callable[[], dict[str, Any]]) -
     except Exception as err:
         reason = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result = {"status": "failed", "reason": reason, "tail": traceback.format_exc()[-3000:]}
+    finally:
+        clock.disarm(previous)
     result.setdefault("status", "ok")
     result["seconds"] = round(time.monotonic() - started, 1)
     report.record(name, result)
@@ -599,11 +613,9 @@ def run_check(args: argparse.Namespace) -> Report:
         install_wheels(Path(args.wheels), work / "site")
     import_crln(work / "site")
     report = Report(out, settings, args.budget_s, args.dry_run)
-    previous = clock.arm()
     try:
         _run_parts(report, settings, clock, args, work)
     finally:
-        clock.disarm(previous)
         if args.dry_run and not args.work:
             shutil.rmtree(work, ignore_errors=True)
     return report
@@ -615,7 +627,7 @@ def _run_parts(report: Report, settings: Settings, clock: Clock, args: argparse.
 
     data_src = _dry_run_data(work) if args.dry_run else Path(args.data_src)
     data = _present_view(stage_data(data_src, work / "data" / data_src.name), work)
-    environment = _run_part(report, "environment", lambda: part_environment(settings, data))
+    environment = _run_part(report, "environment", lambda: part_environment(settings, data), clock, 60.0)
     if settings.device == "cuda" and not environment.get("cuda_available"):
         for name in ("cuda_tests", "step_times", "step_times_compiled", "data_path", "inference", "crln_run"):
             _skip(report, name, "CUDA is not available on this machine (use --dry-run on a CPU)")
@@ -624,19 +636,19 @@ def _run_parts(report: Report, settings: Settings, clock: Clock, args: argparse.
     def cap(name: str) -> float:
         return min(settings.part_caps[name], max(clock.left() - 60.0, 0.0))
 
-    _run_part(report, "cuda_tests", lambda: part_cuda_tests(settings, max(cap("cuda_tests"), 10.0)))
+    def run(name: str, action: Callable[[float], dict[str, Any]]) -> dict[str, Any]:
+        seconds = cap(name)  # the part's own stop; the alarm follows GRACE_S later
+        return _run_part(report, name, lambda: action(seconds), clock, seconds + GRACE_S)
+
+    run("cuda_tests", lambda s: part_cuda_tests(settings, max(s, 10.0)))
     torch.manual_seed(0)
     variants = [Variant("fp32"), Variant("bf16", amp="bf16"), Variant("bf16 + channels-last", "bf16", "on")]
-    steps = _run_part(report, "step_times", lambda: part_step_times(settings, METHODS, variants, cap("step_times")))
+    steps = run("step_times", lambda s: part_step_times(settings, METHODS, variants, s))
     compiled = [Variant("bf16 + channels-last + compile", "bf16", "on", compile=True)]
     if cap("step_times_compiled") < 30.0 and not args.dry_run:
         _skip(report, "step_times_compiled", f"{clock.left():.0f} s left")
     else:
-        _run_part(
-            report,
-            "step_times_compiled",
-            lambda: part_step_times(settings, settings.compiled_methods, compiled, cap("step_times_compiled")),
-        )
+        run("step_times_compiled", lambda s: part_step_times(settings, settings.compiled_methods, compiled, s))
     crln_step = next(
         (
             r["median_s"]
@@ -651,10 +663,11 @@ def _run_parts(report: Report, settings: Settings, clock: Clock, args: argparse.
             _skip(report, name, "no data carried (data/LA_compact/part*)")
         return
     step_s = min(crln_step or 0.3, settings.max_simulated_step_s)  # 0.3 s: a guess when the step was not timed
-    _run_part(report, "data_path", lambda: part_data_path(settings, config, data, step_s, cap("data_path")))
-    inference = _run_part(report, "inference", lambda: part_inference(settings, config, data, cap("inference")))
+    run("data_path", lambda s: part_data_path(settings, config, data, step_s, s))
+    inference = run("inference", lambda s: part_inference(settings, config, data, s))
     per_case = inference.get("seconds_per_volume", {}).get("bf16 + channels-last")
-    _run_part(report, "crln_run", lambda: part_crln_run(settings, config, data, clock, per_case))
+    action = lambda: part_crln_run(settings, config, data, clock, per_case)  # noqa: E731
+    _run_part(report, "crln_run", action, clock, clock.left() + GRACE_S)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,8 @@ def test_dry_run_goes_through_every_part_and_reports_each(tmp_path: Path) -> Non
     report = json.loads((out / "gpu_check.json").read_text())
     parts = report["parts"]
     assert list(parts) == PARTS
-    assert code == 0, {name: (p["status"], p.get("reason"), p.get("tail")) for name, p in parts.items()}
-    assert all(p["status"] == "ok" for p in parts.values()), parts
+    statuses = {name: (p["status"], p.get("reason"), p.get("tail")) for name, p in parts.items()}
+    assert code == 0 and all(p["status"] == "ok" for p in parts.values()), statuses
     assert parts["environment"]["data"]["lists"] == {"train": "6/6", "test": "2/2"}
     assert parts["cuda_tests"]["counts"]["skipped"] >= 1  # no CUDA here: every cuda test skips with a reason
     rows = parts["step_times"]["rows"]
@@ -47,16 +47,15 @@ def test_dry_run_goes_through_every_part_and_reports_each(tmp_path: Path) -> Non
 def test_a_part_past_the_budget_is_stopped_and_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import crln  # noqa: F401  (the report writes through crln.atomic)
 
+    clock = check.Clock(time.monotonic() - check.STARTED + 600.0)
+    report = check.Report(tmp_path, check.DRY_RUN, 600.0, dry_run=True)
+    result = check._run_part(report, "slow", lambda: time.sleep(30) or {}, clock, 1.0)  # its share: 1 s
+    assert result["status"] == "failed" and "alarm after 1 s" in result["reason"] and result["seconds"] < 10
     monkeypatch.setattr(check, "GRACE_S", 0.0)
-    clock = check.Clock(time.monotonic() - check.STARTED + 1.0)  # the budget ends in a second
-    report = check.Report(tmp_path, check.DRY_RUN, 1.0, dry_run=True)
-    previous = clock.arm()
-    try:
-        result = check._run_part(report, "slow", lambda: time.sleep(30) or {})
-    finally:
-        check.Clock.disarm(previous)
-    assert result["status"] == "failed" and "alarm" in result["reason"] and result["seconds"] < 10
-    assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["slow"]["status"] == "failed"
+    clock = check.Clock(time.monotonic() - check.STARTED + 1.0)  # the whole budget ends in a second
+    result = check._run_part(report, "slower", lambda: time.sleep(30) or {}, clock, 600.0)
+    assert result["status"] == "failed" and result["seconds"] < 10
+    assert list(json.loads((tmp_path / "gpu_check.json").read_text())["parts"]) == ["slow", "slower"]
 
 
 def test_missing_parts_leave_a_view_of_the_cases_present(phantom_root: Path, tmp_path: Path) -> None:
