@@ -615,9 +615,15 @@ def run_check(args: argparse.Namespace) -> Report:
         install_wheels(Path(args.wheels), work / "site")
     import_crln(work / "site")
     report = Report(out, settings, args.budget_s, args.dry_run)
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.dry_run:  # one thread: tiny tensors gain nothing from more, and a shared CPU stays usable
+        torch.set_num_threads(1)
     try:
         _run_parts(report, settings, clock, args, work)
     finally:
+        torch.set_num_threads(threads)
         if args.dry_run and not args.work:
             shutil.rmtree(work, ignore_errors=True)
     return report
