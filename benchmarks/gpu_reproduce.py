@@ -8,7 +8,8 @@ float32, nothing redundant), so it travels as a *snapshot*: 15 MiB pieces in bun
 of at most 4 pieces (60 MiB), each with a ``snapshot.json`` of SHA-256 sums, plus ``run_files.tar.gz``
 (config, meta, log.jsonl, evaluations).
 
-Device side, one command per call (``docs/reproduce.md`` has the exact calls)::
+Staging and printing are shared with ``gpu_check.py`` (``device_io.py``). Device side, one command per call
+(``docs/reproduce.md`` has the exact calls)::
 
     python3 benchmarks/gpu_reproduce.py device --config la_crln [--set key=value ...] [--evaluate]
 
@@ -24,7 +25,6 @@ locally every second call.
 Local side::
 
     python benchmarks/gpu_reproduce.py collect FILES_AT      # after each call: file what came back
-    python benchmarks/gpu_reproduce.py pack RUN_DIR          # snapshot a local run folder for carrying
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_io beside this script, however it is loaded
+from device_io import STARTED, WORK, Echo, TransferError, import_crln, install_wheels, stage_data
 
 __all__ = [
     "TransferError",
@@ -48,14 +50,11 @@ __all__ = [
     "device_call",
     "join_snapshot",
     "main",
-    "pack_run",
     "pack_snapshot",
     "run_key",
     "write_run_files",
 ]
 
-STARTED = time.monotonic()  # the call's clock: the device's 600 s count from (about) here
-REPO = Path(__file__).resolve().parents[1]
 CALL_LIMIT_S = 600.0  # one device command
 RESERVE_S = 60.0  # kept back from training for the snapshot, the copy to $OUT and interpreter start
 MIN_TRAIN_S = 60.0  # a shorter remainder is not worth loading the data for
@@ -63,7 +62,6 @@ EVAL_S = 240.0  # the 20 full-resolution LA test cases, strides 18x18x4: a GPU e
 PIECE_MIB = 15.0  # the device returns files of at most 16 MiB
 BUNDLE_PIECES = 4  # 4 x 15 MiB = 60 MiB of the 64 MiB one call carries or returns
 MIB = 2**20
-WORK = Path("/tmp/crln")
 SNAPSHOT_FILE = "snapshot.json"
 SENT_FILE = "sent.json"
 RUN_FILES = "run_files.tar.gz"
@@ -73,10 +71,6 @@ STORE = Path("runs/device")  # local home of snapshots; carry runs/device/<key>/
 CURRENT = "current"
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _HASH_CHUNK = 4 * MIB
-
-
-class TransferError(Exception):
-    """A missing or corrupt piece, a bad argument: printed as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,57 +281,8 @@ def collect(files_at: Path, store: Path, runs: Path) -> list[str]:
     return lines
 
 
-def pack_run(run_dir: Path, runs: Path, store: Path, piece_mib: float, bundle_pieces: int) -> Path:
-    """Snapshot a local run folder into ``store/<key>/current/`` (bundles to carry to the device)."""
-    relative = os.path.relpath(run_dir, runs)
-    key_root = store / run_key(relative)
-    snap = pack_snapshot(run_dir, relative, key_root / ".packing", piece_mib=piece_mib, bundle_pieces=bundle_pieces)
-    for bundle in sorted(p for p in snap.iterdir() if p.is_dir()):
-        write_run_files(run_dir, bundle / RUN_FILES)
-    shutil.rmtree(key_root / CURRENT, ignore_errors=True)
-    os.replace(snap, key_root / CURRENT)
-    shutil.rmtree(key_root / ".packing", ignore_errors=True)
-    return key_root / CURRENT
-
-
 # ----------------------------------------------------------------------------------------------------------
 # device side
-
-
-def _install_wheels(wheels: Path, site: Path) -> None:
-    marker = site / ".installed"
-    if marker.is_file() or not wheels.is_dir() or not list(wheels.glob("*.whl")):
-        return
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
-    command += ["--target", str(site), *map(str, sorted(wheels.glob("*.whl")))]
-    subprocess.run(command, check=True)
-    marker.write_text("ok\n")
-
-
-def _import_crln(site: Path) -> None:
-    for path in (str(REPO / "src"), str(site)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    try:
-        import crln.engine.trainer
-        import crln.evaluation  # noqa: F401
-    except ImportError as err:
-        raise TransferError(
-            f"cannot import crln ({err}); carry data/wheels (monai, nibabel) in this call, see docs/reproduce.md"
-        ) from None
-
-
-def _stage_data(data_src: Path, target: Path) -> str:
-    from crln.data.compact import MANIFEST_NAME, merge_compact, read_manifest
-
-    sources = [p for p in [data_src, *sorted(data_src.glob("part*"))] if (p / MANIFEST_NAME).is_file()]
-    if sources:
-        merge_compact(sources, target)
-    if not (target / MANIFEST_NAME).is_file():
-        return f"data: nothing staged yet in {target}"
-    manifest = read_manifest(target)
-    state = "complete" if manifest["complete"] else "incomplete (carry the other parts)"
-    return f"data: {target} holds {len(manifest['cases'])} cases, {state}"
 
 
 def _stage_snapshots(carried: Path, work: Path) -> list[str]:
@@ -426,18 +371,6 @@ def _log_speed(run_dir: Path) -> str:
     return f", {per_it:.3f} s/it lately, loss {last[-1].get('loss', float('nan')):.4f}"
 
 
-class _Echo(list):
-    """Lines printed as they come (a device call killed at its limit still shows how far it got)."""
-
-    def append(self, line: str) -> None:
-        print(line, flush=True)
-        super().append(line)
-
-    def extend(self, lines: Any) -> None:
-        for line in lines:
-            self.append(line)
-
-
 def device_call(args: argparse.Namespace) -> list[str]:
     """One device call: stage, send a pending bundle, train to the budget, evaluate, snapshot, send."""
     work, out = Path(args.work), Path(args.out or os.environ.get("OUT") or "")
@@ -447,12 +380,12 @@ def device_call(args: argparse.Namespace) -> list[str]:
     site = work / "site"
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _install_wheels(Path(args.wheels), site)
-    _import_crln(site)
+    install_wheels(Path(args.wheels), site)
+    import_crln(site)
 
     data_root = work / "data" / Path(args.data_src).name
-    lines = _Echo()
-    lines.append(_stage_data(Path(args.data_src), data_root))
+    lines = Echo()
+    lines.append(stage_data(Path(args.data_src), data_root)["line"])
     lines.extend(_stage_snapshots(Path(args.snapshots), work))
     if not (args.config or args.plan):
         return lines  # a staging call
@@ -544,13 +477,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files_at", help="the folder the device's files were copied to")
     p.add_argument("--store", default=str(STORE))
     p.add_argument("--runs", default="runs", help="local runs root (train.output_dir)")
-
-    p = sub.add_parser("pack", help="snapshot a local run folder into <store>/<key>/current for carrying")
-    p.add_argument("run_dir")
-    p.add_argument("--runs", default="runs", help="runs root the run folder is relative to")
-    p.add_argument("--store", default=str(STORE))
-    p.add_argument("--piece-mib", type=float, default=PIECE_MIB)
-    p.add_argument("--bundle-pieces", type=int, default=BUNDLE_PIECES)
     return parser
 
 
@@ -560,13 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "device":
             device_call(args)  # prints as it goes
             lines = []
-        elif args.command == "collect":
-            lines = collect(Path(args.files_at), Path(args.store), Path(args.runs))
         else:
-            current = pack_run(
-                Path(args.run_dir), Path(args.runs), Path(args.store), args.piece_mib, args.bundle_pieces
-            )
-            lines = [f"carry {p}" for p in sorted(current.iterdir())]
+            lines = collect(Path(args.files_at), Path(args.store), Path(args.runs))
     except TransferError as err:
         print(f"gpu_reproduce: error: {err}", file=sys.stderr)
         return 2
