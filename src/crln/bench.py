@@ -201,8 +201,8 @@ def _scale(metric: str) -> float:
 
 
 def _seed_mean(evaluation: Evaluation, metric: str) -> float:
-    value = evaluation.summary["metrics"].get(metric, {}).get("mean")
-    return math.nan if value is None else float(value)
+    """One seed's mean of ``metric`` over its cases with a defined value (``summarize``'s ``mean``)."""
+    return seed_spread([row.get(metric, math.nan) for row in evaluation.per_case.values()])[0]
 
 
 def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric: str) -> str:
@@ -223,8 +223,8 @@ def _row_line(row: RowResult, checkpoint: str) -> str:
     done = row.evaluated(checkpoint)
     seeds = ", ".join(str(s.seed) for s, _ in done) or ", ".join(str(s.seed) for s in row.seeds)
     if not done:
-        why = "none: no checkpoint_best.pt (data.validation = 0?)" if checkpoint == "best" else "not evaluated"
-        return f"| {row.name} | {label} {why} | {seeds} |" + " — |" * (len(METRICS) + 4)
+        why = "none (no checkpoint_best.pt: data.validation = 0?)" if checkpoint == "best" else "not evaluated"
+        return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(METRICS) + 4)
     pooled = pooled_summary(row.per_case(checkpoint), n_resamples=POOLED_RESAMPLES)
     per_it = [s.training["seconds_per_iteration"] for s, _ in done if "seconds_per_iteration" in s.training]
     minutes = [s.training["train_minutes"] for s, _ in done if "train_minutes" in s.training]
