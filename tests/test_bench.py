@@ -34,7 +34,7 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
     table = out.read_text()
     # One line per row and checkpoint, each gathering both seeds; MT paired against Sup.
     assert table.count("| Sup | final | 1, 2 |") == 1 and table.count("| MT | val-best | 1, 2 |") == 1
-    assert "| MT | final | 1, 2 | 6 |" in table  # paired: seeds, cases of the phantom test list
+    assert "| MT | final | 1, 2 | 2 |" in table  # paired: the shared seeds, the 2 cases of the phantom test list
     assert "crln train demo" in table and "train.seed=2" in table
     assert (tmp_path / "plan_paired.png").is_file()
     meta = json.loads(next((tmp_path / "runs").rglob("meta.json")).read_text())
