@@ -32,8 +32,8 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
     plan.write_text(plan.read_text() + "reference: Sup\n")
     out = run_plan(plan, progress=False)
     table = out.read_text()
-    # One line per row and checkpoint, each gathering both seeds; MT paired against Sup.
-    assert table.count("| Sup | final | 1, 2 |") == 1 and table.count("| MT | val-best | 1, 2 |") == 1
+    # One line per row and checkpoint, each gathering both seeds; MT's also in the paired table against Sup.
+    assert table.count("| Sup | final | 1, 2 |") == 1 and table.count("| MT | val-best | 1, 2 |") == 2
     assert "| MT | final | 1, 2 | 2 |" in table  # paired: the shared seeds, the 2 cases of the phantom test list
     assert "crln train demo" in table and "train.seed=2" in table
     assert (tmp_path / "plan_paired.png").is_file()
@@ -53,6 +53,8 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
         ("runs:\n  - name: x\n", "needs a config"),
         ("runs:\n  - config: demo\n    overrides: [optim.lrr=1]\n", "did you mean 'lr'"),
         ("runs:\n  - config: demo\nextra: 1\n", "unknown keys"),
+        ("reference: Nope\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
+        ("evaluate: {checkpoint: latest}\nruns:\n  - config: demo\n", "expected final, best or a list"),
     ],
 )
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:
@@ -80,6 +82,8 @@ def test_plan_figures(tmp_path: Path, phantom_root: Path) -> None:
     )
     plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
     table = run_plan(plan, progress=False).read_text()
+    assert "| Sup | final | 1 | — (" in table and "| CRLN | val-best | 1 | — (" in table  # one seed: no spread
+    assert "Paired differences" not in table  # no reference in the plan
     for suffix in ("dice", "pseudo_labels", "mu"):
         png = tmp_path / f"plan_{suffix}.png"
         assert f"]({png.name})" in table
