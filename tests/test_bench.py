@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -8,6 +9,7 @@ import pytest
 
 from conftest import tiny_overrides
 from crln.bench import load_plan, run_plan
+from crln.engine.run_folder import RunFolder, case_lists_sha256
 from crln.errors import CrlnError
 from crln.report.bench_figures import smooth, smoothing_window
 
@@ -27,10 +29,17 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
         "runs:\n  - name: Sup\n    config: demo\n"
         "  - name: MT\n    config: demo\n    overrides: [method.name=mean_teacher]\n",
     )
+    plan.write_text(plan.read_text() + "reference: Sup\n")
     out = run_plan(plan, progress=False)
     table = out.read_text()
-    assert table.count("| Sup |") == 2 and table.count("| MT |") == 2
+    # One line per row and checkpoint, each gathering both seeds; MT's also in the paired table against Sup.
+    assert table.count("| Sup | final | 1, 2 |") == 1 and table.count("| MT | val-best | 1, 2 |") == 2
+    assert "| MT | final | 1, 2 | 2 |" in table  # paired: the shared seeds, the 2 cases of the phantom test list
     assert "crln train demo" in table and "train.seed=2" in table
+    assert (tmp_path / "plan_paired.png").is_file()
+    meta = json.loads(next((tmp_path / "runs").rglob("meta.json")).read_text())
+    assert meta["split_sha256"] == case_lists_sha256(meta["split"])
+    assert f"(split `{meta['split_sha256'][:16]}`)" in table
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("checkpoint_final.pt")}
     run_plan(plan, progress=False)  # everything done: nothing retrains
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("checkpoint_final.pt")}
@@ -44,6 +53,8 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
         ("runs:\n  - name: x\n", "needs a config"),
         ("runs:\n  - config: demo\n    overrides: [optim.lrr=1]\n", "did you mean 'lr'"),
         ("runs:\n  - config: demo\nextra: 1\n", "unknown keys"),
+        ("reference: Nope\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
+        ("evaluate: {checkpoint: latest}\nruns:\n  - config: demo\n", "expected final, best or a list"),
     ],
 )
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:
@@ -71,6 +82,8 @@ def test_plan_figures(tmp_path: Path, phantom_root: Path) -> None:
     )
     plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
     table = run_plan(plan, progress=False).read_text()
+    assert "| Sup | final | 1 | — (" in table and "| CRLN | val-best | 1 | — (" in table  # one seed: no spread
+    assert "Paired differences" not in table  # no reference in the plan
     for suffix in ("dice", "pseudo_labels", "mu"):
         png = tmp_path / f"plan_{suffix}.png"
         assert f"]({png.name})" in table
@@ -89,3 +102,79 @@ def test_smoothing_window_follows_the_run_length() -> None:
     assert smoothing_window(100) == 5  # 1000 iterations logged every 10: a 50-iteration window
     assert smoothing_window(4000) == 25  # capped
     assert smoothing_window(3) == 1
+
+
+def test_case_lists_sha256_depends_on_the_cases_not_on_the_key_order() -> None:
+    lists = {"labeled": ["a", "b"], "validation": ["c"]}
+    assert case_lists_sha256(lists) == case_lists_sha256({"validation": ["c"], "labeled": ["a", "b"]})
+    assert case_lists_sha256(lists) != case_lists_sha256({"labeled": ["b", "a"], "validation": ["c"]})
+    assert len(case_lists_sha256(lists)) == 64
+
+
+# Fake evaluations (no training): per seed and checkpoint, Dice and 95HD of three cases.
+FAKE = {
+    ("Ref", 1, "final"): [(0.70, 10.0), (0.80, 8.0), (0.60, 12.0)],
+    ("Ref", 2, "final"): [(0.72, 9.0), (0.78, 8.0), (0.62, 11.0)],
+    ("New", 1, "final"): [(0.75, 9.0), (0.83, 7.0), (0.66, 10.0)],
+    ("New", 2, "final"): [(0.77, 8.0), (0.83, 7.0), (0.64, 10.0)],
+    ("New", 1, "best"): [(0.74, 9.0), (0.84, 7.0), (0.62, float("nan"))],
+    ("New", 2, "best"): [(0.76, 8.0), (0.82, 7.0), (0.66, 11.0)],
+}
+
+
+def _fake_run(folder: RunFolder, seed: int, name: str) -> None:
+    """A finished run folder: checkpoints, a log, meta.json and the evaluations of FAKE."""
+    folder.path.mkdir(parents=True)
+    folder.write_meta({"split": {"labeled": ["t1"], "unlabeled": ["t2"], "validation": ["t3"]}})
+    folder.log_path.write_text("".join(json.dumps({"step": s, "seconds_per_iteration": 0.5}) + "\n" for s in (5, 10)))
+    for checkpoint, eval_dir in (("final", "eval"), ("best", "eval_test_best")):
+        rows = FAKE.get((name, seed, checkpoint))
+        if rows is None:
+            continue
+        folder.checkpoint(checkpoint).write_bytes(b"")
+        csv_lines = ["case,dice,jaccard,asd,hd95,seconds"]
+        csv_lines += [f"c{i},{d:.6f},{d / 2:.6f},1.0,{h:.6f},0.1" for i, (d, h) in enumerate(rows)]
+        (folder.path / eval_dir).mkdir()
+        (folder.path / eval_dir / "per_case.csv").write_text("\n".join(csv_lines) + "\n")
+        step = 10 if checkpoint == "final" else 5 + seed
+        (folder.path / eval_dir / "summary.json").write_text(
+            json.dumps({"n_cases": len(rows), "checkpoint_step": step})
+        )
+
+
+def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "reference: Ref\nruns:\n  - name: Ref\n    config: demo\n    overrides: [train.tag=ref]\n"
+        "  - name: New\n    config: demo\n    overrides: [train.tag=new]\n",
+    )
+    for name in ("Ref", "New"):
+        for seed in (1, 2):
+            _fake_run(
+                RunFolder(tmp_path / "runs" / "phantom" / f"supervised__vnet__{name.lower()}" / f"seed{seed}"),
+                seed,
+                name,
+            )
+    table = run_plan(plan, progress=False).read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+
+    def line(prefix: str) -> str:
+        (found,) = [candidate for candidate in lines if candidate.startswith(prefix)]
+        return found
+
+    # Ref, final: per-seed Dice means 70 and 70.667 -> 70.33 ± 0.47 (sample std); one iteration count.
+    assert "| 70.33 ± 0.47 (" in line("| Ref | final |") and "| 3 | 10 | 0.500 |" in line("| Ref | final |")
+    assert "val-best: none (no checkpoint_best.pt" in line("| Ref | val-best")
+    # New, final 95HD: seed means 8.667 and 8.333 -> 8.50 ± 0.24.
+    assert "| 8.50 ± 0.24 (" in line("| New | final | 1, 2 | 74.67 ± 0.00 (")
+    # New, val-best: seed 1's 95HD mean skips its undefined case (8.0), seed 2's is 8.667.
+    best = line("| New | val-best |")
+    assert "| 8.33 ± 0.47 (" in best and "(1 undef.)" in best and "| 3 | 6, 7 |" in best
+    # Paired, final (per case, averaged over both seeds): ΔDice +5, +4, +4 points; Δ95HD -1, -1, -1.5.
+    # Three cases of one sign: the exact two-sided Wilcoxon p is 2 / 2^3.
+    paired = line("| New | final | 1, 2 | 3 |")
+    assert "| +4.33 [+4.00, +5.00] | 0.250 | -1.17 [-1.50, -1.00] | 0.250 |" in paired
+    assert "Every evaluation scored the same 3 cases" in table
+    for suffix in ("dice", "paired"):
+        assert f"]({plan.stem}_{suffix}.png)" in table and (tmp_path / f"{plan.stem}_{suffix}.png").is_file()

@@ -137,11 +137,11 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     tiny = ["model.n_filters=4", "data.patch_size=[32,32,32]", "train.val_every=2", "data.num_workers=0"]
     assert main([*args, "--no-progress", *tiny]) == 0
     out = capsys.readouterr().out
-    assert "| supervised | 1337 |" in out and "| crln | 1337 |" in out
+    assert "| supervised | final | 1337 |" in out and "| crln | val-best | 1337 |" in out
     assert "method.rectify_start=1" in out  # CRLN's S scaled to the short run
     # A second demo starts afresh in its own folder instead of refusing an existing run.
     assert main([*args, "--no-progress", "--methods", "mean_teacher", *tiny]) == 0
-    assert "| mean_teacher | 1337 |" in capsys.readouterr().out
+    assert "| mean_teacher | final | 1337 |" in capsys.readouterr().out
 
 
 def test_nifti_dataset_trains_and_reports_mm(tmp_path: Path) -> None:

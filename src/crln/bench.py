@@ -3,9 +3,10 @@
 A plan is a YAML file::
 
     title: LA at 0.5 scale, 8 labelled cases
-    seeds: [1337]
+    seeds: [1337, 2024, 7]
     overrides: [train.output_dir=runs/bench]     # applied to every run
-    evaluate: {split: test, checkpoint: final}
+    evaluate: {split: test}                      # checkpoint: final | best | [final, best] (default both)
+    reference: Mean teacher (CutMix + noise)     # optional: paired comparison of every row with this one
     runs:
       - name: Supervised
         config: la_cpu
@@ -14,13 +15,19 @@ A plan is a YAML file::
         overrides: [method.unsup_weight=0.5]
 
 Each (run, seed) trains unless its ``checkpoint_final.pt`` exists (an interrupted one resumes
-from ``checkpoint_latest.pt``), then is evaluated unless its summary exists. The table is
-rewritten after every run, so partial results are always on disk, and it lists the exact commands.
+from ``checkpoint_latest.pt``), then its final checkpoint and the one chosen on the validation split
+(``checkpoint_best.pt``, when validation ran) are evaluated unless their summaries exist. A table
+row gathers a run's seeds: the mean ± std over seeds of the per-seed means beside the bootstrap
+over cases × seeds pooled, and, with a ``reference``, the paired difference per case
+(:mod:`crln.comparison`). The table is rewritten after every (run, seed), so partial results are
+always on disk, and it lists the exact commands.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import shlex
 import statistics
@@ -32,13 +39,18 @@ from typing import Any
 import torch
 
 from crln.atomic import atomic_write_text
+from crln.comparison import PairedDifference, paired_difference, pooled_summary, seed_spread
 from crln.config import load_config, load_yaml
-from crln.engine.run_folder import RunFolder, read_log
+from crln.engine.run_folder import RunFolder, case_lists_sha256, read_log
 from crln.errors import CrlnError
 
 __all__ = ["BenchPlan", "load_plan", "run_plan"]
 
 METRICS = ("dice", "jaccard", "asd", "hd95")
+PAIRED_METRICS = ("dice", "hd95")
+CHECKPOINTS = ("final", "best")  # the last iteration's weights; the best on the validation split
+CHECKPOINT_LABELS = {"final": "final", "best": "val-best"}
+POOLED_RESAMPLES = 100  # as the evaluation's own summary (eval.bootstrap_resamples), so one seed matches it
 
 
 @dataclass
@@ -56,6 +68,7 @@ class BenchPlan:
     overrides: list[str] = field(default_factory=list)
     evaluate: dict[str, Any] = field(default_factory=dict)
     path: Path = Path()
+    reference: str | None = None  # a run name: every other row is compared with it, case by case
 
 
 def _strings(value: Any, where: str) -> list[str]:
@@ -70,9 +83,11 @@ def load_plan(path: str | Path) -> BenchPlan:
     """Read and check a plan file (every run's config is resolved once, so typos fail up front)."""
     path = Path(path)
     raw = load_yaml(path)
-    unknown = set(raw) - {"title", "runs", "seeds", "overrides", "evaluate"}
+    unknown = set(raw) - {"title", "runs", "seeds", "overrides", "evaluate", "reference"}
     if unknown:
-        raise CrlnError(f"bench plan {path}: unknown keys {sorted(unknown)} (title, runs, seeds, overrides, evaluate)")
+        raise CrlnError(
+            f"bench plan {path}: unknown keys {sorted(unknown)} (title, runs, seeds, overrides, evaluate, reference)"
+        )
     runs_raw = raw.get("runs")
     if not isinstance(runs_raw, list) or not runs_raw:
         raise CrlnError(f"bench plan {path}: key runs must be a non-empty list")
@@ -96,10 +111,30 @@ def load_plan(path: str | Path) -> BenchPlan:
     plan = BenchPlan(
         str(raw.get("title", path.stem)), runs, seeds, _strings(raw.get("overrides"), "overrides"), evaluate, path
     )
+    plan.reference = _reference(raw.get("reference"), plan)
+    _checkpoints(plan)
     for run in plan.runs:
         for seed in plan.seeds:
             load_config(run.config, _run_overrides(plan, run, seed))
     return plan
+
+
+def _reference(value: Any, plan: BenchPlan) -> str | None:
+    names = [run.name for run in plan.runs]
+    if value is not None and value not in names:
+        raise CrlnError(f"bench plan {plan.path}: key reference: {value!r} is not the name of a run ({names})")
+    return value
+
+
+def _checkpoints(plan: BenchPlan) -> list[str]:
+    """The checkpoints to evaluate: ``evaluate.checkpoint`` (one name or a list), default final and best."""
+    value = plan.evaluate.get("checkpoint", list(CHECKPOINTS))
+    chosen = [value] if isinstance(value, str) else value
+    if not isinstance(chosen, list) or not chosen or any(c not in CHECKPOINTS for c in chosen):
+        raise CrlnError(
+            f"bench plan {plan.path}: key evaluate.checkpoint: expected final, best or a list of them, got {value!r}"
+        )
+    return chosen
 
 
 def _run_overrides(plan: BenchPlan, run: BenchRun, seed: int) -> list[str]:
@@ -119,6 +154,41 @@ def _training_stats(run_dir: Path) -> dict[str, float]:
     return {"seconds_per_iteration": statistics.median(per_it), "train_minutes": sum(per_it) * steps / len(per_it) / 60}
 
 
+@dataclass
+class Evaluation:
+    """One checkpoint's ``summary.json`` and its per-case metrics (``{case: {metric: value}}``)."""
+
+    summary: dict[str, Any]
+    per_case: dict[str, dict[str, float]]
+
+
+@dataclass
+class SeedResult:
+    """One (run, seed): command, folder, training figures, data hash and evaluations by checkpoint."""
+
+    seed: int
+    command: str
+    run_dir: Path
+    training: dict[str, float] = field(default_factory=dict)
+    split_sha256: str | None = None
+    evals: dict[str, Evaluation] = field(default_factory=dict)
+
+
+@dataclass
+class RowResult:
+    """A plan run (one table row per checkpoint) and the seeds done so far."""
+
+    name: str
+    rectify_start: int | None  # CRLN's S, drawn on the pseudo-label and μ figures
+    seeds: list[SeedResult] = field(default_factory=list)
+
+    def evaluated(self, checkpoint: str) -> list[tuple[SeedResult, Evaluation]]:
+        return [(s, s.evals[checkpoint]) for s in self.seeds if checkpoint in s.evals]
+
+    def per_case(self, checkpoint: str) -> dict[int, dict[str, dict[str, float]]]:
+        return {s.seed: e.per_case for s, e in self.evaluated(checkpoint)}
+
+
 def _fmt(stats: dict[str, float] | None, scale: float) -> str:
     if not stats or stats.get("n", 0) == 0:
         return "n/a"
@@ -126,16 +196,156 @@ def _fmt(stats: dict[str, float] | None, scale: float) -> str:
     return f"{stats['boot_mean'] * scale:.2f} ± {stats['boot_std'] * scale:.2f}{extra}"
 
 
-def _write_figures(plan: BenchPlan, rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+def _scale(metric: str) -> float:
+    return 100.0 if metric in ("dice", "jaccard") else 1.0
+
+
+def _seed_mean(evaluation: Evaluation, metric: str) -> float:
+    """One seed's mean of ``metric`` over its cases with a defined value (``summarize``'s ``mean``)."""
+    return seed_spread([row.get(metric, math.nan) for row in evaluation.per_case.values()])[0]
+
+
+def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric: str) -> str:
+    """``mean ± std over seeds (pooled bootstrap)``; ``—`` for the spread of a one-seed row."""
+    scale = _scale(metric)
+    mean, std = seed_spread([_seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
+    spread = "—" if math.isnan(std) else f"{mean * scale:.2f} ± {std * scale:.2f}"
+    return f"{spread} ({_fmt(pooled.get(metric), scale)})"
+
+
+def _joined(values: list[Any]) -> str:
+    """One value when every seed agrees, else the per-seed values in seed order."""
+    return str(values[0]) if len(set(values)) == 1 else ", ".join(str(v) for v in values)
+
+
+def _row_line(row: RowResult, checkpoint: str) -> str:
+    label = CHECKPOINT_LABELS[checkpoint]
+    done = row.evaluated(checkpoint)
+    seeds = ", ".join(str(s.seed) for s, _ in done) or ", ".join(str(s.seed) for s in row.seeds)
+    if not done:
+        why = "none (no checkpoint_best.pt: data.validation = 0?)" if checkpoint == "best" else "not evaluated"
+        return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(METRICS) + 4)
+    pooled = pooled_summary(row.per_case(checkpoint), n_resamples=POOLED_RESAMPLES)
+    per_it = [s.training["seconds_per_iteration"] for s, _ in done if "seconds_per_iteration" in s.training]
+    minutes = [s.training["train_minutes"] for s, _ in done if "train_minutes" in s.training]
+    return (
+        f"| {row.name} | {label} | {seeds} | "
+        + " | ".join(_metric_cell(row, checkpoint, pooled, m) for m in METRICS)
+        + f" | {_joined([e.summary['n_cases'] for _, e in done])} | "
+        f"{_joined([e.summary['checkpoint_step'] for _, e in done])} | "
+        f"{statistics.median(per_it) if per_it else math.nan:.3f} | "
+        f"{statistics.mean(minutes) if minutes else math.nan:.1f} |"
+    )
+
+
+Paired = list[tuple[RowResult, str, dict[str, PairedDifference | None]]]
+
+
+def _paired(plan: BenchPlan, rows: list[RowResult]) -> tuple[RowResult | None, Paired]:
+    """The reference row (None if absent or not run yet) and each other row's paired differences."""
+    reference = next((r for r in rows if r.name == plan.reference), None)
+    if reference is None:
+        return None, []
+    return reference, [
+        (row, ck, {m: paired_difference(row.per_case(ck), reference.per_case(ck), m) for m in PAIRED_METRICS})
+        for row in rows
+        if row is not reference
+        for ck in _checkpoints(plan)
+        if row.evaluated(ck) and reference.evaluated(ck)
+    ]
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _paired_lines(plan: BenchPlan, rows: list[RowResult]) -> list[str]:
+    if not plan.reference:
+        return []
+    reference, paired = _paired(plan, rows)
+    lines = ["", f"## Paired differences against {plan.reference}", ""]
+    if reference is None:
+        return [*lines, "The reference row has not been evaluated yet."]
+    lines += [
+        "Per test case, the row's metric minus the reference's, each first averaged over the seeds both rows have; "
+        "mean difference [percentile-bootstrap 95 % interval of the mean, 10,000 resamples], and the two-sided "
+        "Wilcoxon signed-rank p-value over the cases (SciPy). Positive ΔDice and negative Δ95HD favour the row. "
+        "Checkpoints are compared like with like (final with final, val-best with val-best).",
+        "",
+        "| method | checkpoint | seeds | cases | ΔDice % [95 % CI] | p (Dice) | Δ95HD [95 % CI] | p (95HD) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row, ck, diffs in paired:
+        cells, shared = [], None
+        for metric in PAIRED_METRICS:
+            d, scale = diffs[metric], _scale(metric)
+            if d is None:
+                cells += ["—", "—"]
+                continue
+            shared = shared or d
+            undefined = f" ({d.n_undefined} undef.)" if d.n_undefined else ""
+            cells += [
+                f"{d.mean * scale:+.2f} [{d.ci_low * scale:+.2f}, {d.ci_high * scale:+.2f}]{undefined}",
+                _p_value(d.p_value),
+            ]
+        seeds = ", ".join(map(str, shared.seeds)) if shared else "none shared"
+        cases = len(shared.differences) if shared else 0
+        lines.append(f"| {row.name} | {CHECKPOINT_LABELS[ck]} | {seeds} | {cases} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _data_lines(rows: list[RowResult]) -> list[str]:
+    """The evaluated case list's hash (the same for every evaluation, or a warning that it is not)."""
+    hashes = {
+        case_lists_sha256({"cases": list(e.per_case)}): len(e.per_case)
+        for row in rows
+        for s in row.seeds
+        for e in s.evals.values()
+    }
+    if len(hashes) == 1:
+        ((digest, n),) = hashes.items()
+        return [f"Every evaluation scored the same {n} cases (case-list sha256 `{digest[:16]}`)."]
+    return [f"**Warning: the evaluations scored {len(hashes)} different case lists** (sha256 {sorted(hashes)})."]
+
+
+def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tuple[str, str]]:
     """PNGs beside the table (``<table stem>_<figure>.png``); returns ``[(caption, file name)]``."""
-    from crln.report.bench_figures import LoggedRun, plot_metric_by_method, plot_mu, plot_pseudo_label_quality
+    from crln.report.bench_figures import (
+        LoggedRun,
+        MethodScores,
+        plot_metric_by_method,
+        plot_mu,
+        plot_paired_differences,
+        plot_pseudo_label_quality,
+    )
 
     logged = [
-        LoggedRun(f"{row['name']} (seed {row['seed']})", read_log(Path(row["run_dir"]) / "log.jsonl"), row["S"])
+        LoggedRun(f"{row.name} (seed {s.seed})", read_log(s.run_dir / "log.jsonl"), row.rectify_start)
         for row in rows
+        for s in row.seeds
     ]
+    scores = [
+        MethodScores(
+            f"{row.name} · {CHECKPOINT_LABELS[ck]}",
+            tuple(_seed_mean(e, "dice") for _, e in row.evaluated(ck)),
+            pooled_summary(row.per_case(ck), n_resamples=POOLED_RESAMPLES).get("dice", {}),
+        )
+        for row in rows
+        for ck in _checkpoints(plan)
+        if row.evaluated(ck)
+    ]
+    paired = [(f"{row.name} · {CHECKPOINT_LABELS[ck]}", diffs) for row, ck, diffs in _paired(plan, rows)[1]]
     figures = [
-        ("Dice by method", "dice", lambda p: plot_metric_by_method(rows, p, "dice", plan.title)),
+        (
+            "Dice by method (points: each seed's mean)",
+            "dice",
+            lambda p: plot_metric_by_method(scores, p, "dice", plan.title),
+        ),
+        (
+            f"Paired differences against {plan.reference}",
+            "paired",
+            lambda p: plot_paired_differences(paired, p, f"Paired against {plan.reference}"),
+        ),
         (
             "Pseudo-label quality before / after rectification (paper Fig. 1)",
             "pseudo_labels",
@@ -151,38 +361,70 @@ def _write_figures(plan: BenchPlan, rows: list[dict[str, Any]], out: Path) -> li
     return written
 
 
-def _write_table(plan: BenchPlan, rows: list[dict[str, Any]], out: Path) -> None:
-    device = (
-        torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}"
-    )
-    if not torch.cuda.is_available():
-        import os
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
-        device += f", {os.cpu_count()} cores)"
+
+def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
     lines = [
         f"# {plan.title}",
         "",
-        f"Plan: `{plan.path}`; written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}, {device}, "
-        f"torch {torch.__version__}. Metrics: bootstrapped mean ± std over the evaluated cases (100 resamples); "
-        "Dice and Jaccard in %, ASD and 95HD in the dataset's distance unit.",
+        f"Plan: `{plan.path}`; written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}, {_device()}, "
+        f"torch {torch.__version__}. Each metric cell: mean ± std (ddof 1) over seeds of the per-seed case means "
+        f"(— with one seed), then in brackets the bootstrapped mean ± std over the cases of all seeds pooled "
+        f"({POOLED_RESAMPLES} resamples). Dice and Jaccard in %, ASD and 95HD in the dataset's distance unit. "
+        "Checkpoints: final (the last iteration) and val-best (best Dice on the validation split, never the test "
+        "cases); iterations: the checkpoint's, per seed when they differ.",
         "",
-        "| method | seed | Dice | Jaccard | ASD | 95HD | cases | iterations | s/it | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | checkpoint | seeds | Dice | Jaccard | ASD | 95HD | cases | iterations | s/it | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    lines += [_row_line(row, ck) for row in rows for ck in _checkpoints(plan)]
+    lines += _paired_lines(plan, rows)
+    lines += ["", *_data_lines(rows), "", "Commands (training split: sha256 of the labelled, unlabelled and validation "
+              "case lists in the run's meta.json):", ""]  # fmt: skip
     for row in rows:
-        m = row.get("metrics", {})
-        lines.append(
-            f"| {row['name']} | {row['seed']} | {_fmt(m.get('dice'), 100)} | {_fmt(m.get('jaccard'), 100)} | "
-            f"{_fmt(m.get('asd'), 1)} | {_fmt(m.get('hd95'), 1)} | {row.get('n_cases', '')} | {row.get('steps', '')} | "
-            f"{row.get('seconds_per_iteration', float('nan')):.3f} | {row.get('train_minutes', float('nan')):.1f} |"
-        )
-    lines += ["", "Commands:", ""]
-    lines += [f"- `{row['command']}` → `{row['run_dir']}`" for row in rows]
+        for s in row.seeds:
+            digest = f" (split `{s.split_sha256[:16]}`)" if s.split_sha256 else ""
+            lines.append(f"- `{s.command}` → `{s.run_dir}`{digest}")
     for caption, name in _write_figures(plan, rows, out):
         lines += ["", f"![{caption}]({name})"]
     atomic_write_text(out, "\n".join(lines) + "\n")
+
+
+def _evaluation(
+    plan: BenchPlan, config: Any, folder: RunFolder, checkpoint: str, label: str, progress: bool
+) -> Evaluation | None:
+    """The evaluation of one checkpoint (run now unless its summary exists); None without that checkpoint."""
+    from crln.evaluation import evaluate, read_per_case
+
+    if not folder.checkpoint(checkpoint).exists():
+        return None
+    ev = plan.evaluate
+    summary_path = _summary_path(folder, config, ev, checkpoint)
+    if not summary_path.exists():
+        print(f"[bench] evaluating {label}, {checkpoint} checkpoint", flush=True)
+        evaluate(
+            folder.path,
+            split=ev.get("split"),
+            checkpoint=checkpoint,
+            largest_component=ev.get("largest_component"),
+            progress=progress,
+        )
+    per_case = {
+        str(r["case"]): {k: v for k, v in r.items() if k not in ("case", "seconds")}
+        for r in read_per_case(summary_path.with_name("per_case.csv"))
+    }
+    return Evaluation(json.loads(summary_path.read_text()), per_case)
+
+
+def _split_sha256(folder: RunFolder) -> str | None:
+    try:
+        return json.loads((folder.path / "meta.json").read_text()).get("split_sha256")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def run_plan(
@@ -190,58 +432,40 @@ def run_plan(
 ) -> Path:
     """Train and evaluate every (run, seed) of a plan; returns the Markdown table's path."""
     from crln.engine.trainer import train
-    from crln.evaluation import evaluate
 
     plan = load_plan(plan_path)
     out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
-    rows: list[dict[str, Any]] = []
+    rows: list[RowResult] = []
     for run in plan.runs:
+        row: RowResult | None = None
         for seed in plan.seeds:
             config = load_config(run.config, _run_overrides(plan, run, seed))
             folder = RunFolder.for_config(config)
-            row: dict[str, Any] = {
-                "name": run.name,
-                "seed": seed,
-                "command": _command(plan, run, seed),
-                "run_dir": str(folder.path),
-                # CRLN's S, drawn on the pseudo-label and μ figures
-                "S": config.method.rectify_start if getattr(config.method, "dim", False) else None,
-            }
             if dry_run:
-                print(row["command"])
+                print(_command(plan, run, seed))
                 continue
+            if row is None:
+                row = RowResult(run.name, config.method.rectify_start if getattr(config.method, "dim", False) else None)
+                rows.append(row)
+            label = f"{run.name} (seed {seed})"
             if not folder.checkpoint("final").exists():
                 resume = folder.checkpoint("latest").exists()
-                print(f"[bench] {'resuming' if resume else 'training'} {run.name} (seed {seed})", flush=True)
+                print(f"[bench] {'resuming' if resume else 'training'} {label}", flush=True)
                 train(config, resume=resume, progress=progress)
-            ev = plan.evaluate
-            summary_path = _summary_path(folder, config, ev)
-            if not summary_path.exists():
-                print(f"[bench] evaluating {run.name} (seed {seed})", flush=True)
-                evaluate(
-                    folder.path,
-                    split=ev.get("split"),
-                    checkpoint=ev.get("checkpoint"),
-                    largest_component=ev.get("largest_component"),
-                    progress=progress,
-                )
-            summary = json.loads(summary_path.read_text())
-            row.update(
-                metrics=summary["metrics"],
-                n_cases=summary["n_cases"],
-                steps=summary["checkpoint_step"],
-                **_training_stats(folder.path),
-            )
-            rows.append(row)
+            result = SeedResult(seed, _command(plan, run, seed), folder.path, _training_stats(folder.path))
+            result.split_sha256 = _split_sha256(folder)
+            for checkpoint in _checkpoints(plan):
+                evaluation = _evaluation(plan, config, folder, checkpoint, label, progress)
+                if evaluation is not None:
+                    result.evals[checkpoint] = evaluation
+            row.seeds.append(result)
             _write_table(plan, rows, out_path)
     return out_path
 
 
-def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any]) -> Path:
+def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any], checkpoint: str) -> Path:
     from crln.evaluation import eval_dir_name
 
     split = ev.get("split") or config.data.test_split
-    name = eval_dir_name(
-        split, ev.get("checkpoint") or "final", bool(ev.get("largest_component")), default_split=config.data.test_split
-    )
+    name = eval_dir_name(split, checkpoint, bool(ev.get("largest_component")), default_split=config.data.test_split)
     return folder.path / name / "summary.json"

@@ -44,6 +44,7 @@ __all__ = [
     "load_network",
     "per_class_metric_names",
     "predict_files",
+    "read_per_case",
 ]
 
 METRICS = ("dice", "jaccard", "asd", "hd95")
@@ -242,6 +243,24 @@ def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
+
+
+def read_per_case(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``per_case.csv``: ``case`` as text, every other column as a float (``NaN`` when
+    empty or not a number)."""
+    rows = []
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            parsed: dict[str, Any] = {"case": row.get("case", "")}
+            for k, v in row.items():
+                if k == "case":
+                    continue
+                try:
+                    parsed[k] = float(v)
+                except (TypeError, ValueError):
+                    parsed[k] = float("nan")
+            rows.append(parsed)
+    return rows
 
 
 def per_class_metric_names(names: Iterable[str]) -> list[str]:

@@ -61,6 +61,7 @@ __all__ = [
     "hd95",
     "jaccard",
     "keep_largest_component",
+    "resample_means",
     "summarize",
 ]
 
@@ -308,14 +309,34 @@ def bootstrap(values: Sequence[float], *, n_resamples: int = 100, seed: int = 0)
     Raises:
         CrlnError: ``n_resamples < 1``.
     """
+    means = resample_means(values, n_resamples=n_resamples, seed=seed)
+    if means.size == 0:
+        return math.nan, math.nan
+    return float(means.mean()), float(means.std())
+
+
+def resample_means(values: Sequence[float], *, n_resamples: int = 100, seed: int = 0) -> np.ndarray:
+    """The means of ``n_resamples`` bootstrap resamples of ``values`` (the draws behind :func:`bootstrap`).
+
+    Args:
+        values: one value per case, without ``NaN``.
+        n_resamples: number of resamples, each of ``len(values)`` cases drawn with replacement
+            (``np.random.default_rng(seed).integers``).
+        seed: seed of the resampling.
+
+    Returns:
+        ``(n_resamples,)`` resample means; empty when ``values`` is.
+
+    Raises:
+        CrlnError: ``n_resamples < 1``.
+    """
     if n_resamples < 1:
         raise CrlnError(f"bootstrap: n_resamples is {n_resamples}, expected at least 1")
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
-        return math.nan, math.nan
+        return np.zeros(0)
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
-    return float(means.mean()), float(means.std())
+    return data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
 
 
 def summarize(

@@ -9,11 +9,13 @@ need is in it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from crln.atomic import atomic_write_text
 from crln.config import RunConfig, config_to_dict
 from crln.errors import CrlnError
 
-__all__ = ["MetricsLog", "RunFolder", "git_commit", "read_log"]
+__all__ = ["MetricsLog", "RunFolder", "case_lists_sha256", "git_commit", "read_log"]
 
 CHECKPOINT_NAMES = ("latest", "best", "final")
 
@@ -52,6 +54,13 @@ def git_commit() -> str | None:
         return None
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".")
     return f"{commit}+dirty" if status else commit
+
+
+def case_lists_sha256(lists: Mapping[str, Sequence[str]]) -> str:
+    """SHA-256 of named case lists (order within a list counts, the order of the names does not), so
+    two runs, or a run and an evaluation, can be checked to have used exactly the same cases."""
+    canonical = json.dumps({name: list(ids) for name, ids in lists.items()}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class RunFolder:
@@ -93,6 +102,8 @@ class RunFolder:
         atomic_write_text(self.config_path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     def write_meta(self, extra: dict[str, Any] | None = None) -> None:
+        """Write ``meta.json``: versions, host, command, ``extra``, and with ``extra["split"]`` (case
+        lists by role) their :func:`case_lists_sha256` as ``split_sha256``."""
         meta = {
             "crln_version": __version__,
             "git_commit": git_commit(),
@@ -106,6 +117,8 @@ class RunFolder:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         }
+        if isinstance(meta.get("split"), dict):
+            meta["split_sha256"] = case_lists_sha256(meta["split"])
         atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 

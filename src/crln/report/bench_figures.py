@@ -1,6 +1,9 @@
-"""Figures of a benchmark plan (``crln bench``): metric by method, pseudo-label quality, μ.
+"""Figures of a benchmark plan (``crln bench``): metric by method, paired differences, pseudo-label quality, μ.
 
-- :func:`plot_metric_by_method`: one bar per table row, bootstrapped mean ± std;
+- :func:`plot_metric_by_method`: one bar per table row and checkpoint (the mean over seeds, with the
+  pooled bootstrap std), each seed's mean drawn as a point over it;
+- :func:`plot_paired_differences`: each row's per-case differences from the reference row, with
+  their mean and bootstrap 95 % interval, for Dice and 95HD;
 - :func:`plot_pseudo_label_quality`: reliability and Dice of the teacher's pseudo-labels before and
   after rectification over iterations (the CRLN paper's Fig. 1), one row of panels per run that
   logged them;
@@ -13,7 +16,7 @@ smoothed with a trailing moving average whose window is stated on the figure.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,19 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
+from crln.comparison import PairedDifference
 from crln.report.figures import SavedFigure, save_figure
 
-__all__ = ["LoggedRun", "plot_metric_by_method", "plot_mu", "plot_pseudo_label_quality", "smooth", "smoothing_window"]
+__all__ = [
+    "LoggedRun",
+    "MethodScores",
+    "plot_metric_by_method",
+    "plot_mu",
+    "plot_paired_differences",
+    "plot_pseudo_label_quality",
+    "smooth",
+    "smoothing_window",
+]
 
 METRIC_LABELS = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "asd": "ASD", "hd95": "95HD"}
 PERCENT_METRICS = ("dice", "jaccard")
@@ -41,6 +54,16 @@ class LoggedRun:
     name: str
     records: list[dict[str, Any]]
     rectify_start: int | None = None
+
+
+@dataclass(frozen=True)
+class MethodScores:
+    """One table row and checkpoint: its label, each seed's case mean and the pooled
+    :func:`crln.metrics.summarize` entry (``boot_mean``, ``boot_std``, ``n``) of one metric."""
+
+    label: str
+    seed_means: tuple[float, ...]
+    pooled: dict[str, Any]
 
 
 def smooth(values: np.ndarray, window: int = SMOOTH_WINDOW) -> np.ndarray:
@@ -65,35 +88,77 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np
     return array[:, 0], array[:, 1]
 
 
+def _percent_scale(metric: str) -> float:
+    return 100.0 if metric in PERCENT_METRICS else 1.0
+
+
 def plot_metric_by_method(
-    rows: Sequence[dict[str, Any]], path: str | Path, metric: str = "dice", title: str = ""
+    entries: Sequence[MethodScores], path: str | Path, metric: str = "dice", title: str = ""
 ) -> SavedFigure | None:
-    """Horizontal bars of one metric per table row (``row["name"]``, ``row["seed"]`` and
-    ``row["metrics"][metric]`` with ``boot_mean``/``boot_std``); None when no row has it."""
-    scale = 100.0 if metric in PERCENT_METRICS else 1.0
-    entries = [
-        (f"{row['name']} (seed {row['seed']})", row["metrics"][metric])
-        for row in rows
-        if row.get("metrics", {}).get(metric, {}).get("n", 0)
-    ]
+    """Horizontal bars of one metric: bar = mean of the seeds' means, whisker = pooled bootstrap std,
+    points = each seed's mean (the seed spread); None when no entry has the metric."""
+    scale = _percent_scale(metric)
+    entries = [e for e in entries if e.pooled.get("n", 0) and not np.all(np.isnan(e.seed_means))]
     if not entries:
         return None
-    labels = [label for label, _ in entries]
-    means = np.array([stats["boot_mean"] * scale for _, stats in entries])
-    stds = np.array([stats["boot_std"] * scale for _, stats in entries])
+    seed_means = [np.asarray(e.seed_means, dtype=float) * scale for e in entries]
+    means = np.array([np.nanmean(values) for values in seed_means])
+    stds = np.array([e.pooled["boot_std"] * scale for e in entries])
     fig, ax = plt.subplots(figsize=(9.0, 1.2 + BAR_INCHES_PER_ROW * len(entries)), layout="constrained")
     positions = np.arange(len(entries))[::-1]
-    ax.barh(positions, means, xerr=stds, color="#4c72b0", capsize=3)
+    ax.barh(positions, means, xerr=stds, color="#4c72b0", alpha=0.8, capsize=3)
+    for y, values in zip(positions, seed_means):
+        ax.plot(values, np.full(values.size, y), "o", color="#dd8452", mec="black", mew=0.5, ms=5, zorder=3)
     for y, mean, std in zip(positions, means, stds):
         ax.text(mean + std, y, f"  {mean:.2f}", va="center", fontsize=8)
-    ax.set_yticks(positions, labels, fontsize=8)
-    ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric)}: bootstrapped mean ± std over test cases", fontsize=9)
+    ax.set_yticks(positions, [e.label for e in entries], fontsize=8)
+    ax.set_xlabel(
+        f"{METRIC_LABELS.get(metric, metric)}: mean over seeds (bar), each seed's mean (points), "
+        "bootstrap std over cases × seeds (whisker)",
+        fontsize=9,
+    )
     if metric in PERCENT_METRICS:
-        low = max(0.0, float((means - stds).min()) - 5.0)
-        ax.set_xlim(low, min(100.0, float((means + stds).max()) + 6.0))
+        lows = [float(np.nanmin(v)) for v in seed_means] + list(means - stds)
+        highs = [float(np.nanmax(v)) for v in seed_means] + list(means + stds)
+        ax.set_xlim(max(0.0, min(lows) - 5.0), min(100.0, max(highs) + 6.0))
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_paired_differences(
+    entries: Sequence[tuple[str, Mapping[str, PairedDifference | None]]], path: str | Path, title: str = ""
+) -> SavedFigure | None:
+    """One panel per metric (Dice, 95HD): per row, each case's difference from the reference (points),
+    the mean difference (diamond) and its bootstrap 95 % interval (line); None when there is nothing to draw."""
+    metrics = [m for m in ("dice", "hd95") if any(diffs.get(m) for _, diffs in entries)]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5.5 * len(metrics), 1.4 + BAR_INCHES_PER_ROW * len(entries)),
+        squeeze=False, sharey=True, layout="constrained",
+    )  # fmt: skip
+    positions = np.arange(len(entries))[::-1]
+    jitter = np.random.default_rng(0)  # spreads the points vertically only, so they do not hide each other
+    for ax, metric in zip(axes[0], metrics):
+        scale = _percent_scale(metric)
+        for y, (_, diffs) in zip(positions, entries):
+            d = diffs.get(metric)
+            if d is None:
+                continue
+            values = np.asarray(d.differences) * scale
+            ax.plot(values, y + jitter.uniform(-0.15, 0.15, values.size), ".", color="#4c72b0", alpha=0.5, ms=4)
+            ax.plot([d.ci_low * scale, d.ci_high * scale], [y, y], color="black", lw=2)
+            ax.plot(d.mean * scale, y, "D", color="#c44e52", ms=6, zorder=3)
+        ax.axvline(0.0, color="grey", ls="--", lw=1)
+        better = "higher" if metric in PERCENT_METRICS else "lower"
+        ax.set_xlabel(f"Δ {METRIC_LABELS.get(metric, metric)}, row − reference ({better} is better)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(positions, [label for label, _ in entries], fontsize=8)
+    fig.suptitle(
+        f"{title}: per case (points), mean (diamond), bootstrap 95 % interval (line)" if title else "", fontsize=10
+    )
     return save_figure(fig, path)
 
 

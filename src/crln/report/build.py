@@ -28,7 +28,7 @@ from crln.atomic import atomic_write_text
 from crln.data.transforms import normalize_intensity
 from crln.engine.run_folder import RunFolder, read_log
 from crln.errors import CrlnError
-from crln.evaluation import per_class_metric_names
+from crln.evaluation import per_class_metric_names, read_per_case
 from crln.report import figures
 from crln.report.page import Section, render_page, table
 
@@ -52,22 +52,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _read_per_case(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            parsed: dict[str, Any] = {"case": row.get("case", "")}
-            for k, v in row.items():
-                if k == "case":
-                    continue
-                try:
-                    parsed[k] = float(v)
-                except (TypeError, ValueError):
-                    parsed[k] = float("nan")
-            rows.append(parsed)
-    return rows
 
 
 def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
@@ -226,7 +210,7 @@ def build_report(
     summary = _read_json(summary_path) if summary_path.is_file() else None
     if per_case_path.is_file():
         try:
-            per_case = _read_per_case(per_case_path)
+            per_case = read_per_case(per_case_path)
         except (OSError, csv.Error) as err:
             notes.append(f"cannot read {per_case_path}: {err}")
     if not per_case:
