@@ -295,8 +295,9 @@ def validate_config(config: RunConfig) -> None:
         ),
         (
             "data.labeled_batch_size",
-            config.method.name != "bcp" or (d.labeled_batch_size % 2 == 0 and d.unlabeled_batch_size == d.labeled_batch_size),
-            "an even number with data.unlabeled_batch_size equal to it for method bcp (it pairs the halves of both streams)",
+            config.method.name != "bcp"
+            or (d.labeled_batch_size % 2 == 0 and d.unlabeled_batch_size == d.labeled_batch_size),
+            "an even number, and data.unlabeled_batch_size equal to it, for method bcp (it pairs halves of both)",
         ),
         (
             "method.pretrain_iterations",
