@@ -57,6 +57,9 @@ class BCPConfig(MethodConfig):
     cube_fraction: float = 2 / 3  # copy-paste cube side / patch side (--mask_ratio)
     unlabeled_weight: float = 0.5  # loss weight of pseudo-labelled voxels; ground truth has 1 (--u_weight)
     largest_component: bool = True  # keep each pseudo-label's largest connected component (get_cut_mask nms=1)
+    # At self-training: a fresh optimiser state and the LR schedule from its start (LA code: a new SGD);
+    # false carries both over (the Pancreas code reloads the pre-training optimiser state).
+    restart_optimizer: bool = True
 
     def __post_init__(self) -> None:
         if self.pretrain_iterations < 0:
@@ -141,8 +144,11 @@ class BCP(TeacherStudentMethod):
         return self.config  # type: ignore[return-value]
 
     def stage_starts(self) -> tuple[StageStart, ...]:
-        """Self-training starts at ``pretrain_iterations``: fresh optimiser state, LR schedule from its start."""
-        return (StageStart(self.cfg.pretrain_iterations),) if self.cfg.pretrain_iterations > 0 else ()
+        """Self-training starts at ``pretrain_iterations``; ``restart_optimizer``: fresh optimiser and LR schedule."""
+        if self.cfg.pretrain_iterations == 0:
+            return ()
+        restart = self.cfg.restart_optimizer
+        return (StageStart(self.cfg.pretrain_iterations, reset_optimizer=restart, restart_lr_schedule=restart),)
 
     @torch.no_grad()
     def start_stage(self, step: int) -> None:
