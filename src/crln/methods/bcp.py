@@ -173,6 +173,12 @@ class BCP(TeacherStudentMethod):
         removed = (foreground - (kept > 0).sum()).float() / foreground.clamp_min(1)
         return kept, removed
 
+    @staticmethod
+    def pretraining_mix(batch: Batch, cube: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage 1: labelled a with the cube ``(H, W, D)`` of labelled b pasted in: ``(Bl/2, 1, H, W, D)``, labels."""
+        (img_a, img_b), (lab_a, lab_b) = _halves(batch.labeled_image), _halves(batch.labeled_label)
+        return torch.where(cube[None, None], img_b, img_a), torch.where(cube, lab_b, lab_a)
+
     def mixed_batches(self, batch: Batch, cube: Tensor, pseudo: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """BCP's two mixed volumes and their targets (``(B/2, 1, H, W, D)`` and ``(B/2, H, W, D)``).
 
@@ -200,9 +206,9 @@ class BCP(TeacherStudentMethod):
 
     def pretraining_step(self, batch: Batch) -> dict[str, Tensor]:
         """Stage 1: a cube of labelled b pasted into labelled a, image and label alike."""
-        (img_a, img_b), (lab_a, lab_b) = _halves(batch.labeled_image), _halves(batch.labeled_label)
-        cube = copy_paste_cube(tuple(img_a.shape[2:]), self.cfg.cube_fraction, device=img_a.device)
-        image, label = torch.where(cube[None, None], img_b, img_a), torch.where(cube, lab_b, lab_a)
+        shape = tuple(batch.labeled_image.shape[2:])
+        cube = copy_paste_cube(shape, self.cfg.cube_fraction, device=batch.labeled_image.device)  # type: ignore[arg-type]
+        image, label = self.pretraining_mix(batch, cube)
         dice, ce = region_dice_ce(self.student(image), label)
         loss = self.weighted_loss(dice, ce)
         zero = torch.zeros((), device=loss.device)
