@@ -154,12 +154,14 @@ def test_stages_by_step_and_teacher_copy_at_the_boundary() -> None:
 
 
 def _overrides(root: Path, out: Path, **extra: object) -> list[str]:
-    return tiny_overrides(root, out, **{"method.name": "bcp", "method.pretrain_iterations": 3, **extra})
+    # 6 iterations, the last 3 self-training; no validation (not what these tests look at).
+    values = {"method.name": "bcp", "method.pretrain_iterations": 3, "data.validation": 0, **extra}
+    return tiny_overrides(root, out, **values)
 
 
-def test_engine_switches_stage_once_with_fresh_optimizer_and_lr(
-    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture(scope="module")
+def straight_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted 6-iteration run, logged every iteration, with a spy on the engine's stage switch."""
     import crln.engine.trainer as trainer_module
 
     seen = []
@@ -170,36 +172,42 @@ def test_engine_switches_stage_once_with_fresh_optimizer_and_lr(
         original(method, stage, optimizer)
         seen.append((stage.step, had_state, len(optimizer.state)))  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(trainer_module, "_start_stage", spy)
-    config = load_config("demo", _overrides(phantom_root, tmp_path, **{"train.log_every": 1}))
-    run_dir = trainer_module.train(config, progress=False).run_dir
-    assert seen == [(3, True, 0)]  # once, at iteration 3: momentum buffers existed and were dropped
-    records = [r for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    out = tmp_path_factory.mktemp("bcp_runs")
+    config = load_config("demo", [*_overrides(phantom_root, out, **{"train.log_every": 1}), "train.tag=straight"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module, "_start_stage", spy)
+        run_dir = trainer_module.train(config, progress=False).run_dir
+    return {"run_dir": run_dir, "seen": seen, "lr": config.optim.lr, "out": out}
+
+
+def test_engine_switches_stage_once_with_fresh_optimizer_and_lr(straight_run: dict) -> None:
+    assert straight_run["seen"] == [(3, True, 0)]  # once, at iteration 3: momentum buffers existed and were dropped
+    records = [r for r in read_log(straight_run["run_dir"] / "log.jsonl") if "loss" in r]
     assert [r["self_training"] for r in records] == [0, 0, 0, 1, 1, 1]
-    lr = [r["lr"] for r in records]
-    assert lr[3] == pytest.approx(config.optim.lr) and lr[2] < lr[3]  # the poly schedule starts again
-    assert lr[4] == pytest.approx(config.optim.lr * (1 - 1 / 3) ** 0.9)  # over the 3 self-training iterations
+    lr, base = [r["lr"] for r in records], straight_run["lr"]
+    assert lr[3] == pytest.approx(base) and lr[2] < lr[3]  # the poly schedule starts again at self-training
+    assert lr[4] == pytest.approx(base * (1 - 1 / 3) ** 0.9)  # over the 3 self-training iterations
+    assert all(r["lcc_removed_fraction"] == 0 for r in records[:3]) and all(r["loss_unsup"] > 0 for r in records[3:])
 
 
 @pytest.mark.parametrize(("checkpoint_every", "interrupt_after"), [(2, 3), (3, 4)])
 def test_bcp_resume_across_the_stage_boundary_is_exact(
-    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint_every: int, interrupt_after: int
+    phantom_root: Path, straight_run: dict, monkeypatch: pytest.MonkeyPatch, checkpoint_every: int, interrupt_after: int
 ) -> None:
     """Resumed before the boundary (checkpoint 2) or at it (checkpoint 3): bit-identical to a straight run."""
     import crln.engine.trainer as trainer_module
 
-    overrides = _overrides(phantom_root, tmp_path, **{"train.checkpoint_every": checkpoint_every})
-    straight = trainer_module.train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
-    config = load_config("demo", [*overrides, "train.tag=resumed"])
+    overrides = _overrides(phantom_root, straight_run["out"], **{"train.checkpoint_every": checkpoint_every})
+    config = load_config("demo", [*overrides, f"train.tag=resumed{checkpoint_every}"])
     train_interrupted(config, interrupt_after, monkeypatch)
     assert load_checkpoint(RunFolder.for_config(config).checkpoint("latest"))["step"] == checkpoint_every
     resumed = trainer_module.train(config, resume=True, progress=False).run_dir
-    a = load_checkpoint(straight / "checkpoint_final.pt")
+    a = load_checkpoint(straight_run["run_dir"] / "checkpoint_final.pt")
     b = load_checkpoint(resumed / "checkpoint_final.pt")
     assert a["method_state"].keys() == b["method_state"].keys()
     for key in a["method_state"]:
         assert torch.equal(a["method_state"][key], b["method_state"][key]), key
-    assert torch.equal(torch.cat([v.flatten() for v in _momentum(a)]), torch.cat([v.flatten() for v in _momentum(b)]))
+    assert all(torch.equal(x, y) for x, y in zip(_momentum(a), _momentum(b), strict=True))
 
 
 def _momentum(checkpoint: dict) -> list[torch.Tensor]:
