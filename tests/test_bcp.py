@@ -232,3 +232,11 @@ def test_presets_load() -> None:
     assert paper.method.pretrain_iterations == 2000 and paper.train.iterations == 17000  # type: ignore[attr-defined]
     assert cpu.method.pretrain_iterations == round(1000 * 2000 / 17000) and cpu.train.iterations == 1000  # type: ignore[attr-defined]
     assert load_config("pancreas_bcp").method.restart_optimizer is False  # type: ignore[attr-defined]
+
+
+def test_schedule_window_restarts_at_each_stage() -> None:
+    from crln.engine.schedule import schedule_window
+
+    assert [schedule_window(s, 10, []) for s in (0, 9)] == [(0, 10), (9, 10)]
+    assert [schedule_window(s, 10, [4]) for s in (0, 3, 4, 9)] == [(0, 4), (3, 4), (0, 6), (5, 6)]
+    assert [schedule_window(s, 10, [2, 5]) for s in (1, 2, 4, 5, 9)] == [(1, 2), (0, 3), (2, 3), (0, 5), (4, 5)]
