@@ -179,7 +179,8 @@ class BCP(TeacherStudentMethod):
         (img_a, img_b), (lab_a, lab_b) = _halves(batch.labeled_image), _halves(batch.labeled_label)
         return torch.where(cube[None, None], img_b, img_a), torch.where(cube, lab_b, lab_a)
 
-    def mixed_batches(self, batch: Batch, cube: Tensor, pseudo: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    @staticmethod
+    def mixed_batches(batch: Batch, cube: Tensor, pseudo: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """BCP's two mixed volumes and their targets (``(B/2, 1, H, W, D)`` and ``(B/2, H, W, D)``).
 
         ``mix_l``: labelled a outside the cube, unlabelled a inside; ``mix_u``: unlabelled b outside,
