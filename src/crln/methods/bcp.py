@@ -39,7 +39,7 @@ from torch import Tensor
 from crln.data.loader import Batch
 from crln.engine.ema import ema_update
 from crln.methods.base import MethodConfig, StageStart, TeacherStudentMethod, register_method
-from crln.methods.mean_teacher import cutmix_box_mask
+from crln.methods.mean_teacher import consistency_terms, cutmix_box_mask
 from crln.metrics import keep_largest_component
 
 __all__ = ["BCP", "BCPConfig", "copy_paste_cube", "largest_component_labels", "region_dice_ce"]
@@ -212,8 +212,7 @@ class BCP(TeacherStudentMethod):
         image, label = self.pretraining_mix(batch, cube)
         dice, ce = region_dice_ce(self.student(image), label)
         loss = self.weighted_loss(dice, ce)
-        zero = torch.zeros((), device=loss.device)
-        return self._terms(loss, loss, zero, ce, dice, zero, self_training=False)
+        return self._terms(loss, (loss, ce, dice), torch.zeros((), device=loss.device), 0.0, None)
 
     def self_training_step(self, batch: Batch) -> dict[str, Tensor]:
         """Stage 2: both mixed volumes, ground truth weighted 1 and pseudo-labels ``unlabeled_weight``."""
@@ -236,32 +235,22 @@ class BCP(TeacherStudentMethod):
         sup = self.weighted_loss(dice, ce)  # type: ignore[arg-type]
         unsup = sum(self.weighted_loss(d, c) for d, c in unsup_terms)
         loss = sup + self.cfg.unlabeled_weight * unsup
-        weight = torch.tensor(self.cfg.unlabeled_weight, device=loss.device)
         removed = (removed_a + removed_b) / 2
-        return self._terms(loss, sup, unsup, ce, dice, weight, self_training=True, lcc_removed=removed)  # type: ignore[arg-type]
+        return self._terms(loss, (sup, ce, dice), unsup, self.cfg.unlabeled_weight, removed)  # type: ignore[arg-type]
 
     @staticmethod
     def _terms(
-        loss: Tensor,
-        sup: Tensor,
-        unsup: Tensor,
-        ce: Tensor,
-        dice: Tensor,
-        weight: Tensor,
-        *,
-        self_training: bool,
-        lcc_removed: Tensor | None = None,
+        loss: Tensor, sup: tuple[Tensor, Tensor, Tensor], unsup: Tensor, weight: float, removed: Tensor | None
     ) -> dict[str, Tensor]:
-        """The same named terms in both stages, so that a log window across the boundary averages like the others."""
+        """The same named terms in both stages (``removed`` is None in pre-training), so that a log window
+        across the boundary averages like any other. ``reliable_fraction`` is 1 in self-training: BCP uses
+        every pseudo-label, with no confidence mask."""
+        self_training = removed is not None
+        reliable = torch.tensor(float(self_training))
         return {
-            "loss": loss,
-            "loss_sup": sup.detach(),
-            "loss_ce": ce.detach(),
-            "loss_dice": dice.detach(),
-            "loss_unsup": unsup.detach(),
-            "unsup_weight": weight.detach(),
+            **consistency_terms(loss, sup, unsup, weight, reliable),
             "self_training": torch.tensor(float(self_training)),
-            "lcc_removed_fraction": torch.zeros(()) if lcc_removed is None else lcc_removed.detach(),
+            "lcc_removed_fraction": removed.detach() if removed is not None else torch.zeros(()),
         }
 
     def after_optimizer_step(self, step: int) -> None:
