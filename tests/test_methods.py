@@ -30,6 +30,7 @@ def _build(name: str, **overrides: object):
 
 # Per-method settings that make the unsupervised term active from the first step on tiny inputs.
 ACTIVE_UNSUPERVISED = {
+    "bcp": {"pretrain_iterations": 0},  # self-training from the first step
     "mean_teacher": {"confidence_threshold": 0.0},
     "crln": {"confidence_threshold": 0.5, "tau_w": 0.0, "rectify_start": 0},
     "ua_mt": {"threshold_start": 1.0, "consistency_rampup_iterations": 0, "passes": 2},

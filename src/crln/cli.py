@@ -272,6 +272,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         extra = [f"method.name={name}"]
         if name == "crln":  # start rectifying at 40% of the run, as S = 800 does in a 2000-iteration CPU run
             extra += [f"method.rectify_start={iterations * 2 // 5}", f"method.mu_lr_iterations={iterations}"]
+        if name == "bcp":  # pre-train for BCP's share of the run (2,000 of 17,000 iterations), as la_cpu_bcp
+            extra += [f"method.pretrain_iterations={max(1, round(iterations * 2 / 17))}"]
         load_config("demo", [*overrides, *extra])  # fail early on a bad method or override
         runs.append({"name": name, "config": "demo", "overrides": extra})
     # The demo always starts afresh, inside its own folder only.

@@ -293,6 +293,17 @@ def validate_config(config: RunConfig) -> None:
             getattr(config.method, "strong_view", "field") != "authors" or d.intensity == "minmax",
             "'field' unless data.intensity=minmax (the authors' view rescales to [0, 1])",
         ),
+        (
+            "data.labeled_batch_size",
+            config.method.name != "bcp"
+            or (d.labeled_batch_size % 2 == 0 and d.unlabeled_batch_size == d.labeled_batch_size),
+            "an even number, and data.unlabeled_batch_size equal to it, for method bcp (it pairs halves of both)",
+        ),
+        (
+            "method.pretrain_iterations",
+            getattr(config.method, "pretrain_iterations", 0) < config.train.iterations,
+            f"fewer than train.iterations ({config.train.iterations}), so that self-training runs",
+        ),
         ("optim.lr", config.optim.lr > 0, "a number > 0"),
         ("optim.momentum", 0 <= config.optim.momentum < 1, "a number in [0, 1)"),
         ("optim.weight_decay", config.optim.weight_decay >= 0, "a number >= 0"),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "poly_lr_factor", "sigmoid_rampup", "step_lr_factor"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "poly_lr_factor", "schedule_window", "sigmoid_rampup", "step_lr_factor"]
 
 LR_SCHEDULES = ("poly", "step")
 
@@ -30,6 +31,17 @@ def lr_factor(step: int, total_steps: int, schedule: str, *, power: float, step_
     if schedule == "step":
         return step_lr_factor(step, step_size, gamma)
     raise ValueError(f"schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+
+
+def schedule_window(step: int, total: int, restarts: Sequence[int]) -> tuple[int, int]:
+    """``(step within its stage, stage length)`` for a schedule that starts again at each of ``restarts``.
+
+    The stage of 0-based ``step`` runs from the last restart ≤ ``step`` (0 if none) to the next
+    restart (``total`` if none); with no restarts this is ``(step, total)``.
+    """
+    begin = max((r for r in restarts if r <= step), default=0)
+    end = min((r for r in restarts if r > step), default=total)
+    return step - begin, end - begin
 
 
 def sigmoid_rampup(step: float, length: float) -> float:

@@ -4,6 +4,10 @@ Order of work after each ``Method.train_step`` (fixed and documented):
 backward → gradient clipping → optimiser step → LR schedule → ``method.after_optimizer_step``
 (EMA, extra optimiser steps) → metrics log → validation → checkpoint.
 
+Multi-stage methods (BCP) declare stage boundaries (``Method.stage_starts``); before the first
+iteration of a stage the engine calls ``method.start_stage`` and, as the stage asks, clears the
+optimiser state and restarts the LR schedule over the stage (:class:`crln.methods.base.StageStart`).
+
 The loop is resumable exactly: the batches of iteration ``k`` are a pure function of
 ``(seed, k)`` (see :mod:`crln.data.loader`), and the checkpoint holds the method, optimiser,
 grad-scaler and torch RNG states, so ``N`` iterations straight equal ``N/2`` + resume + ``N/2``.
@@ -41,9 +45,10 @@ from crln.engine.allocator import tune_cpu_allocator
 from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
-from crln.engine.schedule import lr_factor
+from crln.engine.schedule import lr_factor, schedule_window
 from crln.errors import CrlnError
 from crln.methods import Method, build_method
+from crln.methods.base import StageStart
 from crln.models import build_model
 
 __all__ = ["TrainResult", "build_network_factory", "method_from_checkpoint", "train"]
@@ -195,6 +200,13 @@ def _lr_factor(optim: OptimConfig, step: int, total: int) -> float:
     return lr_factor(
         step, total, optim.lr_schedule, power=optim.poly_power, step_size=optim.lr_step_size, gamma=optim.lr_step_gamma
     )
+
+
+def _start_stage(method: Method, stage: StageStart, optimizer: torch.optim.Optimizer) -> None:
+    """The engine's side of a stage boundary: the method's own work, then a fresh optimiser state if asked."""
+    method.start_stage(stage.step)
+    if stage.reset_optimizer:
+        optimizer.state.clear()  # what a newly built optimiser holds: no momentum buffers
 
 
 def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
@@ -372,6 +384,8 @@ def train(
     )
 
     total = config.train.iterations
+    stage_at = {stage.step: stage for stage in method.stage_starts() if 0 < stage.step < total}
+    restarts = [stage.step for stage in stage_at.values() if stage.restart_lr_schedule]
 
     def checkpoint(which: str, step: int) -> None:
         _check_finite_weights(method, step)
@@ -455,8 +469,10 @@ def train(
             batch.labeled_image = perf.input(batch.labeled_image)
             if batch.unlabeled_image is not None:
                 batch.unlabeled_image = perf.input(batch.unlabeled_image)
+            if step in stage_at:  # a multi-stage method's boundary (BCP): see Method.stage_starts
+                _start_stage(method, stage_at[step], optimizer)
             for group in optimizer.param_groups:
-                group["lr"] = config.optim.lr * _lr_factor(config.optim, step, total)
+                group["lr"] = config.optim.lr * _lr_factor(config.optim, *schedule_window(step, total, restarts))
 
             with perf.autocast():
                 out = step_fn(batch, step)

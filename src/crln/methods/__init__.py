@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from crln.methods import bcp as _bcp  # noqa: F401  (registers the method)
 from crln.methods import crln as _crln  # noqa: F401  (registers the method)
 from crln.methods import mean_teacher as _mean_teacher  # noqa: F401  (registers the method)
 from crln.methods import supervised as _supervised  # noqa: F401  (registers the method)

@@ -24,6 +24,7 @@ from crln.errors import CrlnError
 __all__ = [
     "Method",
     "MethodConfig",
+    "StageStart",
     "TeacherStudentMethod",
     "build_method",
     "frozen_copy",
@@ -43,6 +44,22 @@ class MethodConfig:
     name: str = "supervised"
     dice_weight: float = 0.5  # supervised loss = dice_weight * Dice + ce_weight * CE
     ce_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """A training stage of a multi-stage method (BCP: pre-training, then self-training).
+
+    Before the iteration ``step`` (0-based, > 0) the engine calls ``Method.start_stage(step)`` (the
+    method's own work, e.g. teacher ← student), then, as asked, gives the optimiser a fresh state
+    (momentum buffers dropped, as a newly built optimiser) and restarts the LR schedule, which then
+    runs over the stage alone (from ``step`` to the next restarting stage or the end of training).
+    Everything is a function of ``step``, so a run resumed on either side of a boundary is exact.
+    """
+
+    step: int
+    reset_optimizer: bool = True
+    restart_lr_schedule: bool = True
 
 
 class Method(nn.Module):
@@ -84,6 +101,13 @@ class Method(nn.Module):
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimiser step (EMA updates, extra optimiser steps)."""
+
+    def stage_starts(self) -> tuple[StageStart, ...]:
+        """Where the stages after the first begin, in increasing order (none: one stage; see :class:`StageStart`)."""
+        return ()
+
+    def start_stage(self, step: int) -> None:
+        """Called by the engine before iteration ``step`` when a stage of :meth:`stage_starts` begins there."""
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the engine's main optimiser updates (the student's by default)."""
