@@ -7,6 +7,9 @@ needed to resume a run exactly and to rebuild the networks for inference without
 ``format_version``, ``crln_version``, ``method`` (name), ``config`` (resolved, plain dict),
 ``step`` (completed iterations), ``method_state`` (student, teacher, extra modules),
 ``optimizer``, ``scaler``, ``torch_rng``, ``best`` (``{"metric", "step"}``).
+
+An inference-weights file (``model_final.pt``) has the same required keys, ``contents`` =
+:data:`INFERENCE_WEIGHTS`, and in ``method_state`` the inference network's weights only.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from crln import __version__
 from crln.atomic import atomic_path
 from crln.errors import CrlnError
 
-__all__ = ["FORMAT_VERSION", "load_checkpoint", "restore_module_state", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "INFERENCE_WEIGHTS", "load_checkpoint", "restore_module_state", "save_checkpoint"]
 
 FORMAT_VERSION = 1
+#: ``contents`` of a checkpoint that holds only the inference network's weights (not resumable).
+INFERENCE_WEIGHTS = "inference_network"
 _REQUIRED_KEYS = ("format_version", "method", "config", "step", "method_state")
 # Types of the required entries, checked before anything is rebuilt from them.
 _REQUIRED_TYPES = {"method": str, "config": dict, "step": int, "method_state": dict}
