@@ -33,7 +33,7 @@ from crln.engine.device import Performance, resolve_device
 from crln.engine.run_folder import RunFolder
 from crln.engine.trainer import network_from_checkpoint
 from crln.errors import CrlnError
-from crln.inference import entropy_map, optimize_for_inference, predict_case, scaled_stride, window_count
+from crln.inference import entropy_map, optimize_for_inference, predict_case, scaled_stride
 from crln.metrics import case_metrics, summarize
 
 __all__ = [
@@ -253,7 +253,11 @@ def evaluate(
         base = Path(run_dir) if run_dir is not None else ckpt_path.parent
         which = ckpt_path.stem.replace("checkpoint_", "")
         name = eval_dir_name(
-            split_name, which, lcc, default_split=config.data.test_split, data_name=Path(root).name if other_data else None
+            split_name,
+            which,
+            lcc,
+            default_split=config.data.test_split,
+            data_name=Path(root).name if other_data else None,
         )
         out_dir = check_output_dir(base / name, "--out")
     out_dir = Path(out_dir)
@@ -390,9 +394,9 @@ def _case_and_channel(path: Path) -> tuple[str, int | None]:
     it, else ``(case id, None)``: a lone ``scan_0003.nii.gz`` is case ``scan_0003``."""
     ending = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     stem, _, tail = path.name.removesuffix(ending).rpartition("_")
-    if path.name.endswith(ending) and stem and len(tail) == 4 and tail.isdigit():
-        if (path.parent / f"{stem}_0000{ending}").is_file():
-            return stem, int(tail)
+    channel_file = path.name.endswith(ending) and stem and len(tail) == 4 and tail.isdigit()
+    if channel_file and (path.parent / f"{stem}_0000{ending}").is_file():
+        return stem, int(tail)
     return _case_id_from_path(path), None
 
 
@@ -429,7 +433,9 @@ def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
         paths.sort(key=lambda p: _case_and_channel(p)[1] or 0)
         channels = [_case_and_channel(p)[1] or 0 for p in paths]
         if channels != list(range(len(paths))):
-            raise CrlnError(f"input {paths[0].parent}: case {case_id!r} has channels {channels}, expected 0..{len(paths) - 1}")
+            raise CrlnError(
+                f"input {paths[0].parent}: case {case_id!r} has channels {channels}, expected 0..{len(paths) - 1}"
+            )
     return list(groups.items())
 
 
@@ -450,13 +456,17 @@ def _read_input(paths: list[Path]) -> Case:
     for other in paths[1:]:
         image = read_nifti_volume(other).image
         if image.shape != first.image.shape or image.ndim != 3:
-            raise CrlnError(f"input {other}: shape {image.shape}, expected {paths[0].name}'s 3D shape {first.image.shape}")
+            raise CrlnError(
+                f"input {other}: shape {image.shape}, expected {paths[0].name}'s 3D shape {first.image.shape}"
+            )
         channels.append(image)
     first.image = np.stack(channels)
     return first
 
 
-def _output_names(case_id: str, *, nnunet_names: bool, probabilities: bool, entropy: bool, preview: bool) -> dict[str, str]:
+def _output_names(
+    case_id: str, *, nnunet_names: bool, probabilities: bool, entropy: bool, preview: bool
+) -> dict[str, str]:
     """File names of one case's outputs: ``seg``, and ``prob``, ``entropy``, ``overlay`` when asked for."""
     names = {"seg": f"{case_id}.nii.gz" if nnunet_names else f"{case_id}_seg.nii.gz"}
     wanted = {"prob": probabilities, "entropy": entropy, "overlay": preview}

@@ -42,7 +42,8 @@ def recorded_scale(path: str | Path) -> float:
             try:
                 scale = float(json.loads(record.read_text())["scale"])
             except (OSError, ValueError, KeyError, TypeError) as err:
-                raise CrlnError(f"{record}: unreadable scale record ({err}), expected {{\"scale\": <number>}}") from None
+                reason = f"unreadable scale record ({err})"
+                raise CrlnError(f'{record}: {reason}, expected {{"scale": <number>}}') from None
             if not scale > 0:
                 raise CrlnError(f"{record}: scale {scale}, expected a positive number")
             return scale

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crln.atomic import check_output_dir
 from crln.config import RunConfig, build_config, config_to_dict
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
@@ -38,7 +39,6 @@ from crln.data.transforms import AugmentConfig
 from crln.data.validate import check_patch_fits, validate_case
 from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
-from crln.atomic import check_output_dir
 from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
