@@ -509,6 +509,7 @@ def predict_files(
     from crln.data.nifti import nifti_header, write_nifti
 
     out = check_output_dir(out_dir, "-o")
+    ckpt_path, run_dir = _resolve_checkpoint(checkpoint, None)
     groups = _scan_groups(inputs)
     names = {
         case_id: _output_names(
@@ -522,7 +523,6 @@ def predict_files(
             f"-o {out}: {existing[0].name} already exists ({len(existing)} output(s) would be replaced); "
             "pass --overwrite to replace them, or choose another folder"
         )
-    ckpt_path, run_dir = _resolve_checkpoint(checkpoint, None)
     dev = resolve_device(device, "--device")
     network, config, _ = load_network(ckpt_path, dev)
     perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
