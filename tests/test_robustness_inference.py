@@ -347,3 +347,19 @@ def test_prepare_records_the_scale_and_inference_scales_the_stride(phantom_root:
     stride, note = inference_stride(config, None, phantom_root, None)
     assert stride == (18, 18, 4) and "scale 0.5" in note and "--stride" in note
     assert inference_stride(config, (5, 5, 5), phantom_root, None) == ((5, 5, 5), None)
+
+
+def test_a_compact_copy_keeps_the_scale(phantom_root: Path, tmp_path: Path) -> None:
+    from crln.data.compact import compact_h5_dataset
+
+    prepare_h5_dataset(phantom_root, tmp_path / "half", scale=0.5, log=lambda message: None)
+    compact_h5_dataset(tmp_path / "half", tmp_path / "compact", report=None)
+    assert recorded_scale(tmp_path / "compact") == 0.5
+
+
+def test_report_says_its_windows_and_takes_stride_options(run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    assert main(["report", str(run), "-o", str(out), "--stride", "32,32,16", "--sw-batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "windows, stride [32, 32, 16] ..." in printed
+    assert (out / "report.html").is_file()
