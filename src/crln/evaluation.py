@@ -527,12 +527,13 @@ def predict_files(
     network, config, _ = load_network(ckpt_path, dev)
     perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
-    written = []
+    written, notes = [], set()
     for case_id, paths in groups:
         case = _read_input(paths)
         _check_input(case, config, require_label=False)
         case_stride, note = inference_stride(config, stride, paths[0].parent, run_dir)
-        if progress and note:
+        if progress and note and note not in notes:  # once per folder, not per scan
+            notes.add(note)
             print(f"note: {note}", flush=True)
         start = time.perf_counter()
         pred, probs = _predict(network, case.image, config, perf, case_stride, windows_per_batch, largest_component)
