@@ -363,3 +363,12 @@ def test_report_says_its_windows_and_takes_stride_options(run: Path, tmp_path: P
     printed = capsys.readouterr().out
     assert "windows, stride [32, 32, 16] ..." in printed
     assert (out / "report.html").is_file()
+
+
+def test_an_output_never_replaces_an_input_scan(run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    _no_inference(monkeypatch)
+    _scan(tmp_path / "scans" / "a.nii.gz")
+    before = (tmp_path / "scans" / "a.nii.gz").read_bytes()
+    argv = ["predict", run, tmp_path / "scans", "-o", tmp_path / "scans", "--nnunet-names", "--overwrite"]
+    assert_user_error(argv, capsys, "output a.nii.gz would replace an input scan")
+    assert (tmp_path / "scans" / "a.nii.gz").read_bytes() == before

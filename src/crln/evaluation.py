@@ -517,6 +517,10 @@ def predict_files(
         )
         for case_id, _ in groups
     }
+    scans = {path.resolve() for _, paths in groups for path in paths}
+    clash = next((out / n for case in names.values() for n in case.values() if (out / n).resolve() in scans), None)
+    if clash is not None:  # even --overwrite never replaces a scan being segmented
+        raise CrlnError(f"-o {out}: output {clash.name} would replace an input scan; choose another folder")
     existing = [out / name for case in names.values() for name in case.values() if (out / name).exists()]
     if existing and not overwrite:
         raise CrlnError(
