@@ -15,7 +15,7 @@ from pathlib import Path
 
 from crln.errors import CrlnError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_dir"]
 
 
 def _fsync_file(path: Path) -> None:
@@ -71,3 +71,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Atomically replace ``path`` with UTF-8 ``text``."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """``path`` as a folder crln may write into; checked before any work, so a bad one costs nothing.
+
+    The folder itself need not exist, but neither it nor any folder above it may be a file.
+
+    Args:
+        path: the output folder.
+        what: the option or config key that named it (e.g. ``-o``, ``train.output_dir``), for the message.
+
+    Raises:
+        CrlnError: ``path`` or a parent of it is an existing file.
+    """
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            found = "an existing file" if folder == path else f"{folder} above it is a file"
+            raise CrlnError(f"{what} {path}: {found}, expected a folder to write into")
+    return path

@@ -32,6 +32,17 @@ def _triple(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _add_window_options(p: argparse.ArgumentParser) -> None:
+    """``--stride`` and ``--sw-batch-size`` of the verbs that run sliding-window inference."""
+    p.add_argument(
+        "--stride",
+        type=_triple,
+        help="sliding-window step per axis, e.g. 18,18,4 (default: the run's eval.stride, scaled by the ratio "
+        "of the data's scale to the training data's, see docs/evaluation.md)",
+    )
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default: the run's eval.sw_batch_size)")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from crln.config import load_config
     from crln.engine.trainer import train
@@ -73,7 +84,9 @@ def _is_main_process() -> bool:
     return is_main_process()
 
 
-def _evaluate_and_print(target, data, split, checkpoint, lcc, device, out, limit) -> int:
+def _evaluate_and_print(
+    target, data, split, checkpoint, lcc, device, out, limit, stride=None, sw_batch_size=None
+) -> int:
     from crln.evaluation import evaluate, format_summary_table
 
     result = evaluate(
@@ -85,6 +98,8 @@ def _evaluate_and_print(target, data, split, checkpoint, lcc, device, out, limit
         device=device,
         out_dir=out,
         limit=limit,
+        stride=stride,
+        sw_batch_size=sw_batch_size,
     )
     if not _is_main_process():
         return 0
@@ -108,6 +123,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.device,
         args.out,
         args.limit,
+        stride=args.stride,
+        sw_batch_size=args.sw_batch_size,
     )
 
 
@@ -123,6 +140,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         largest_component=args.largest_component,
         device=args.device,
         preview=args.preview,
+        stride=args.stride,
+        sw_batch_size=args.sw_batch_size,
+        overwrite=args.overwrite,
+        nnunet_names=args.nnunet_names,
     )
     return 0
 
@@ -235,7 +256,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from crln.report import build_report
 
-    result = build_report(args.run_dir, args.out, device=args.device, progress=not args.quiet)
+    result = build_report(
+        args.run_dir,
+        args.out,
+        device=args.device,
+        progress=not args.quiet,
+        stride=args.stride,
+        sw_batch_size=args.sw_batch_size,
+    )
     print(f"report: {result.html}")
     return 0
 
@@ -341,18 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["final", "best", "latest"], help="which checkpoint of a run folder")
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--out", help="output folder (default <run>/eval)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N cases")
+    p.add_argument(
+        "--out",
+        help="output folder (default <run>/eval; <run>/eval_<data folder>_<split>_<checkpoint> with --data OTHER)",
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N cases (N >= 1)")
+    _add_window_options(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "predict",
-        help="segment NIfTI or h5 scans into NIfTI label maps",
-        description="Segment each INPUT (.nii, .nii.gz or .h5) with a checkpoint and write "
-        "<case>_seg.nii.gz with the input's affine.",
+        help="segment NIfTI or h5 scans (or folders of them) into NIfTI label maps",
+        description="Segment each INPUT (.nii, .nii.gz or .h5, or every such scan of a folder; nnU-Net channel "
+        "files <case>_0000, <case>_0001 ... of one folder form one case) with a checkpoint (a run folder, a "
+        "checkpoint_*.pt or model_final.pt) and write <case>_seg.nii.gz with the input's NIfTI header. "
+        "Existing outputs are never replaced without --overwrite.",
     )
     p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans to segment")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans or folders of scans to segment")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz (H, W, D, C)")
     p.add_argument("--entropy", action="store_true", help="also write <case>_entropy.nii.gz")
@@ -361,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in the folder")
+    p.add_argument("--nnunet-names", action="store_true", help="name the segmentation <case>.nii.gz (nnU-Net's naming)")
+    _add_window_options(p)
     p.set_defaults(func=_cmd_predict)
 
     data = sub.add_parser(
@@ -484,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N] for the 3 predictions")
     p.add_argument("--quiet", action="store_true", help="print only the report's path")
+    _add_window_options(p)
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(

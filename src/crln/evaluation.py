@@ -9,6 +9,7 @@ for NIfTI data.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crln.atomic import atomic_write_text
+from crln.atomic import atomic_path, atomic_write_text, check_output_dir
 from crln.config import RunConfig
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
@@ -31,9 +32,9 @@ from crln.engine import distributed
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance, resolve_device
 from crln.engine.run_folder import RunFolder
-from crln.engine.trainer import method_from_checkpoint
+from crln.engine.trainer import network_from_checkpoint
 from crln.errors import CrlnError
-from crln.inference import entropy_map, optimize_for_inference, predict_case
+from crln.inference import entropy_map, optimize_for_inference, predict_case, scaled_stride
 from crln.metrics import case_metrics, summarize
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "eval_dir_name",
     "evaluate",
     "format_summary_table",
+    "inference_stride",
     "load_network",
     "per_class_metric_names",
     "predict_files",
@@ -70,10 +72,10 @@ def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.
     :func:`crln.inference.optimize_for_inference` (forward-only), with its config."""
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     try:
-        method, config = method_from_checkpoint(state)
+        network, config = network_from_checkpoint(state)
     except CrlnError as err:  # a bad config or mismatched weights inside: name the file
         raise CrlnError(f"checkpoint {checkpoint_path}: {err}") from err
-    network = optimize_for_inference(method.inference_network(config.eval.network).to(device).eval(), device)
+    network = optimize_for_inference(network.to(device).eval(), device)
     return network, config, {"step": state["step"], "method": state["method"]}
 
 
@@ -96,6 +98,7 @@ def _predict(
     config: RunConfig,
     perf: Performance,
     stride: tuple[int, int, int],
+    sw_batch_size: int,
     largest_component: bool,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """``(label map (H, W, D) uint8, probabilities (C, H, W, D))`` with the run's protocol, on ``image``
@@ -106,19 +109,90 @@ def _predict(
         patch_size=config.data.patch_size,
         stride=stride,
         num_classes=config.data.num_classes,
-        sw_batch_size=config.eval.sw_batch_size,
+        sw_batch_size=sw_batch_size,
         device=perf.device,
         amp_dtype=perf.amp_dtype,
         largest_component=largest_component,
     )
 
 
-def eval_dir_name(split: str, checkpoint: str, largest_component: bool, *, default_split: str) -> str:
-    """``eval`` for the default evaluation (test list, final checkpoint, no post-processing), else
-    ``eval_<split>_<checkpoint>[_lcc]``."""
-    if split == default_split and checkpoint == "final" and not largest_component:
+def eval_dir_name(
+    split: str, checkpoint: str, largest_component: bool, *, default_split: str, data_name: str | None = None
+) -> str:
+    """``eval`` for the default evaluation (the run's data, test list, final checkpoint, no post-processing),
+    else ``eval_<split>_<checkpoint>[_lcc]``, or ``eval_<data_name>_<split>_<checkpoint>[_lcc]`` for
+    another dataset than the run's (``data_name``), so that it never replaces the run's own evaluation."""
+    if data_name is None and split == default_split and checkpoint == "final" and not largest_component:
         return "eval"
-    return f"eval_{split}_{checkpoint}" + ("_lcc" if largest_component else "")
+    prefix = f"eval_{data_name}" if data_name is not None else "eval"
+    return f"{prefix}_{split}_{checkpoint}" + ("_lcc" if largest_component else "")
+
+
+def _training_scale(config: RunConfig, run_dir: Path | None) -> float:
+    """The scale of the data the network was trained on: recorded in the run's ``meta.json`` at training,
+    else that of ``data.root`` when the folder is here, else 1."""
+    from crln.data.prepare import recorded_scale
+
+    meta_path = run_dir / "meta.json" if run_dir is not None else None
+    if meta_path is not None and meta_path.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            return float(json.loads(meta_path.read_text())["data_scale"])
+    root = Path(config.data.root)
+    return recorded_scale(root) if root.is_dir() else 1.0
+
+
+def inference_stride(
+    config: RunConfig,
+    stride: tuple[int, int, int] | None,
+    data_path: str | Path,
+    run_dir: Path | None,
+) -> tuple[tuple[int, int, int], str | None]:
+    """The sliding-window stride for the data at ``data_path``, and a note when it is not ``eval.stride``.
+
+    An explicit ``stride`` (``--stride``) wins. Otherwise ``eval.stride`` is the stride for the data the
+    run was trained on; when the data predicted now has another scale (``crln data prepare --scale``
+    records it, see :func:`crln.data.prepare.recorded_scale`), the stride is multiplied by the ratio of
+    the scales (:func:`crln.inference.scaled_stride`): a stride meant for 0.5-scale data would
+    otherwise run about 8 times the field's windows on full-resolution data.
+
+    Raises:
+        CrlnError: ``stride`` is not 3 integers between 1 and the patch.
+    """
+    from crln.data.prepare import recorded_scale
+
+    patch = tuple(int(p) for p in config.data.patch_size)
+    if stride is not None:
+        if len(stride) != 3 or any(not 1 <= s <= p for s, p in zip(stride, patch)):
+            raise CrlnError(f"--stride: expected 3 integers between 1 and the patch {list(patch)}, got {list(stride)}")
+        return tuple(int(s) for s in stride), None  # type: ignore[return-value]
+    preset = tuple(int(s) for s in config.eval.stride)
+    trained, now = _training_scale(config, run_dir), recorded_scale(data_path)
+    if math.isclose(trained, now, rel_tol=1e-3):
+        return preset, None  # type: ignore[return-value]
+    scaled = scaled_stride(preset, patch, now / trained)
+    note = (
+        f"eval.stride {list(preset)} is for the training data's scale {trained:g}; {data_path} is at scale "
+        f"{now:g}, so the stride is {list(scaled)} (set it with --stride)"
+    )
+    return scaled, note
+
+
+def _check_sw_batch_size(sw_batch_size: int | None, config: RunConfig) -> int:
+    """``--sw-batch-size`` if given (at least 1), else ``eval.sw_batch_size``."""
+    if sw_batch_size is None:
+        return config.eval.sw_batch_size
+    if sw_batch_size < 1:
+        raise CrlnError(f"--sw-batch-size: expected at least 1 window per forward pass, got {sw_batch_size}")
+    return sw_batch_size
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise CrlnError(f"--limit: expected a positive number of cases, got {limit} (leave it out for all cases)")
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 class EvalResult(dict):
@@ -133,6 +207,7 @@ def evaluate(
     checkpoint: str | None = None,
     largest_component: bool | None = None,
     stride: tuple[int, int, int] | None = None,
+    sw_batch_size: int | None = None,
     device: str = "auto",
     out_dir: str | Path | None = None,
     limit: int | None = None,
@@ -147,32 +222,54 @@ def evaluate(
         split: case list to evaluate; default the run's ``data.test_split``.
         checkpoint: {``"final"``, ``"best"``, ``"latest"``} when ``target`` is a run folder.
         largest_component: keep only the largest connected component of each foreground class.
-        stride: sliding-window stride; default the run's ``eval.stride``.
+        stride: sliding-window stride; default the run's ``eval.stride``, scaled when the data's
+            scale differs from the training data's (:func:`inference_stride`).
+        sw_batch_size: windows per forward pass; default the run's ``eval.sw_batch_size``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
         out_dir: where to write; default ``<run>/eval`` (or ``<run>/eval_<split>_<checkpoint>``
-            for a non-default split / checkpoint).
+            for a non-default split / checkpoint, ``<run>/eval_<data folder name>_<split>_<checkpoint>``
+            for another dataset than the run's). Checked before any inference.
         limit: evaluate only the first N cases of the list (smoke tests).
         progress: print one line per case.
 
     Raises:
-        CrlnError: missing checkpoint, data folder or cases.
+        CrlnError: missing checkpoint, data folder or cases, an output folder that is a file, bad options.
     """
+    _check_limit(limit)
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out")
     ckpt_path, run_dir = _resolve_checkpoint(target, checkpoint)
     # Under torchrun (crln train --evaluate, or torchrun -m crln evaluate) each process scores a share of the cases.
-    dev = distributed.process_device(device)
+    dev = distributed.process_device(device, "--device")
     distributed.init_from_env(dev)
     network, config, info = load_network(ckpt_path, dev)
     perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
     if perf.channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
+    other_data = data_root is not None and not _same_folder(data_root, config.data.root)
     root = data_root if data_root is not None else config.data.root
     split_name = split or config.data.test_split
     lcc = config.eval.largest_component if largest_component is None else largest_component
-    stride = tuple(stride) if stride is not None else config.eval.stride
+    stride, stride_note = inference_stride(config, stride, root, run_dir)
+    windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
+    if out_dir is None:
+        base = Path(run_dir) if run_dir is not None else ckpt_path.parent
+        which = ckpt_path.stem.replace("checkpoint_", "")
+        name = eval_dir_name(
+            split_name,
+            which,
+            lcc,
+            default_split=config.data.test_split,
+            data_name=Path(root).name if other_data else None,
+        )
+        out_dir = check_output_dir(base / name, "--out")
+    out_dir = Path(out_dir)
     dataset = open_dataset_root(root, config.data.format if data_root is None else "auto")
-    ids = dataset.ids(split_name)[: limit or None]
+    ids = dataset.ids(split_name)[:limit]
     if not ids:
         raise CrlnError(f"case list {split_name!r} in {root} is empty")
+    if progress and stride_note and distributed.is_main_process():
+        print(f"note: {stride_note}", flush=True)
 
     scored: list[tuple[int, tuple[dict[str, Any], tuple[float, ...]]]] = []
     for index, case_id in distributed.shard(ids):
@@ -180,7 +277,7 @@ def evaluate(
         _check_input(case, config, require_label=True)
         spacing = tuple(float(v) for v in case.spacing)
         start = time.perf_counter()
-        pred, _ = _predict(network, case.image, config, perf, stride, lcc)
+        pred, _ = _predict(network, case.image, config, perf, stride, windows_per_batch, lcc)
         seconds = time.perf_counter() - start
         row = {
             "case": case_id,
@@ -207,6 +304,7 @@ def evaluate(
         "network": config.eval.network,
         "patch_size": list(config.data.patch_size),
         "stride": list(stride),
+        "sw_batch_size": windows_per_batch,
         "largest_component": lcc,
         "distance_unit": "voxels" if all(s == (1.0, 1.0, 1.0) for s in spacings) else "mm",
         "device": str(dev),
@@ -215,11 +313,6 @@ def evaluate(
     }
     if distributed.get_world_size() > 1:
         summary["processes"] = distributed.get_world_size()  # seconds_per_case is then per process
-    if out_dir is None:
-        base = Path(run_dir) if run_dir is not None else ckpt_path.parent
-        which = ckpt_path.stem.replace("checkpoint_", "")
-        out_dir = base / eval_dir_name(split_name, which, lcc, default_split=config.data.test_split)
-    out_dir = Path(out_dir)
     if distributed.is_main_process():
         _write_per_case(out_dir / "per_case.csv", per_case)
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
@@ -311,15 +404,97 @@ def _case_id_from_path(path: Path) -> str:
     return name
 
 
-def _read_input(path: Path) -> Case:
+_SCAN_ENDINGS = (".nii.gz", ".nii", ".h5", ".hdf5")
+
+
+def _is_scan(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(_SCAN_ENDINGS) and not path.name.startswith(".")
+
+
+def _case_and_channel(path: Path) -> tuple[str, int | None]:
+    """``(case id, k)`` for an nnU-Net channel file ``<case>_000k.nii[.gz]`` whose ``<case>_0000`` is beside
+    it, else ``(case id, None)``: a lone ``scan_0003.nii.gz`` is case ``scan_0003``."""
+    ending = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    stem, _, tail = path.name.removesuffix(ending).rpartition("_")
+    channel_file = path.name.endswith(ending) and stem and len(tail) == 4 and tail.isdigit()
+    if channel_file and (path.parent / f"{stem}_0000{ending}").is_file():
+        return stem, int(tail)
+    return _case_id_from_path(path), None
+
+
+def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
+    """``(case id, files)`` per case to segment, in input order; a folder stands for the scans in it.
+
+    The nnU-Net channel files of one case in one folder (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``)
+    form one multi-channel case.
+
+    Raises:
+        CrlnError: a missing input, a folder without scans, a channel missing, or two cases whose
+            outputs would have one name.
+    """
+    groups: dict[str, list[Path]] = {}
+    for given in (Path(p) for p in inputs):
+        if given.is_dir():
+            scans = sorted(p for p in given.iterdir() if _is_scan(p))
+            if not scans:
+                raise CrlnError(f"input {given}: folder holds no {', '.join(_SCAN_ENDINGS)} file")
+        elif given.is_file():
+            scans = [given]
+        else:
+            raise CrlnError(f"input {given}: no such file or folder")
+        for path in scans:
+            case_id, channel = _case_and_channel(path)
+            group = groups.setdefault(case_id, [])
+            if group and (group[0].parent != path.parent or channel is None or path in group):
+                raise CrlnError(
+                    f"input {path}: its output {case_id}_seg.nii.gz would overwrite that of {group[0]}; "
+                    "expected inputs with distinct case names"
+                )
+            group.append(path)
+    for case_id, paths in groups.items():
+        paths.sort(key=lambda p: _case_and_channel(p)[1] or 0)
+        channels = [_case_and_channel(p)[1] or 0 for p in paths]
+        if channels != list(range(len(paths))):
+            raise CrlnError(
+                f"input {paths[0].parent}: case {case_id!r} has channels {channels}, expected 0..{len(paths) - 1}"
+            )
+    return list(groups.items())
+
+
+def _read_input(paths: list[Path]) -> Case:
+    """One case from its file (NIfTI or h5), or from its nnU-Net channel files stacked ``(C, H, W, D)``."""
     from crln.data.h5 import read_h5_case
     from crln.data.nifti import read_nifti_volume
 
-    if path.name.endswith((".nii", ".nii.gz")):
-        return read_nifti_volume(path)
+    path = paths[0]
     if path.suffix in (".h5", ".hdf5"):
         return read_h5_case(path, _case_id_from_path(path), with_label=False)
-    raise CrlnError(f"input {path}: expected a .nii, .nii.gz or .h5 file")
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise CrlnError(f"input {path}: expected a .nii, .nii.gz or .h5 file")
+    first = read_nifti_volume(path)
+    if len(paths) == 1:
+        return first
+    channels = [first.image]
+    for other in paths[1:]:
+        image = read_nifti_volume(other).image
+        if image.shape != first.image.shape or image.ndim != 3:
+            raise CrlnError(
+                f"input {other}: shape {image.shape}, expected {paths[0].name}'s 3D shape {first.image.shape}"
+            )
+        channels.append(image)
+    first.image = np.stack(channels)
+    return first
+
+
+def _output_names(
+    case_id: str, *, nnunet_names: bool, probabilities: bool, entropy: bool, preview: bool
+) -> dict[str, str]:
+    """File names of one case's outputs: ``seg``, and ``prob``, ``entropy``, ``overlay`` when asked for."""
+    names = {"seg": f"{case_id}.nii.gz" if nnunet_names else f"{case_id}_seg.nii.gz"}
+    wanted = {"prob": probabilities, "entropy": entropy, "overlay": preview}
+    endings = {"prob": "_prob.nii.gz", "entropy": "_entropy.nii.gz", "overlay": "_overlay.png"}
+    names.update({kind: case_id + endings[kind] for kind, asked in wanted.items() if asked})
+    return names
 
 
 def predict_files(
@@ -333,63 +508,96 @@ def predict_files(
     device: str = "auto",
     progress: bool = True,
     preview: bool = False,
+    stride: tuple[int, int, int] | None = None,
+    sw_batch_size: int | None = None,
+    overwrite: bool = False,
+    nnunet_names: bool = False,
 ) -> list[Path]:
-    """Segment each input (NIfTI or h5) and write ``<case>_seg.nii.gz`` with the input's affine.
+    """Segment each input (NIfTI, h5, or every scan of a folder) and write ``<case>_seg.nii.gz``.
 
-    Optionally also ``<case>_prob.nii.gz`` (``(H, W, D, C)`` softmax), ``<case>_entropy.nii.gz`` and
-    ``<case>_overlay.png`` (prediction contours in three planes and the confidence map).
+    Outputs of a NIfTI scan carry its header (affine, qform/sform codes, units). Optionally also
+    ``<case>_prob.nii.gz`` (``(H, W, D, C)`` softmax), ``<case>_entropy.nii.gz`` and ``<case>_overlay.png``
+    (prediction contours in three planes and the confidence map). Each case's outputs appear together
+    once all of them are made (none when one fails). ``nnunet_names`` names the segmentation
+    ``<case>.nii.gz``, as nnU-Net does. The stride follows :func:`inference_stride` (the scans' scale is
+    the one recorded in a folder above them, else 1).
+
+    Raises:
+        CrlnError: ``out_dir`` is a file, an output already exists (without ``overwrite``), bad inputs
+            or options; all checked before any inference.
+
     Returns the segmentation paths.
     """
-    from crln.data.nifti import write_nifti
+    from crln.data.nifti import nifti_header, write_nifti
 
-    ckpt_path, _ = _resolve_checkpoint(checkpoint, None)
-    dev = resolve_device(device)
+    out = check_output_dir(out_dir, "-o")
+    ckpt_path, run_dir = _resolve_checkpoint(checkpoint, None)
+    groups = _scan_groups(inputs)
+    names = {
+        case_id: _output_names(
+            case_id, nnunet_names=nnunet_names, probabilities=probabilities, entropy=entropy, preview=preview
+        )
+        for case_id, _ in groups
+    }
+    scans = {path.resolve() for _, paths in groups for path in paths}
+    clash = next((out / n for case in names.values() for n in case.values() if (out / n).resolve() in scans), None)
+    if clash is not None:  # even --overwrite never replaces a scan being segmented
+        raise CrlnError(f"-o {out}: output {clash.name} would replace an input scan; choose another folder")
+    existing = [out / name for case in names.values() for name in case.values() if (out / name).exists()]
+    if existing and not overwrite:
+        raise CrlnError(
+            f"-o {out}: {existing[0].name} already exists ({len(existing)} output(s) would be replaced); "
+            "pass --overwrite to replace them, or choose another folder"
+        )
+    dev = resolve_device(device, "--device")
     network, config, _ = load_network(ckpt_path, dev)
     perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
-    paths = [Path(p) for p in inputs]
-    first_with_id: dict[str, Path] = {}
-    for path in paths:
-        if not path.is_file():
-            raise CrlnError(f"input {path}: no such file")
-        case_id = _case_id_from_path(path)
-        if case_id in first_with_id:
-            raise CrlnError(
-                f"input {path}: its output {case_id}_seg.nii.gz would overwrite that of {first_with_id[case_id]}; "
-                "expected inputs with distinct case names"
-            )
-        first_with_id[case_id] = path
-    out = Path(out_dir)
-    written = []
-    for path in paths:
-        case = _read_input(path)
+    windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
+    written, notes = [], set()
+    for case_id, paths in groups:
+        case = _read_input(paths)
         _check_input(case, config, require_label=False)
-        case_id = _case_id_from_path(path)
+        case_stride, note = inference_stride(config, stride, paths[0].parent, run_dir)
+        if progress and note and note not in notes:  # once per folder, not per scan
+            notes.add(note)
+            print(f"note: {note}", flush=True)
         start = time.perf_counter()
-        pred, probs = _predict(network, case.image, config, perf, config.eval.stride, largest_component)
-        seg_path = out / f"{case_id}_seg.nii.gz"
-        write_nifti(seg_path, pred, case.affine)
+        pred, probs = _predict(network, case.image, config, perf, case_stride, windows_per_batch, largest_component)
+        header = nifti_header(paths[0]) if paths[0].name.endswith((".nii", ".nii.gz")) else None
+        outputs = {"seg": pred}
         if probabilities:
-            write_nifti(
-                out / f"{case_id}_prob.nii.gz", probs.permute(1, 2, 3, 0).numpy().astype(np.float32), case.affine
-            )
+            outputs["prob"] = probs.permute(1, 2, 3, 0).numpy().astype(np.float32)
         if entropy:
-            write_nifti(out / f"{case_id}_entropy.nii.gz", entropy_map(probs).numpy().astype(np.float32), case.affine)
-        if preview:
-            from crln.report.figures import plot_slice_overlay
-
-            image = case.image if case.image.ndim == 3 else case.image[0]
-            plot_slice_overlay(
-                image,
-                None,
-                pred,
-                probs.max(0).values.numpy(),
-                out / f"{case_id}_overlay.png",
-                spacing=case.spacing,
-                num_classes=config.data.num_classes,
-                title=case_id,
-            )
+            outputs["entropy"] = entropy_map(probs).numpy().astype(np.float32)
+        # Every output to a temporary file first: a failure (e.g. in the preview) leaves none of this case's.
+        with contextlib.ExitStack() as stack:
+            for kind, array in outputs.items():
+                tmp = stack.enter_context(atomic_path(out / names[case_id][kind], suffix=".nii.gz"))
+                write_nifti(tmp, array, case.affine, header)
+            if preview:
+                _write_preview(stack, out / names[case_id]["overlay"], case, pred, probs, config)
+        seg_path = out / names[case_id]["seg"]
         written.append(seg_path)
         if progress:
             fg = int((pred > 0).sum())
             print(f"{case_id}: {seg_path} ({fg} foreground voxels, {time.perf_counter() - start:.1f} s)", flush=True)
     return written
+
+
+def _write_preview(
+    stack: contextlib.ExitStack, path: Path, case: Case, pred: np.ndarray, probs: torch.Tensor, config: RunConfig
+) -> None:
+    from crln.report.figures import plot_slice_overlay
+
+    tmp = stack.enter_context(atomic_path(path, suffix=".png"))
+    image = case.image if case.image.ndim == 3 else case.image[0]
+    plot_slice_overlay(
+        image,
+        None,
+        pred,
+        probs.max(0).values.numpy(),
+        tmp,
+        spacing=case.spacing,
+        num_classes=config.data.num_classes,
+        title=case.case_id,
+    )

@@ -41,7 +41,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from crln.errors import CrlnError
 from crln.metrics import keep_largest_component
 
-__all__ = ["entropy_map", "optimize_for_inference", "predict_case", "sliding_window_predict", "window_starts"]
+__all__ = [
+    "entropy_map",
+    "optimize_for_inference",
+    "predict_case",
+    "scaled_stride",
+    "sliding_window_predict",
+    "window_count",
+    "window_starts",
+]
 
 #: Rows (first spatial axis) per block when dividing by the window count and taking the argmax:
 #: bounds the temporaries to a few rows of the volume.
@@ -69,6 +77,21 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
     """
     count = math.ceil((size - patch) / stride) + 1
     return [min(stride * i, size - patch) for i in range(count)]
+
+
+def window_count(shape: Sequence[int], patch: Sequence[int], stride: Sequence[int]) -> int:
+    """Windows :func:`sliding_window_predict` runs on a volume of spatial ``shape`` (after the padding)."""
+    return math.prod(len(window_starts(max(n, p), p, s)) for n, p, s in zip(shape, patch, stride))
+
+
+def scaled_stride(stride: Sequence[int], patch: Sequence[int], ratio: float) -> tuple[int, int, int]:
+    """A stride meant for data at one scale, for data ``ratio`` times finer (2 = twice the voxels per axis).
+
+    Each axis is ``round(stride * ratio)``, kept between 1 and the patch: the windows then overlap by
+    the same physical distance as the configured stride meant (e.g. LA's 9x9x2 at 0.5 scale is 18x18x4
+    at full resolution, the field's LA stride).
+    """
+    return tuple(min(int(p), max(1, round(s * ratio))) for s, p in zip(stride, patch))  # type: ignore[return-value]
 
 
 def _fold_batchnorm(sequence: nn.Sequential) -> int:

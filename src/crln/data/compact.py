@@ -41,6 +41,7 @@ from crln import __version__
 from crln.atomic import atomic_path, atomic_write_text
 from crln.data.case import Case
 from crln.data.h5 import H5Dataset, locate_case, read_case_list, read_h5_case
+from crln.data.prepare import SCALE_RECORD
 from crln.data.validate import validate_case
 from crln.errors import CrlnError
 
@@ -495,6 +496,8 @@ def compact_h5_dataset(
     dst.mkdir(parents=True, exist_ok=True)
     for name, _ in lists:
         _copy_file(src / name, dst / name)
+    if (src / SCALE_RECORD).is_file():  # a rescaled source: the copy is at its scale (parts find it above them)
+        _copy_file(src / SCALE_RECORD, dst / SCALE_RECORD)
 
     all_ids = list(dict.fromkeys(cid for _, ids in lists for cid in ids))
     written = skipped = 0

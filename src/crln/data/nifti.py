@@ -23,7 +23,7 @@ from crln.atomic import atomic_path
 from crln.data.case import Case
 from crln.errors import CrlnError
 
-__all__ = ["NiftiDataset", "read_nifti_volume", "write_nifti"]
+__all__ = ["NiftiDataset", "nifti_header", "read_nifti_volume", "write_nifti"]
 
 _CHANNEL_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
 _AFFINE_TOL = 1e-4
@@ -105,10 +105,23 @@ def read_nifti_volume(path: str | Path, case_id: str | None = None) -> Case:
     return Case(case_id=case_id, image=image, label=None, spacing=spacing, affine=affine, source=str(path))
 
 
-def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+def nifti_header(path: str | Path) -> nib.Nifti1Header:
+    """The header of the NIfTI file ``path`` (data not read), to give outputs the input's geometry codes."""
+    path = Path(path)
+    try:
+        return nib.load(str(path)).header
+    except Exception as exc:  # nibabel raises many types
+        raise CrlnError(f"{path}: unreadable NIfTI file: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+
+
+def write_nifti(
+    path: str | Path, array: np.ndarray, affine: np.ndarray | None = None, header: nib.Nifti1Header | None = None
+) -> Path:
     """Write ``array`` ``(H, W, D)`` with ``affine`` ``(4, 4)`` atomically (``.nii.gz`` compresses).
 
-    Integer arrays keep their dtype (labels stay uint8); other arrays are written as float32.
+    Integer arrays keep their dtype (labels stay uint8); other arrays are written as float32. With
+    ``header`` (the input scan's), the output keeps its qform/sform codes, units and description;
+    its intensity scaling is dropped (the output's values are written as they are).
     """
     path = Path(path)
     if not path.name.endswith((".nii.gz", ".nii")):
@@ -119,8 +132,12 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None =
     elif not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.float32)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
+    if header is None:
+        img = nib.Nifti1Image(array, affine)
+        img.header.set_xyzt_units("mm")
+    else:
+        img = nib.Nifti1Image(array, affine, header=header.copy())  # nibabel resets the scaling
+        img.set_data_dtype(array.dtype)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))
@@ -213,8 +230,21 @@ class NiftiDataset:
         return out
 
     def ids(self, split: str = "train") -> list[str]:
-        """Case ids of ``imagesTr`` (``"train"``) or ``imagesTs`` (``"test"``), sorted."""
-        return sorted(self._scan(split))
+        """Case ids of ``imagesTr`` (``"train"``) or ``imagesTs`` (``"test"``), sorted.
+
+        Raises:
+            CrlnError: the folder exists but no file in it ends in ``file_ending`` (said, not an empty list).
+        """
+        ids = sorted(self._scan(split))
+        folder = self.root / _SPLIT_DIRS[split][0]
+        if not ids and folder.is_dir():
+            names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+            found = f"it holds {len(names)} other files, e.g. {names[0]!r}" if names else "it is empty"
+            raise CrlnError(
+                f"{folder}: no image file ending in {self.file_ending!r} (file_ending of dataset.json, "
+                f"default .nii.gz); {found}"
+            )
+        return ids
 
     def _split_of(self, case_id: str) -> str:
         for split in _SPLIT_DIRS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -14,13 +15,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crln.atomic import atomic_path
+from crln.atomic import atomic_path, atomic_write_text
 from crln.data.h5 import locate_case, read_case_list, read_h5_case, write_h5_case
 from crln.errors import CrlnError
 
-__all__ = ["prepare_h5_dataset", "resample_image", "resample_label"]
+__all__ = ["SCALE_RECORD", "prepare_h5_dataset", "recorded_scale", "resample_image", "resample_label"]
 
 _PROGRESS_EVERY = 10
+#: File in which ``prepare_h5_dataset`` records a copy's scale; inference reads it to adapt strides.
+SCALE_RECORD = "crln_scale.json"
+#: Folders above a scan searched for :data:`SCALE_RECORD` (``<root>/<id>/mri_norm2.h5`` is two levels down).
+_SCALE_SEARCH_DEPTH = 3
+
+
+def recorded_scale(path: str | Path) -> float:
+    """The scale of the data at ``path`` (a dataset folder, or a scan inside one).
+
+    That is the ``scale`` that ``crln data prepare --scale`` recorded in :data:`SCALE_RECORD` of
+    ``path`` or of the first of the :data:`_SCALE_SEARCH_DEPTH` folders above it that holds one;
+    data without a record (raw or the field's files) is at scale 1.
+    """
+    path = Path(path)
+    for folder in [path, *path.parents][: _SCALE_SEARCH_DEPTH + 1]:
+        record = folder / SCALE_RECORD
+        if record.is_file():
+            try:
+                scale = float(json.loads(record.read_text())["scale"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                reason = f"unreadable scale record ({err})"
+                raise CrlnError(f'{record}: {reason}, expected {{"scale": <number>}}') from None
+            if not scale > 0:
+                raise CrlnError(f"{record}: scale {scale}, expected a positive number")
+            return scale
+    return 1.0
 
 
 def _out_shape(shape: Sequence[int], scale: float) -> tuple[int, int, int]:
@@ -131,6 +158,9 @@ def prepare_h5_dataset(
     for lst in lists:
         with atomic_path(dst / lst.name) as tmp:
             shutil.copyfile(lst, tmp)
+    # Relative to the source's own scale, so a rescaled copy of a rescaled copy records the product.
+    record = {"scale": scale * recorded_scale(src), "source": str(src)}
+    atomic_write_text(dst / SCALE_RECORD, json.dumps(record, indent=2) + "\n")
     return {
         "cases": len(ids),
         "written": written,

@@ -7,6 +7,9 @@ needed to resume a run exactly and to rebuild the networks for inference without
 ``format_version``, ``crln_version``, ``method`` (name), ``config`` (resolved, plain dict),
 ``step`` (completed iterations), ``method_state`` (student, teacher, extra modules),
 ``optimizer``, ``scaler``, ``torch_rng``, ``best`` (``{"metric", "step"}``).
+
+An inference-weights file (``model_final.pt``) has the same required keys, ``contents`` =
+:data:`INFERENCE_WEIGHTS`, and in ``method_state`` the inference network's weights only.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from crln import __version__
 from crln.atomic import atomic_path
 from crln.errors import CrlnError
 
-__all__ = ["FORMAT_VERSION", "load_checkpoint", "restore_module_state", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "INFERENCE_WEIGHTS", "load_checkpoint", "restore_module_state", "save_checkpoint"]
 
 FORMAT_VERSION = 1
+#: ``contents`` of a checkpoint that holds only the inference network's weights (not resumable).
+INFERENCE_WEIGHTS = "inference_network"
 _REQUIRED_KEYS = ("format_version", "method", "config", "step", "method_state")
 # Types of the required entries, checked before anything is rebuilt from them.
 _REQUIRED_TYPES = {"method": str, "config": dict, "step": int, "method_state": dict}
@@ -34,9 +39,37 @@ _MAX_REASON_CHARS = 200
 _BYTES_PER_MIB = 2**20
 
 
+# What other files commonly mistaken for a checkpoint start with (a checkpoint is a zip archive or a pickle).
+_SIGNATURES = (
+    (b"\x1f\x8b", "a gzip file, e.g. a .nii.gz scan"),
+    (b"\x89HDF", "an HDF5 file, e.g. an .h5 case"),
+    ((348).to_bytes(4, "little"), "a NIfTI file"),
+    ((348).to_bytes(4, "big"), "a NIfTI file"),
+)
+_CHECKPOINT_STARTS = (b"PK", b"\x80")  # torch's zip format; a bare (legacy) pickle of protocol >= 2
+
+
 def _first_line(err: BaseException) -> str:
+    """The first line of ``err``; only its first sentence when it is longer than the limit."""
     text = str(err).strip()
-    return (text.splitlines()[0] if text else err.__class__.__name__)[:_MAX_REASON_CHARS]
+    line = text.splitlines()[0] if text else err.__class__.__name__
+    if len(line) <= _MAX_REASON_CHARS:
+        return line
+    head = line[:_MAX_REASON_CHARS]
+    end = head.find(". ")
+    return head[: end + 1] if end > 0 else head.rstrip() + " …"
+
+
+def _check_signature(path: Path) -> None:
+    """Refuse a file that is plainly no checkpoint (empty, a scan, an h5 case) before torch reads it."""
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    if not start:
+        raise CrlnError(f"checkpoint {path}: file is empty (0 bytes), expected a .pt file written by crln train")
+    if start.startswith(_CHECKPOINT_STARTS):
+        return
+    found = next((what for magic, what in _SIGNATURES if start.startswith(magic)), "neither a zip archive nor a pickle")
+    raise CrlnError(f"checkpoint {path}: not a crln checkpoint ({found}), expected a .pt file written by crln train")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -68,6 +101,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CrlnError(f"checkpoint {path}: no such file")
     try:
+        _check_signature(path)
+    except OSError as err:
+        raise CrlnError(f"checkpoint {path}: cannot read ({err.strerror or err})") from err
+    try:
         with warnings.catch_warnings():
             # A foreign pickle makes torch warn before it refuses; the refusal below is the one message.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -81,7 +118,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"checkpoint {path}: not a loadable crln checkpoint, it holds objects that a weights-only load "
                 f"refuses to run ({refused[:_MAX_REASON_CHARS]})"
             ) from err
-        raise CrlnError(f"checkpoint {path}: not a loadable crln checkpoint ({_first_line(err)})") from err
+        reason = _first_line(err)
+        if "zip archive" in reason:
+            reason = f"truncated or corrupt: {reason}"
+        raise CrlnError(f"checkpoint {path}: not a loadable crln checkpoint ({reason})") from err
     if not isinstance(state, dict) or any(k not in state for k in _REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CrlnError(f"checkpoint {path}: expected keys {list(_REQUIRED_KEYS)}, found {found}")

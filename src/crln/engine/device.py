@@ -15,16 +15,19 @@ from crln.errors import CrlnError
 __all__ = ["Performance", "resolve_device", "seed_everything"]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; otherwise the named device, checked."""
+def resolve_device(name: str, option: str = "config key train.device") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise the named device, checked.
+
+    ``option`` is what the user set it with (``--device`` on the command line), named in the error.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise CrlnError(f"config key train.device: expected auto, cpu or cuda[:N], got {name!r}") from err
+        raise CrlnError(f"{option}: expected auto, cpu or cuda[:N], got {name!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrlnError(f"config key train.device: {name!r} requested but CUDA is not available; use device=cpu")
+        raise CrlnError(f"{option}: {name!r} requested but CUDA is not available; use cpu")
     return device
 
 

@@ -110,7 +110,7 @@ def is_main_process() -> bool:
     return get_rank() == MAIN_RANK
 
 
-def process_device(name: str) -> torch.device:
+def process_device(name: str, option: str = "config key train.device") -> torch.device:
     """The device of this process: ``train.device`` resolved, CUDA pinned to ``cuda:LOCAL_RANK`` under torchrun.
 
     Raises:
@@ -118,11 +118,11 @@ def process_device(name: str) -> torch.device:
     """
     from crln.engine.device import resolve_device
 
-    device = resolve_device(name)
+    device = resolve_device(name, option)
     if launched_world_size() > 1 and device.type == "cuda":
         if device.index is not None and name.strip() not in ("auto", "cuda"):
             raise CrlnError(
-                f"config key train.device: {name!r} names one GPU but torchrun starts {launched_world_size()} "
+                f"{option}: {name!r} names one GPU but torchrun starts {launched_world_size()} "
                 "processes; use auto or cuda (process k uses cuda:LOCAL_RANK)"
             )
         if local_rank() >= torch.cuda.device_count():

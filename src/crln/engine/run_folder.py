@@ -1,10 +1,11 @@
 """The run folder: one self-contained directory per training run.
 
 Layout (nnU-Net style): ``<output_dir>/<dataset>/<method>__<model>__<tag>/seed<k>/`` holding
-``config.yaml`` (resolved), ``meta.json`` (versions, git commit, host, command), ``log.jsonl``
-(one JSON object per logged iteration or validation), ``checkpoint_{latest,best,final}.pt`` and
-``eval/`` (``per_case.csv``, ``summary.json``). Everything ``evaluate``, ``predict`` and ``report``
-need is in it.
+``config.yaml`` (resolved), ``meta.json`` (versions, git commit, host, command, data scale),
+``log.jsonl`` (one JSON object per logged iteration or validation), ``checkpoint_{latest,best,final}.pt``
+(full, resumable), ``model_final.pt`` (the inference network's weights only, to share),
+``CHECKPOINTS.txt`` (which file is which) and ``eval/`` (``per_case.csv``, ``summary.json``).
+Everything ``evaluate``, ``predict`` and ``report`` need is in it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from crln.errors import CrlnError
 __all__ = ["MetricsLog", "RunFolder", "case_lists_sha256", "git_commit", "read_log"]
 
 CHECKPOINT_NAMES = ("latest", "best", "final")
+INFERENCE_WEIGHTS_NAME = "model_final.pt"
+_CHECKPOINT_NOTES = f"""Checkpoints of this run
+checkpoint_latest.pt  full state of the last saved iteration (all networks, optimiser, RNG): crln train --resume
+checkpoint_best.pt    full state at the best validation Dice (only with data.validation > 0)
+checkpoint_final.pt   full state at the end of training: crln evaluate / predict / report use it
+{INFERENCE_WEIGHTS_NAME}        the inference network's weights and the config only, at the end of training:
+                      the file to share; crln evaluate and crln predict accept it, training cannot resume from it
+"""
 
 
 def _git(*args: str) -> str | None:
@@ -90,6 +99,14 @@ class RunFolder:
         if which not in CHECKPOINT_NAMES:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {which!r}")
         return self.path / f"checkpoint_{which}.pt"
+
+    @property
+    def inference_weights(self) -> Path:
+        return self.path / INFERENCE_WEIGHTS_NAME
+
+    def write_checkpoint_notes(self) -> None:
+        """``CHECKPOINTS.txt``: which checkpoint file is for what."""
+        atomic_write_text(self.path / "CHECKPOINTS.txt", _CHECKPOINT_NOTES)
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Delete temp files that a killed writer left (``.<name>.<random>.tmp``); returns them."""

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crln.atomic import check_output_dir
 from crln.config import OptimConfig, RunConfig, build_config, config_to_dict
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
@@ -42,7 +43,7 @@ from crln.data.transforms import AugmentConfig, normalize_intensity
 from crln.data.validate import check_patch_fits, validate_case
 from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
-from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
+from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
 from crln.engine.schedule import lr_factor, schedule_window
@@ -77,6 +78,37 @@ def method_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Method, RunConfi
     method = build_method(config.method, build_network_factory(config), config.data.num_classes)
     restore_module_state(method, checkpoint["method_state"])
     return method, config
+
+
+def network_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[nn.Module, RunConfig]:
+    """The inference network (weights loaded) and config of a full checkpoint or of an inference-weights
+    file (``model_final.pt``, :func:`inference_weights`)."""
+    if checkpoint.get("contents") == INFERENCE_WEIGHTS:
+        # Build the method's networks (freshly initialised) only to give the eval.network its structure.
+        config = build_config(checkpoint["config"])
+        method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+        network = method.inference_network(config.eval.network)
+        restore_module_state(network, checkpoint["method_state"])
+        return network, config
+    method, config = method_from_checkpoint(checkpoint)
+    return method.inference_network(config.eval.network), config
+
+
+def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str, Any]:
+    """The checkpoint dict of ``model_final.pt``: the config and the inference network's weights only
+    (no teacher, optimiser or RNG state), small enough to share; ``crln evaluate`` and ``predict`` read it.
+
+    The network is :meth:`Method.inference_network` of ``eval.network`` (student, teacher or CRLN's
+    rectified teacher, which brings its DIM and μ along).
+    """
+    network = method.inference_network(config.eval.network)
+    return {
+        "method": config.method.name,
+        "config": config_to_dict(config),
+        "step": step,
+        "contents": INFERENCE_WEIGHTS,
+        "method_state": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+    }
 
 
 @dataclass
@@ -299,6 +331,7 @@ def train(
     main = distributed.is_main_process()
 
     def check_run_folder() -> None:
+        check_output_dir(folder.path, "--run-dir" if run_dir is not None else "run folder (train.output_dir)")
         if resume and not latest.exists():
             raise CrlnError(f"--resume: no checkpoint at {latest}")
         if not resume and (latest.exists() or folder.checkpoint("final").exists()):
@@ -366,8 +399,11 @@ def train(
         folder.remove_stale_temp_files()
         folder.write_config(config)
     if main and not resume:
+        from crln.data.prepare import recorded_scale
+
         meta: dict[str, Any] = {
-            "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation}
+            "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation},
+            "data_scale": recorded_scale(d.root),  # inference adapts eval.stride to data at other scales
         }
         if world > 1:
             meta["distributed"] = _distributed_meta(config, world)
@@ -536,9 +572,17 @@ def train(
         best_metric = None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"]
         return TrainResult(folder.path, completed, time.perf_counter() - t0, best_metric, method, complete=False)
 
+    final_start = time.perf_counter()
+    if progress and main and validation_cases:
+        print(f"final validation on {len(validation_cases)} held-out case(s) ...", flush=True)
     validate(total)
+    if progress and main and validation_cases:
+        print(f"final validation done ({time.perf_counter() - final_start:.1f} s)", flush=True)
     checkpoint("latest", total)
     checkpoint("final", total)
+    if main:
+        save_checkpoint(folder.inference_weights, inference_weights(method, config, total))
+        folder.write_checkpoint_notes()
     log.close()  # every record was flushed as written; this only releases the TensorBoard writer
     distributed.barrier()  # the final checkpoint exists for every process once train() returns (--evaluate)
     return TrainResult(

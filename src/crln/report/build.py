@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from crln.atomic import atomic_write_text
+from crln.atomic import atomic_write_text, check_output_dir
 from crln.data.transforms import normalize_intensity
 from crln.engine.run_folder import RunFolder, read_log
 from crln.errors import CrlnError
@@ -122,16 +122,22 @@ def build_report(
     *,
     device: str = "cpu",
     progress: bool = True,
+    stride: tuple[int, int, int] | None = None,
+    sw_batch_size: int | None = None,
 ) -> ReportResult:
     """Write the report of a run folder (figures + ``report.html``) into ``out_dir`` (default ``<run>/report``).
 
     Missing parts (no log, no evaluation, no checkpoint, dataset not found) become notes in the
-    report. Raises :class:`CrlnError` only when ``run_dir`` is not a run folder.
+    report. ``stride`` and ``sw_batch_size`` set the 3 case predictions' sliding window (default as
+    :func:`crln.evaluation.inference_stride` and ``eval.sw_batch_size``). Raises :class:`CrlnError`
+    when ``run_dir`` is not a run folder, ``out_dir`` is a file, or an option is out of range.
     """
     from crln.config import build_config
     from crln.engine.device import resolve_device
 
     start = time.perf_counter()
+    if out_dir is not None:
+        check_output_dir(out_dir, "-o")
     run = RunFolder(run_dir)
     if not run.path.is_dir():
         raise CrlnError(f"{run.path}: no such run folder")
@@ -141,7 +147,14 @@ def build_report(
         config = build_config(yaml.safe_load(run.config_path.read_text()) or {})
     except (yaml.YAMLError, ValueError, TypeError) as err:
         raise CrlnError(f"{run.config_path}: cannot read the run's config ({err})") from err
-    out = Path(out_dir) if out_dir is not None else run.path / "report"
+    out = check_output_dir(out_dir if out_dir is not None else run.path / "report", "-o")
+    if sw_batch_size is not None and sw_batch_size < 1:
+        raise CrlnError(f"--sw-batch-size: expected at least 1 window per forward pass, got {sw_batch_size}")
+    dev = resolve_device(device, "--device")
+    if stride is not None:
+        from crln.evaluation import inference_stride
+
+        inference_stride(config, stride, config.data.root, run.path)  # refuse a bad --stride before any work
     out.mkdir(parents=True, exist_ok=True)
     result = ReportResult(html=out / "report.html")
     notes = result.notes
@@ -306,11 +319,12 @@ def build_report(
             per_case,
             summary,
             out,
-            resolve_device(device),
+            dev,
             cases_section,
             rect_section,
             result,
             say,
+            (stride, sw_batch_size),
         )
 
     sections = [facts, curves, evaluation, cases_section]
@@ -341,11 +355,13 @@ def _case_figures(
     rect_section: Section | None,
     result: ReportResult,
     say: Any,
+    window: tuple[tuple[int, int, int] | None, int | None],
 ) -> None:
     from crln.data.sources import open_dataset_root
     from crln.engine.checkpoint import load_checkpoint
     from crln.engine.trainer import method_from_checkpoint
-    from crln.inference import optimize_for_inference, sliding_window_predict
+    from crln.evaluation import inference_stride
+    from crln.inference import optimize_for_inference, sliding_window_predict, window_count
 
     notes = result.notes
     try:
@@ -378,6 +394,11 @@ def _case_figures(
         section.note(f"no test cases found in {root}.")
         return
     num_classes = ckpt_config.data.num_classes
+    stride, stride_note = inference_stride(ckpt_config, window[0], root, run.path)
+    sw_batch_size = window[1] or ckpt_config.eval.sw_batch_size
+    if stride_note:
+        say(stride_note)
+        section.note(f"Sliding window: {stride_note}.")
     unit = (summary or {}).get("distance_unit") or (
         "voxels" if all(tuple(c.spacing) == (1.0, 1.0, 1.0) for c in cases) else "mm"
     )
@@ -388,13 +409,16 @@ def _case_figures(
     chosen_arrays = []
     for (role, case_id, dice_value), case in zip(chosen, cases):
         t0 = time.perf_counter()
+        windows = window_count(case.shape, ckpt_config.data.patch_size, stride)
+        say(f"predicting {case_id} ({role}): {windows} windows, stride {list(stride)} ...")
         with torch.no_grad():
             probs = sliding_window_predict(
                 lambda x: network(x),
                 normalize_intensity(case.image, ckpt_config.data.intensity),
                 patch_size=ckpt_config.data.patch_size,
-                stride=ckpt_config.eval.stride,
+                stride=stride,
                 num_classes=num_classes,
+                sw_batch_size=sw_batch_size,
                 device=device,
             )
         probs_np = probs.float().cpu().numpy()

@@ -213,9 +213,19 @@ def _plane_aspects(spacing: Sequence[float]) -> list[float]:
 
 
 def _contours(ax, mask2d: np.ndarray, num_classes: int, color: str, style: str = "-") -> None:
+    """Outline each foreground class; a plane one voxel thin (a one-slice volume) has no outline to
+    trace, so its voxels are shaded instead."""
+    from matplotlib.colors import ListedColormap
+
     for c in range(1, max(num_classes, 2)):
         m = (mask2d == c).astype(float)
-        if m.any():
+        if not m.any():
+            continue
+        if min(m.shape) < 2:
+            aspect = ax.get_aspect()  # keep the plane's voxel aspect set by the image below
+            ax.imshow(np.ma.masked_equal(m, 0), cmap=ListedColormap([color]), alpha=0.5, origin="lower")
+            ax.set_aspect(aspect)
+        else:
             ax.contour(m, levels=[0.5], colors=[color], linewidths=1.3, linestyles=style, origin="lower")
 
 
@@ -269,10 +279,9 @@ def plot_slice_overlay(
     fig.colorbar(mappable, ax=axes[1, :].tolist(), shrink=0.85, label="max softmax")
     from matplotlib.lines import Line2D
 
-    handles = [
-        Line2D([], [], color=GT_COLOR, lw=2, label="ground truth"),
-        Line2D([], [], color=PRED_COLOR, lw=2, ls="--", label="prediction"),
-    ]
+    handles = [Line2D([], [], color=PRED_COLOR, lw=2, ls="--", label="prediction")]
+    if label is not None:  # name the ground truth only where one is drawn
+        handles.insert(0, Line2D([], [], color=GT_COLOR, lw=2, label="ground truth"))
     axes[0, 2].legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
     return save_figure(fig, path)
 
