@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AugmentConfig", "gaussian_noise", "pad_to_size", "random_crop", "random_rot_flip"]
+__all__ = ["AugmentConfig", "gaussian_noise", "pad_to_size", "random_crop", "random_rot_flip", "zscore_channels"]
 
 
 @dataclass
@@ -99,3 +99,17 @@ def gaussian_noise(image: np.ndarray, rng: np.random.Generator, sigma: float, cl
     noise = rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
     np.clip(noise, -clip, clip, out=noise)
     return (image + noise).astype(np.float32, copy=False)
+
+
+def zscore_channels(image: np.ndarray) -> np.ndarray:
+    """Z-score each channel over all its voxels (nnU-Net's default for non-CT data); float32.
+
+    ``image`` is ``(H, W, D)`` (one channel) or ``(C, H, W, D)``. A constant channel becomes zeros:
+    nothing divides by a zero standard deviation.
+    """
+    channels = image[None] if image.ndim == 3 else image
+    out = np.empty(channels.shape, dtype=np.float32)
+    for c, channel in enumerate(channels):
+        mean, std = float(channel.mean(dtype=np.float64)), float(channel.std(dtype=np.float64))
+        out[c] = (channel - mean) / std if std > 0 else channel - mean
+    return out[0] if image.ndim == 3 else out
