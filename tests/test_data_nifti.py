@@ -23,7 +23,7 @@ def _vol(shape=(10, 9, 6), seed=0):
 def test_write_read_roundtrip(tmp_path: Path) -> None:
     image, label = _vol()
     write_nifti(tmp_path / "img_0000.nii.gz", image, AFFINE)
-    case = read_nifti_volume(tmp_path / "img_0000.nii.gz")
+    case = read_nifti_volume(tmp_path / "img_0000.nii.gz", normalize=False)
     assert case.case_id == "img" and case.label is None
     np.testing.assert_allclose(case.affine, AFFINE, atol=1e-6)
     np.testing.assert_allclose(case.spacing, (0.7, 0.8, 2.5), atol=1e-6)
@@ -51,7 +51,7 @@ def test_nnunet_dataset_multichannel(tmp_path: Path) -> None:
     ds = NiftiDataset(tmp_path)
     assert ds.ids("train") == ["c1", "c2"] and ds.ids("test") == ["t1"]
     assert ds.num_classes == 3 and ds.channel_names == {"0": "T1", "1": "T2"}
-    case = ds.load("c2")
+    case = ds.load("c2", normalize=False)
     img, lab = _vol(seed=1)
     assert case.image.shape == (2, 10, 9, 6)
     np.testing.assert_array_equal(case.image[1], img * 2)
@@ -70,7 +70,7 @@ def test_msd_layout(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "x", "2": "y"}}))
     ds = NiftiDataset(tmp_path)
     assert ds.ids() == ["brats_001"] and ds.labels == {"bg": 0, "x": 1, "y": 2}
-    case = ds.load("brats_001")
+    case = ds.load("brats_001", normalize=False)
     assert case.image.shape == (2, 10, 9, 6)
     np.testing.assert_array_equal(case.image[1], image + 1)
 
