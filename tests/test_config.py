@@ -114,8 +114,8 @@ def test_dataset_json_gives_classes_and_channels_when_unset(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("data.num_classes=2", "config key data.num_classes = 2 contradicts {root}: 'labels' (background, a, b) gives 3"),
-        ("model.in_channels=1", "config key model.in_channels = 1 contradicts {root}: 'channel_names' (m0, m1) gives 2"),
+        ("data.num_classes=2", "data.num_classes = 2 contradicts {root}: 'labels' (background, a, b) gives 3"),
+        ("model.in_channels=1", "model.in_channels = 1 contradicts {root}: 'channel_names' (m0, m1) gives 2"),
     ],
 )
 def test_dataset_json_contradiction_is_refused(tmp_path: Path, override: str, fragment: str) -> None:
