@@ -6,6 +6,8 @@ from ``dataset.json``, and ``evaluate``, ``predict`` and ``report`` run on the t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -41,26 +43,25 @@ def _overrides(root: Path, runs: Path, **extra: object) -> list[str]:
 
 @pytest.fixture(scope="module")
 def own_run(own_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 2-iteration CRLN run on ``own_root``, and what ``crln train`` printed."""
     runs = tmp_path_factory.mktemp("runs")
-    code = main(["train", "demo", *_overrides(own_root, runs), "--no-progress"])
-    assert code == 0
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["train", "demo", *_overrides(own_root, runs), "--no-progress"]) == 0
     (run,) = [p.parent for p in runs.rglob("checkpoint_final.pt")]
-    return run, json.loads((run / "meta.json").read_text())["split_rule"]
+    return run, out.getvalue()
 
 
-def test_split_by_label_files_is_printed(own_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    overrides = _overrides(own_root, tmp_path / "runs", **{"method.name": "supervised", "train.iterations": 1})
-    assert main(["train", "demo", *overrides, "--no-progress"]) == 0
-    out = capsys.readouterr().out
+def test_split_by_label_files_is_printed(own_run: tuple[Path, str]) -> None:
+    run, out = own_run
     assert "data: 3 labelled, 2 unlabelled, 1 validation cases; 4 of the 6 images of 'train' have a label file" in out
     assert "labelled: case_000, case_001, case_002" in out and "validation: case_003" in out
-    assert "unlabelled: case_004, case_005" in out and "does not use unlabelled cases" in out
+    assert "unlabelled: case_004, case_005" in out
     assert out.count("stray.nii.gz") == 1  # a label without an image is reported once
+    assert json.loads((run / "meta.json").read_text())["split_rule"] in out
 
 
 def test_two_channels_train_evaluate_predict_report(own_run: tuple[Path, str], own_root: Path, tmp_path: Path) -> None:
-    run, split_rule = own_run
-    assert split_rule.startswith("data: 3 labelled, 2 unlabelled, 1 validation cases")
+    run, _ = own_run
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["in_channels"] == 2 and config["data"]["num_classes"] == 2
 
@@ -81,15 +82,35 @@ def test_two_channels_train_evaluate_predict_report(own_run: tuple[Path, str], o
     assert "CRLN pseudo-label rectification" in html and "overlay of" in html
 
 
-def test_channel_mismatch_names_every_channel_file(
-    own_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    meta = json.loads((own_root / "dataset.json").read_text())
-    root = tmp_path / "no_channel_names"
+def _copy(own_root: Path, root: Path) -> dict[str, object]:
+    """Copy the training part of ``own_root`` to ``root``; returns its dataset.json."""
     for sub in ("imagesTr", "labelsTr"):
         (root / sub).mkdir(parents=True)
         for path in (own_root / sub).iterdir():
             (root / sub / path.name).write_bytes(path.read_bytes())
+    return json.loads((own_root / "dataset.json").read_text())
+
+
+def test_corrupt_unlabelled_image_is_refused_by_train(
+    own_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "corrupt"
+    (root).mkdir()
+    (root / "dataset.json").write_text(json.dumps(_copy(own_root, root)))
+    path = root / "imagesTr" / "case_004_0001.nii.gz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    overrides = _overrides(root, tmp_path / "runs", **{"method.name": "mean_teacher"})
+    assert_user_error(["train", "demo", *overrides], capsys, str(path), "corrupt gzip stream (CRC check failed)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_channel_mismatch_names_every_channel_file(
+    own_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "no_channel_names"
+    meta = _copy(own_root, root)
     del meta["channel_names"]  # model.in_channels falls back to 1
     (root / "dataset.json").write_text(json.dumps(meta))
     files = f"{root}/imagesTr/case_000_0000.nii.gz, {root}/imagesTr/case_000_0001.nii.gz"
