@@ -228,7 +228,11 @@ NIFTI_CASES: dict[str, tuple[Callable[[Path], None], Callable[[Path], None] | No
     "absurd-intensities": (lambda p: _nii(p, _with_voxel(3.2e37)), None, "expected |value| <= 1e+06"),
     "image-2d": (lambda p: _nii(p, _image((32, 32))), None, "(2D), expected 3D"),
     "image-5d": (lambda p: _nii(p, _image((*SHAPE, 2, 2))), None, "(5D), expected 3D"),
-    "image-two-channels": (lambda p: _nii(p, _image((*SHAPE, 2))), None, "(4D), expected 3D"),
+    "image-two-channels": (
+        lambda p: _nii(p, _image((*SHAPE, 2))),
+        None,
+        "2 channel(s), expected model.in_channels = 1",
+    ),
     "nan-voxels": (lambda p: _nii(p, _with_voxel(np.nan)), None, "1 NaN and 0 Inf voxels"),
     "label-fractional": (None, lambda p: _nii(p, np.full(SHAPE, 0.5, np.float32)), "non-integer"),
     "label-above-classes": (None, lambda p: _nii(p, _label_with(2)), "[2] outside the expected range"),
@@ -266,7 +270,7 @@ def test_bad_nifti_case(name: str, checkpoint: Path, tmp_path: Path, capsys: pyt
         ("nan.nii.gz", "1 NaN and 0 Inf voxels"),
         ("corrupt.nii.gz", "corrupt gzip stream (CRC check failed)"),
         ("scan.txt", "expected a .nii, .nii.gz or .h5 file"),
-        ("two_channels.nii.gz", "(4D), expected 3D"),
+        ("two_channels.nii.gz", "2 channel(s), expected model.in_channels = 1"),
         ("absent.nii.gz", "no such file"),
     ],
 )

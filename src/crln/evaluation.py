@@ -78,9 +78,8 @@ def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.
 def _check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:
     """Refuse a case the network of ``config`` cannot segment: non-finite voxels, a rank or channel
     count other than ``(H, W, D)`` / ``(model.in_channels, H, W, D)``, labels outside the classes."""
-    channels = config.model.in_channels
-    validate_case(case, num_classes=config.data.num_classes, require_label=require_label, allow_channels=channels > 1)
-    check_channels(case, channels, " of the checkpoint's network")
+    validate_case(case, num_classes=config.data.num_classes, require_label=require_label, allow_channels=True)
+    check_channels(case, config.model.in_channels, " of the checkpoint's network")
 
 
 def _predict(
