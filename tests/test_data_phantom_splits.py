@@ -129,3 +129,20 @@ def test_plan_split_of_a_fully_labelled_folder_is_the_first_n_rule(tmp_path: Pat
     split, rule = plan_split(_partly_labelled(tmp_path, ("c0", "c1", "c2", "c3")), _data(1, 1))
     assert (split.labeled, split.unlabeled, split.validation) == (["c0"], ["c1", "c2"], ["c3"])
     assert "list 'train'" in rule
+
+
+def test_images_unlabelled_folder_joins_the_unlabelled_pool(tmp_path: Path) -> None:
+    from crln.data import write_nifti
+    from crln.data.splits import plan_split
+
+    ds = _partly_labelled(tmp_path, ("c0", "c1", "c2", "c3"))
+    for cid in ("u0", "u1"):
+        write_nifti(tmp_path / "imagesUnlabelled" / f"{cid}_0000.nii.gz", np.ones((8, 8, 8), np.float32))
+    split, rule = plan_split(ds, _data(2, 1))
+    assert (split.labeled, split.unlabeled, split.validation) == (["c0", "c1"], ["c2", "u0", "u1"], ["c3"])
+    assert "the 2 images of imagesUnlabelled/ are unlabelled" in rule
+    assert ds.load("u1").label is None and ds.load("u1", with_label=True).label is None
+    write_nifti(tmp_path / "imagesUnlabelled" / "c1_0000.nii.gz", np.ones((8, 8, 8), np.float32))
+    ds._files.clear()  # rescan the folders
+    with pytest.raises(CrlnError, match=r"imagesUnlabelled: case 'c1' is also in imagesTr/, expected distinct"):
+        plan_split(ds, _data(2, 1))

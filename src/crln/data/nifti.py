@@ -7,6 +7,7 @@ Layout::
     <root>/labelsTr/<id>.nii.gz
     <root>/imagesTs/...          optional, same naming
     <root>/labelsTs/<id>.nii.gz  optional
+    <root>/imagesUnlabelled/...  optional (crln): extra training images without labels, same naming
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ __all__ = ["NiftiDataset", "load_nifti", "read_nifti_volume", "write_nifti"]
 
 _CHANNEL_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
 _AFFINE_TOL = 1e-4
-_SPLIT_DIRS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
+# "unlabeled": crln's optional folder of extra training images that have no labels at all
+_SPLIT_DIRS = {
+    "train": ("imagesTr", "labelsTr"),
+    "test": ("imagesTs", "labelsTs"),
+    "unlabeled": ("imagesUnlabelled", "labelsUnlabelled"),
+}
 
 
 def _strip_ending(name: str, ending: str) -> str | None:
@@ -266,14 +272,15 @@ class NiftiDataset:
         return out
 
     def ids(self, split: str = "train") -> list[str]:
-        """Case ids of ``imagesTr`` (``"train"``) or ``imagesTs`` (``"test"``), sorted."""
+        """Case ids of ``imagesTr`` (``"train"``), ``imagesTs`` (``"test"``) or ``imagesUnlabelled``
+        (``"unlabeled"``), sorted."""
         return sorted(self._scan(split))
 
     def _split_of(self, case_id: str) -> str:
         for split in _SPLIT_DIRS:
             if case_id in self._scan(split):
                 return split
-        raise CrlnError(f"{self.root}: case {case_id!r} not found in imagesTr/ or imagesTs/")
+        raise CrlnError(f"{self.root}: case {case_id!r} not found in imagesTr/, imagesTs/ or imagesUnlabelled/")
 
     def image_paths(self, case_id: str) -> list[Path]:
         """Channel files of ``case_id`` in channel order."""
@@ -286,6 +293,22 @@ class NiftiDataset:
     def labeled_ids(self, split: str = "train") -> list[str]:
         """Ids of ``split`` whose label file exists, sorted (the others are unlabelled images)."""
         return [cid for cid in self.ids(split) if self.label_path(cid).is_file()]
+
+    def unlabeled_ids(self) -> list[str]:
+        """Ids of ``imagesUnlabelled/`` (optional; extra unlabelled training images), sorted.
+
+        Raises:
+            CrlnError: an id is also in ``imagesTr/`` or ``imagesTs/`` (which case would be meant?).
+        """
+        ids = self.ids("unlabeled")
+        for split in ("train", "test"):
+            shared = sorted(set(ids) & set(self._scan(split)))
+            if shared:
+                raise CrlnError(
+                    f"{self.root / 'imagesUnlabelled'}: case {shared[0]!r} is also in {_SPLIT_DIRS[split][0]}/, "
+                    "expected distinct case ids"
+                )
+        return ids
 
     def orphan_labels(self, split: str = "train") -> list[Path]:
         """Label files of ``split`` without an image (ignored by every command), sorted."""

@@ -77,7 +77,8 @@ def plan_split(dataset: Any, data: Any) -> tuple[Split, str]:
     the images with one are the labelled pool (its first ``data.labeled`` cases labelled, its last
     ``data.validation`` cases validate, any others train as unlabelled) and the images without one are
     unlabelled. Every other dataset (h5 case lists, fully labelled NIfTI folders) follows the field's
-    rule of :func:`split_train` on the training list. ``data.val_split`` then replaces the validation
+    rule of :func:`split_train` on the training list. The images of a NIfTI folder's optional
+    ``imagesUnlabelled/`` join the unlabelled cases. ``data.val_split`` then replaces the validation
     cases by a list of their own.
 
     Raises:
@@ -96,6 +97,10 @@ def plan_split(dataset: Any, data: Any) -> tuple[Split, str]:
         without = [c for c in ids if c not in set(pool)]
         split = Split(split.labeled, [*split.unlabeled, *without], split.validation)
         rule = f"{have} ({counts} of them); the {len(without)} without one are unlabelled"
+    extra = getattr(dataset, "unlabeled_ids", list)()  # NIfTI's imagesUnlabelled/
+    if extra:
+        split = Split(split.labeled, [*split.unlabeled, *extra], split.validation)
+        rule += f"; the {len(extra)} images of imagesUnlabelled/ are unlabelled"
     if data.val_split:
         split = with_validation_list(split, dataset.ids(data.val_split), data.val_split)
         rule += f"; validation list {data.val_split!r}"

@@ -180,9 +180,11 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: P
         )
 
 
-def _load_unlabeled(dataset: Any, ids: list[str], method: Method) -> list[Case]:
+def _load_unlabeled(dataset: Any, ids: list[str], method: Method, split: str) -> list[Case]:
     """Unlabelled cases; with their labels (monitoring only) when the method asks and they exist."""
-    if method.monitors_pseudo_labels:
+    labeled_ids = getattr(dataset, "labeled_ids", None)  # NIfTI: known without decoding anything
+    all_labelled = labeled_ids is None or set(ids) <= set(labeled_ids(split))
+    if method.monitors_pseudo_labels and all_labelled:
         try:
             return dataset.load_many(ids, with_label=True)
         except CrlnError:
@@ -301,7 +303,7 @@ def train(
         unused = "" if method.uses_unlabeled else f" (method {config.method.name!r} does not use unlabelled cases)"
         print(split_rule + unused, flush=True)
     labeled_cases = dataset.load_many(split.labeled, with_label=True)
-    unlabeled_cases = _load_unlabeled(dataset, split.unlabeled, method) if method.uses_unlabeled else []
+    unlabeled_cases = _load_unlabeled(dataset, split.unlabeled, method, d.train_split) if method.uses_unlabeled else []
     if method.uses_unlabeled and not unlabeled_cases:
         raise CrlnError(
             f"data.labeled={d.labeled}: method {config.method.name!r} needs unlabelled cases but all "
