@@ -123,3 +123,11 @@ def test_dataset_json_contradiction_is_refused(tmp_path: Path, override: str, fr
     with pytest.raises(CrlnError) as err:
         load_config("demo", [f"data.root={root}", "data.format=nifti", override])
     assert fragment.format(root=root / "dataset.json") in str(err.value)
+
+
+def test_dataset_json_with_background_only_names_the_file(tmp_path: Path) -> None:
+    root = _nifti_root(tmp_path, {"background": 0}, channels=1)
+    with pytest.raises(
+        CrlnError, match=r"data.num_classes: expected an integer >= 2, got 1 \(taken from .*dataset.json\)"
+    ):
+        load_config("demo", [f"data.root={root}", "data.format=nifti"])

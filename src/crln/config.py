@@ -428,7 +428,10 @@ def resolve_from_dataset_json(config: RunConfig, raw: dict[str, Any]) -> None:
                 f"expected the same value, or leave {section}.{key} unset"
             )
         setattr(getattr(config, section), key, value)
-    validate_config(config)
+    try:
+        validate_config(config)
+    except CrlnError as err:  # e.g. 'labels' naming the background only
+        raise CrlnError(f"{err} (taken from {meta_path})") from None
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
