@@ -90,3 +90,44 @@ def test_base_preset_inheritance(tmp_path: Path) -> None:
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(CrlnError, match="circular"):
         load_config(str(loop))
+
+
+def _nifti_root(tmp_path: Path, labels: dict[str, int], channels: int) -> Path:
+    import json
+
+    (tmp_path / "imagesTr").mkdir()
+    meta = {"labels": labels, "channel_names": {str(k): f"m{k}" for k in range(channels)}}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_dataset_json_gives_classes_and_channels_when_unset(tmp_path: Path) -> None:
+    root = _nifti_root(tmp_path, {"background": 0, "a": 1, "b": 2}, channels=2)
+    config = load_config("demo", [f"data.root={root}", "data.format=nifti"])
+    assert (config.data.num_classes, config.model.in_channels) == (3, 2)
+    agreeing = load_config("demo", [f"data.root={root}", "data.format=nifti", "data.num_classes=3"])
+    assert agreeing.data.num_classes == 3
+    h5 = load_config("demo", [f"data.root={root}"])  # not read as a NIfTI folder: defaults stay
+    assert (h5.data.num_classes, h5.model.in_channels) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.num_classes=2", "data.num_classes = 2 contradicts {root}: 'labels' (background, a, b) gives 3"),
+        ("model.in_channels=1", "model.in_channels = 1 contradicts {root}: 'channel_names' (m0, m1) gives 2"),
+    ],
+)
+def test_dataset_json_contradiction_is_refused(tmp_path: Path, override: str, fragment: str) -> None:
+    root = _nifti_root(tmp_path, {"background": 0, "a": 1, "b": 2}, channels=2)
+    with pytest.raises(CrlnError) as err:
+        load_config("demo", [f"data.root={root}", "data.format=nifti", override])
+    assert fragment.format(root=root / "dataset.json") in str(err.value)
+
+
+def test_dataset_json_with_background_only_names_the_file(tmp_path: Path) -> None:
+    root = _nifti_root(tmp_path, {"background": 0}, channels=1)
+    with pytest.raises(
+        CrlnError, match=r"data.num_classes: expected an integer >= 2, got 1 \(taken from .*dataset.json\)"
+    ):
+        load_config("demo", [f"data.root={root}", "data.format=nifti"])

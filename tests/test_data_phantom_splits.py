@@ -70,3 +70,79 @@ def test_split_errors() -> None:
         split_train(ids, labeled=6)
     with pytest.raises(CrlnError, match=r"labeled \(4\) \+ validation \(2\).*holds only 5"):
         split_train(ids, labeled=4, validation=2)
+
+
+class _Listed:
+    """A dataset with a case list and no notion of label files (the h5 layout)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self._ids = ids
+
+    def ids(self, split: str) -> list[str]:
+        return list(self._ids)
+
+
+def _data(labeled: int, validation: int, val_split: str = "") -> object:
+    from crln.config import DataConfig
+
+    return DataConfig(labeled=labeled, validation=validation, val_split=val_split)
+
+
+def test_plan_split_keeps_the_first_n_rule_for_lists() -> None:
+    from crln.data.splits import plan_split
+
+    split, rule = plan_split(_Listed([f"c{i}" for i in range(6)]), _data(2, 1))
+    assert split == split_train([f"c{i}" for i in range(6)], labeled=2, validation=1)
+    assert rule.splitlines()[0].startswith("data: 2 labelled, 3 unlabelled, 1 validation cases; list 'train'")
+    assert "  labelled: c0, c1" in rule and "  validation: c5" in rule
+
+
+def _partly_labelled(tmp_path: Path, labelled: tuple[str, ...]) -> object:
+    from crln.data import NiftiDataset, write_nifti
+
+    image = np.zeros((8, 8, 8), np.float32)
+    for cid in ("c0", "c1", "c2", "c3"):
+        write_nifti(tmp_path / "imagesTr" / f"{cid}_0000.nii.gz", image)
+    for cid in labelled:
+        write_nifti(tmp_path / "labelsTr" / f"{cid}.nii.gz", image.astype(np.uint8))
+    return NiftiDataset(tmp_path)
+
+
+def test_plan_split_by_label_files(tmp_path: Path) -> None:
+    """Images without a label are the unlabelled pool; the labelled ones give data.labeled and data.validation."""
+    from crln.data.splits import plan_split
+
+    ds = _partly_labelled(tmp_path, ("c1", "c2", "c3", "orphan"))
+    split, rule = plan_split(ds, _data(2, 1))
+    assert (split.labeled, split.unlabeled, split.validation) == (["c1", "c2"], ["c0"], ["c3"])
+    assert "3 of the 4 images of 'train' have a label file" in rule and "the 1 without one are unlabelled" in rule
+    assert rule.count("orphan.nii.gz") == 1 and "without an image" in rule
+    split, _ = plan_split(ds, _data(2, 0))  # a labelled case beyond data.labeled trains as unlabelled
+    assert (split.labeled, split.unlabeled, split.validation) == (["c1", "c2"], ["c3", "c0"], [])
+    with pytest.raises(CrlnError, match=r"= 4 cases requested, but only 3 of the 4 images of 'train' have a label"):
+        plan_split(ds, _data(3, 1))
+
+
+def test_plan_split_of_a_fully_labelled_folder_is_the_first_n_rule(tmp_path: Path) -> None:
+    from crln.data.splits import plan_split
+
+    split, rule = plan_split(_partly_labelled(tmp_path, ("c0", "c1", "c2", "c3")), _data(1, 1))
+    assert (split.labeled, split.unlabeled, split.validation) == (["c0"], ["c1", "c2"], ["c3"])
+    assert "list 'train'" in rule
+
+
+def test_images_unlabelled_folder_joins_the_unlabelled_pool(tmp_path: Path) -> None:
+    from crln.data import write_nifti
+    from crln.data.splits import plan_split
+
+    ds = _partly_labelled(tmp_path, ("c0", "c1", "c2", "c3"))
+    for cid in ("u0", "u1"):
+        write_nifti(tmp_path / "imagesUnlabelled" / f"{cid}_0000.nii.gz", np.ones((8, 8, 8), np.float32))
+    split, rule = plan_split(ds, _data(2, 1))
+    assert (split.labeled, split.unlabeled, split.validation) == (["c0", "c1"], ["c2", "u0", "u1"], ["c3"])
+    assert "the 2 images of imagesUnlabelled/ are unlabelled" in rule
+    assert ds.load("u1").label is None and ds.load("u1", with_label=True).label is None
+    write_nifti(tmp_path / "imagesUnlabelled" / "c1_0000.nii.gz", np.ones((8, 8, 8), np.float32))
+    ds._files.clear()  # rescan the folders
+    with pytest.raises(CrlnError, match=r"imagesUnlabelled: case 'c1' is also in imagesTr/, expected distinct"):
+        plan_split(ds, _data(2, 1))

@@ -115,6 +115,7 @@ H5_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "label-negative": (lambda p: _h5(p, image=_image(), label=_label_with(-1)), "expected class indices in [0, 255]"),
     "label-shape": (lambda p: _h5(p, image=_image(), label=_label((32, 32, 16))), "expected the image's spatial"),
     "empty-axis": (lambda p: _h5(p, image=_image((0, 32, 32)), label=_label((0, 32, 32))), "empty axis"),
+    "absurd-intensities": (lambda p: _h5(p, image=_with_voxel(3.2e37), label=_label()), "expected |value| <= 1e+06"),
 }
 
 
@@ -203,6 +204,14 @@ def _truncated_nii(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _corrupt_nii(path: Path, array: np.ndarray | None = None) -> None:
+    """A .nii.gz with one byte flipped mid-stream: nibabel alone decodes it to garbage without a word."""
+    _nii(path, _image() if array is None else array)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def _shifted_affine() -> np.ndarray:
     affine = np.eye(4)
     affine[:3, 3] = [0.0, 0.0, 5.0]
@@ -214,9 +223,16 @@ NIFTI_CASES: dict[str, tuple[Callable[[Path], None], Callable[[Path], None] | No
     "zero-byte-image": (lambda p: p.write_bytes(b""), None, "empty (0 bytes), expected a NIfTI volume"),
     "not-nifti": (lambda p: p.write_bytes(gzip.compress(b"not a volume")), None, "unreadable NIfTI file"),
     "truncated": (_truncated_nii, None, "unreadable NIfTI file"),
+    "corrupt-mid-stream": (_corrupt_nii, None, "unreadable NIfTI file: corrupt gzip stream (CRC check failed)"),
+    "label-corrupt-mid-stream": (None, lambda p: _corrupt_nii(p, _label()), "corrupt gzip stream"),
+    "absurd-intensities": (lambda p: _nii(p, _with_voxel(3.2e37)), None, "expected |value| <= 1e+06"),
     "image-2d": (lambda p: _nii(p, _image((32, 32))), None, "(2D), expected 3D"),
     "image-5d": (lambda p: _nii(p, _image((*SHAPE, 2, 2))), None, "(5D), expected 3D"),
-    "image-two-channels": (lambda p: _nii(p, _image((*SHAPE, 2))), None, "(4D), expected 3D"),
+    "image-two-channels": (
+        lambda p: _nii(p, _image((*SHAPE, 2))),
+        None,
+        "2 channel(s), expected model.in_channels = 1",
+    ),
     "nan-voxels": (lambda p: _nii(p, _with_voxel(np.nan)), None, "1 NaN and 0 Inf voxels"),
     "label-fractional": (None, lambda p: _nii(p, np.full(SHAPE, 0.5, np.float32)), "non-integer"),
     "label-above-classes": (None, lambda p: _nii(p, _label_with(2)), "[2] outside the expected range"),
@@ -252,8 +268,9 @@ def test_bad_nifti_case(name: str, checkpoint: Path, tmp_path: Path, capsys: pyt
     ("name", "fragment"),
     [
         ("nan.nii.gz", "1 NaN and 0 Inf voxels"),
+        ("corrupt.nii.gz", "corrupt gzip stream (CRC check failed)"),
         ("scan.txt", "expected a .nii, .nii.gz or .h5 file"),
-        ("two_channels.nii.gz", "(4D), expected 3D"),
+        ("two_channels.nii.gz", "2 channel(s), expected model.in_channels = 1"),
         ("absent.nii.gz", "no such file"),
     ],
 )
@@ -263,6 +280,8 @@ def test_bad_predict_input(
     path = tmp_path / name
     if name == "nan.nii.gz":
         _nii(path, _with_voxel(np.nan))
+    elif name == "corrupt.nii.gz":
+        _corrupt_nii(path)
     elif name == "two_channels.nii.gz":
         _nii(path, _image((*SHAPE, 2)))
     elif name == "scan.txt":

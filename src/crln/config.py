@@ -36,6 +36,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "load_raw",
+    "resolve_from_dataset_json",
     "resolve_preset",
 ]
 
@@ -54,7 +55,7 @@ class DataConfig:
     val_split: str = ""  # case list that validates (BraTS19's val.txt); "" = the last data.validation training cases
     labeled: int = 8  # the first N cases of the training list are labelled (field convention)
     validation: int = 0  # the last N training cases are held out for checkpoint selection
-    num_classes: int = 2
+    num_classes: int = 2  # unset: from dataset.json 'labels' (NIfTI folders), else 2
     patch_size: tuple[int, int, int] = (112, 112, 80)
     labeled_batch_size: int = 2
     unlabeled_batch_size: int = 2
@@ -75,7 +76,7 @@ class ModelConfig:
     """Network architecture."""
 
     name: str = "vnet"  # {"vnet", "unet3d"} (crln.models.MODELS)
-    in_channels: int = 1
+    in_channels: int = 1  # unset: from dataset.json 'channel_names' (NIfTI folders), else 1
     n_filters: int = 16
     normalization: str = "batchnorm"
     dropout: float = 0.0
@@ -275,6 +276,7 @@ def validate_config(config: RunConfig) -> None:
         )
     checks = [
         ("data.num_classes", d.num_classes >= 2, "an integer >= 2"),
+        ("model.in_channels", config.model.in_channels >= 1, "an integer >= 1"),
         ("data.labeled", d.labeled >= 1, "an integer >= 1"),
         ("data.validation", d.validation >= 0, "an integer >= 0"),
         ("data.labeled_batch_size", d.labeled_batch_size >= 1, "an integer >= 1"),
@@ -432,9 +434,51 @@ def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset or YAML file (with its ``base:`` chain), apply ``key=value`` overrides, validate."""
-    raw = load_raw(name_or_path) if name_or_path else {}
-    return build_config(apply_overrides(raw, overrides or []))
+    """Load a preset or YAML file (with its ``base:`` chain), apply ``key=value`` overrides, validate.
+
+    ``data.num_classes`` and ``model.in_channels`` that neither the file nor an override sets come
+    from the NIfTI dataset's ``dataset.json`` (see :func:`resolve_from_dataset_json`).
+    """
+    raw = apply_overrides(load_raw(name_or_path) if name_or_path else {}, overrides or [])
+    config = build_config(raw)
+    resolve_from_dataset_json(config, raw)
+    return config
+
+
+def resolve_from_dataset_json(config: RunConfig, raw: dict[str, Any]) -> None:
+    """Take ``data.num_classes`` (from ``labels``) and ``model.in_channels`` (from ``channel_names``) from a
+    NIfTI dataset's ``dataset.json`` where ``raw`` (the user's preset and overrides) does not set them;
+    where it does, the two must agree.
+
+    Raises:
+        CrlnError: a value set by the user contradicts ``dataset.json``, naming both.
+    """
+    d = config.data
+    meta_path = Path(d.root) / "dataset.json"
+    if d.format != "nifti" or not d.root or not meta_path.is_file():
+        return
+    from crln.data.nifti import NiftiDataset
+
+    dataset = NiftiDataset(d.root)
+    channels = ", ".join(map(str, dataset.channel_names.values()))
+    declared = {
+        ("data", "num_classes"): (dataset.num_classes, f"'labels' ({', '.join(dataset.labels)})"),
+        ("model", "in_channels"): (dataset.num_channels, f"'channel_names' ({channels})"),
+    }
+    for (section, key), (value, what) in declared.items():
+        if value is None:
+            continue
+        current = getattr(getattr(config, section), key)
+        if key in (raw.get(section) or {}) and current != value:
+            raise CrlnError(
+                f"config key {section}.{key} = {current} contradicts {meta_path}: {what} gives {value}; "
+                f"expected the same value, or leave {section}.{key} unset"
+            )
+        setattr(getattr(config, section), key, value)
+    try:
+        validate_config(config)
+    except CrlnError as err:  # e.g. 'labels' naming the background only
+        raise CrlnError(f"{err} (taken from {meta_path})") from None
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from crln.config import RunConfig
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
 from crln.data.transforms import normalize_intensity
-from crln.data.validate import validate_case
+from crln.data.validate import check_channels, validate_case
 from crln.engine import distributed
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance, resolve_device
@@ -82,14 +82,8 @@ def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.
 def _check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:
     """Refuse a case the network of ``config`` cannot segment: non-finite voxels, a rank or channel
     count other than ``(H, W, D)`` / ``(model.in_channels, H, W, D)``, labels outside the classes."""
-    channels = config.model.in_channels
-    validate_case(case, num_classes=config.data.num_classes, require_label=require_label, allow_channels=channels > 1)
-    found = 1 if case.image.ndim == 3 else case.image.shape[0]
-    if found != channels:
-        raise CrlnError(
-            f"{case.source or case.case_id}: image has {found} channel(s), expected model.in_channels = {channels} "
-            "of the checkpoint's network"
-        )
+    validate_case(case, num_classes=config.data.num_classes, require_label=require_label, allow_channels=True)
+    check_channels(case, config.model.in_channels, " of the checkpoint's network")
 
 
 def _predict(

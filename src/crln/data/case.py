@@ -21,6 +21,8 @@ class Case:
         affine: ``(4, 4)`` voxel-to-world matrix (NIfTI convention); identity scaled by spacing for h5.
         source: path the case was read from, for error messages and provenance.
         label_source: path the label was read from when it is another file (NIfTI), else ``""``.
+        channel_sources: the file of each channel when channels come from separate files (nnU-Net
+            ``<id>_0000``, ``<id>_0001``, ...), else ``()``.
     """
 
     case_id: str
@@ -30,6 +32,7 @@ class Case:
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     source: str = ""
     label_source: str = ""
+    channel_sources: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:

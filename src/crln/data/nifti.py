@@ -7,12 +7,15 @@ Layout::
     <root>/labelsTr/<id>.nii.gz
     <root>/imagesTs/...          optional, same naming
     <root>/labelsTs/<id>.nii.gz  optional
+    <root>/imagesUnlabelled/...  optional (crln): extra training images without labels, same naming
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +24,70 @@ import numpy as np
 
 from crln.atomic import atomic_path
 from crln.data.case import Case
+from crln.data.transforms import zscore_channels
+from crln.data.validate import check_image_values
 from crln.errors import CrlnError
 
-__all__ = ["NiftiDataset", "nifti_header", "read_nifti_volume", "write_nifti"]
+__all__ = ["NiftiDataset", "load_nifti", "nifti_header", "read_nifti_volume", "write_nifti"]
 
 _CHANNEL_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
 _AFFINE_TOL = 1e-4
-_SPLIT_DIRS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
+# "unlabeled": crln's optional folder of extra training images that have no labels at all
+_SPLIT_DIRS = {
+    "train": ("imagesTr", "labelsTr"),
+    "test": ("imagesTs", "labelsTs"),
+    "unlabeled": ("imagesUnlabelled", "labelsUnlabelled"),
+}
 
 
 def _strip_ending(name: str, ending: str) -> str | None:
     return name[: -len(ending)] if name.endswith(ending) else None
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Return ``(data, affine, zooms)``; wrap every nibabel failure in a one-line :class:`CrlnError`."""
+def _decode(path: Path) -> Any:
+    """The nibabel image of ``path``; a ``.gz`` file's whole stream is checked first.
+
+    nibabel stops reading a gzip stream once it has the voxels it needs and never checks the CRC-32,
+    so a file corrupted in the middle decodes to garbage. Decompressing the whole file once in memory
+    verifies every member's CRC and length, and nibabel then parses those bytes without reading the
+    file again.
+    """
+    if not path.name.endswith(".gz"):
+        return nib.load(str(path))  # uncompressed: nothing to verify, memory-mapped by nibabel
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise CrlnError(
+            f"{path}: unreadable NIfTI file: corrupt gzip stream ({_first_line(exc)}), expected an intact .nii.gz"
+        ) from None
+    # sizeof_hdr (the first int32, either byte order) tells NIfTI-1 (348) from NIfTI-2 (540).
+    nifti2 = 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big"))
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Return ``(data, affine, zooms)`` of a ``.nii`` / ``.nii.gz`` file, gzip checksum verified.
+
+    Raises:
+        CrlnError: one line naming the file: missing, empty, corrupt gzip stream, unreadable NIfTI.
+    """
     if not path.is_file():
         raise CrlnError(f"{path}: file not found, expected a NIfTI volume")
     if path.stat().st_size == 0:
         raise CrlnError(f"{path}: file is empty (0 bytes), expected a NIfTI volume")
     try:
-        img = nib.load(str(path))
+        img = _decode(path)
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in img.header.get_zooms())
-    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CrlnError(f"{path}: unreadable NIfTI file: {msg}") from None
+    except CrlnError:
+        raise
+    except Exception as exc:  # nibabel raises many types (ImageFileError, HeaderDataError, EOFError, ...)
+        raise CrlnError(f"{path}: unreadable NIfTI file: {_first_line(exc)}") from None
     return data, affine, zooms
 
 
@@ -67,14 +107,20 @@ def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _as_image(data: np.ndarray, path: Path) -> np.ndarray:
-    """``(H, W, D)`` stays; MSD's 4D ``(H, W, D, C)`` becomes channel-first ``(C, H, W, D)``."""
+    """``(H, W, D)`` stays; MSD's 4D ``(H, W, D, C)`` becomes channel-first ``(C, H, W, D)``; float32.
+
+    Non-finite and absurd values (see :func:`crln.data.validate.check_image_values`) are refused here,
+    on the values as stored, before any normalisation could hide them.
+    """
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 4:
         data = np.moveaxis(data, -1, 0)
     elif data.ndim != 3:
         raise CrlnError(f"{path}: image has shape {data.shape} ({data.ndim}D), expected 3D (H, W, D)")
-    return np.ascontiguousarray(data, dtype=np.float32)
+    image = np.ascontiguousarray(data, dtype=np.float32)
+    check_image_values(image, str(path))
+    return image
 
 
 def _check_affine(ref: np.ndarray, other: np.ndarray, ref_path: Path, path: Path) -> None:
@@ -85,16 +131,24 @@ def _check_affine(ref: np.ndarray, other: np.ndarray, ref_path: Path, path: Path
         )
 
 
-def read_nifti_volume(path: str | Path, case_id: str | None = None) -> Case:
+def read_nifti_volume(path: str | Path, case_id: str | None = None, *, normalize: bool = True) -> Case:
     """Read one NIfTI image (no label), e.g. for ``crln predict`` on a single file.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        case_id: the case's name; default the file name without ending and ``_0000``.
+        normalize: z-score each channel (:func:`crln.data.transforms.zscore_channels`), as every
+            NIfTI case is for training and evaluation; ``False`` keeps the stored values.
 
     Returns:
         A :class:`Case` with image ``(H, W, D)`` float32 (4D files: ``(C, H, W, D)``), the file's
         affine and spacing (header zooms).
     """
     path = Path(path)
-    data, affine, zooms = _load_nifti(path)
+    data, affine, zooms = load_nifti(path)
     image = _as_image(data, path)
+    if normalize:
+        image = zscore_channels(image)
     if case_id is None:
         stem = path.name
         for ending in (".nii.gz", ".nii"):
@@ -204,6 +258,11 @@ class NiftiDataset:
         """Channel index -> name (``channel_names`` or MSD ``modality``)."""
         return dict(self.meta.get("channel_names", self.meta.get("modality", {})))
 
+    @property
+    def num_channels(self) -> int | None:
+        """Number of input channels from ``dataset.json`` (``None`` when unknown)."""
+        return len(self.channel_names) or None
+
     def _scan(self, split: str) -> dict[str, list[Path]]:
         if split not in _SPLIT_DIRS:
             raise CrlnError(f"{self.root}: split {split!r} unknown, expected one of {sorted(_SPLIT_DIRS)}")
@@ -230,14 +289,14 @@ class NiftiDataset:
         return out
 
     def ids(self, split: str = "train") -> list[str]:
-        """Case ids of ``imagesTr`` (``"train"``) or ``imagesTs`` (``"test"``), sorted.
+        """Case ids of ``imagesTr`` (``"train"``), ``imagesTs`` (``"test"``) or ``imagesUnlabelled`` (``"unlabeled"``), sorted.
 
         Raises:
             CrlnError: the folder exists but no file in it ends in ``file_ending`` (said, not an empty list).
         """
         ids = sorted(self._scan(split))
         folder = self.root / _SPLIT_DIRS[split][0]
-        if not ids and folder.is_dir():
+        if not ids and folder.is_dir() and split != "unlabeled":
             names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
             found = f"it holds {len(names)} other files, e.g. {names[0]!r}" if names else "it is empty"
             raise CrlnError(
@@ -250,7 +309,7 @@ class NiftiDataset:
         for split in _SPLIT_DIRS:
             if case_id in self._scan(split):
                 return split
-        raise CrlnError(f"{self.root}: case {case_id!r} not found in imagesTr/ or imagesTs/")
+        raise CrlnError(f"{self.root}: case {case_id!r} not found in imagesTr/, imagesTs/ or imagesUnlabelled/")
 
     def image_paths(self, case_id: str) -> list[Path]:
         """Channel files of ``case_id`` in channel order."""
@@ -260,9 +319,43 @@ class NiftiDataset:
         """Label file of ``case_id`` (may not exist for test cases)."""
         return self.root / _SPLIT_DIRS[self._split_of(case_id)][1] / f"{case_id}{self.file_ending}"
 
-    def load(self, case_id: str, with_label: bool = True) -> Case:
+    def labeled_ids(self, split: str = "train") -> list[str]:
+        """Ids of ``split`` whose label file exists, sorted (the others are unlabelled images)."""
+        return [cid for cid in self.ids(split) if self.label_path(cid).is_file()]
+
+    def unlabeled_ids(self) -> list[str]:
+        """Ids of ``imagesUnlabelled/`` (optional; extra unlabelled training images), sorted.
+
+        Raises:
+            CrlnError: an id is also in ``imagesTr/`` or ``imagesTs/`` (which case would be meant?).
+        """
+        ids = self.ids("unlabeled")
+        for split in ("train", "test"):
+            shared = sorted(set(ids) & set(self._scan(split)))
+            if shared:
+                raise CrlnError(
+                    f"{self.root / 'imagesUnlabelled'}: case {shared[0]!r} is also in {_SPLIT_DIRS[split][0]}/, "
+                    "expected distinct case ids"
+                )
+        return ids
+
+    def orphan_labels(self, split: str = "train") -> list[Path]:
+        """Label files of ``split`` without an image (ignored by every command), sorted."""
+        folder = self.root / _SPLIT_DIRS[split][1]
+        if not folder.is_dir():
+            return []
+        images = self._scan(split)
+        return [
+            p
+            for p in sorted(folder.iterdir())
+            if not p.name.startswith(".") and _strip_ending(p.name, self.file_ending) not in (*images, None)
+        ]
+
+    def load(self, case_id: str, with_label: bool = True, *, normalize: bool = True) -> Case:
         """Read one case: image ``(H, W, D)`` or ``(C, H, W, D)`` float32, label ``(H, W, D)`` uint8.
 
+        Each channel is z-scored over its voxels (``normalize``; see
+        :func:`crln.data.transforms.zscore_channels`); spacing is kept as stored, never resampled.
         Test cases without a label file load with ``label=None``; training cases require one.
 
         Raises:
@@ -272,7 +365,7 @@ class NiftiDataset:
         chans: list[np.ndarray] = []
         affine = zooms = None
         for p in paths:
-            data, aff, z = _load_nifti(p)
+            data, aff, z = load_nifti(p)
             img = _as_image(data, p)
             if len(paths) > 1 and img.ndim != 3:
                 raise CrlnError(f"{p}: channel file has shape {data.shape}, expected 3D (H, W, D)")
@@ -284,10 +377,12 @@ class NiftiDataset:
                     raise CrlnError(f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}")
             chans.append(img)
         image = chans[0] if len(chans) == 1 else np.stack(chans)
+        if normalize:
+            image = zscore_channels(image)
         label, label_source = None, ""
         lpath = self.label_path(case_id)
         if with_label and (lpath.is_file() or self._split_of(case_id) == "train"):
-            ldata, laff, _ = _load_nifti(lpath)
+            ldata, laff, _ = load_nifti(lpath)
             label = _as_label(ldata, lpath)
             if label.shape != image.shape[-3:]:
                 raise CrlnError(
@@ -304,6 +399,7 @@ class NiftiDataset:
             affine=affine,
             source=str(paths[0]),
             label_source=label_source,
+            channel_sources=tuple(str(p) for p in paths) if len(paths) > 1 else (),
         )
 
     def load_many(self, ids: list[str], with_label: bool = True) -> list[Case]:

@@ -164,22 +164,35 @@ def write_phantom_nifti_dataset(
     seed: int = 0,
     num_classes: int = 2,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    channels: int = 1,
+    n_unlabeled: int = 0,
 ) -> Path:
     """Write an nnU-Net v2 style phantom folder: ``imagesTr``, ``labelsTr``, ``imagesTs``, ``labelsTs``,
-    ``dataset.json``."""
+    ``dataset.json``.
+
+    Args:
+        channels: image files per case (``<id>_0000``, ``<id>_0001``, ...); channel k is the phantom
+            with its contrast inverted for odd k and offset by k, so the channels differ.
+        n_unlabeled: the last ``n_unlabeled`` training cases get no file in ``labelsTr/`` (truly
+            unlabelled images).
+    """
     root = Path(root)
     train, test = _ids(n_train, n_test)
+    if channels < 1 or not 0 <= n_unlabeled < n_train:
+        raise CrlnError(f"channels = {channels}, n_unlabeled = {n_unlabeled}, expected >= 1 and in [0, n_train)")
     affine = np.diag([*map(float, spacing), 1.0])
     seeds = _case_seeds(seed, len(train) + len(test))
     for i, (cid, s) in enumerate(zip(train + test, seeds, strict=True)):
         case = make_phantom(s, shape, num_classes)
         img_dir, lab_dir = ("imagesTr", "labelsTr") if i < len(train) else ("imagesTs", "labelsTs")
-        write_nifti(root / img_dir / f"{cid}_0000.nii.gz", case.image, affine)
-        write_nifti(root / lab_dir / f"{cid}.nii.gz", case.label, affine)
+        for k in range(channels):
+            write_nifti(root / img_dir / f"{cid}_{k:04d}.nii.gz", (-1) ** k * case.image + k, affine)
+        if not len(train) - n_unlabeled <= i < len(train):
+            write_nifti(root / lab_dir / f"{cid}.nii.gz", case.label, affine)
     labels = {"background": 0, "organ": 1} | {f"inclusion_{k}": k for k in range(2, num_classes)}
     meta = {
         "name": "crln_phantom",
-        "channel_names": {"0": "phantom"},
+        "channel_names": {str(k): f"phantom_{k}" if k else "phantom" for k in range(channels)},
         "labels": labels,
         "numTraining": len(train),
         "file_ending": ".nii.gz",

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from crln.data.nifti import load_nifti  # the one reader of NIfTI files (gzip checksum verified)
 from crln.errors import CrlnError
 
 __all__ = ["RawVolume", "align_to_grid", "read_dicom_series", "read_nifti", "read_nrrd"]
@@ -72,7 +72,7 @@ def read_nrrd(path: str | Path) -> RawVolume:
     space, as it is in the challenge's files.
 
     Raises:
-        CrlnError: missing, empty or unreadable file, or not 3D.
+        CrlnError: missing, empty, corrupt or unreadable file, or not 3D.
     """
     import nrrd
 
@@ -113,16 +113,10 @@ def read_nifti(path: str | Path) -> RawVolume:
     """Read a 3D NIfTI file (nibabel) as stored: array ``(x, y, z)``, the file's affine and zooms.
 
     Raises:
-        CrlnError: missing, empty or unreadable file, or not 3D.
+        CrlnError: missing, empty, corrupt or unreadable file, or not 3D.
     """
     path = Path(path)
-    _require_file(path, "a NIfTI volume")
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib.error ...
-        raise CrlnError(f"{path}: unreadable NIfTI file: {_first_line(exc)}") from None
+    data, affine, _ = load_nifti(path)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

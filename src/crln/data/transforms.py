@@ -20,6 +20,7 @@ __all__ = [
     "random_brightness",
     "random_crop",
     "random_rot_flip",
+    "zscore_channels",
 ]
 
 INTENSITY_MODES = ("as_stored", "minmax")
@@ -136,3 +137,17 @@ def normalize_intensity(image: np.ndarray, mode: str) -> np.ndarray:
         if high > low:
             channel /= high - low
     return volume
+
+
+def zscore_channels(image: np.ndarray) -> np.ndarray:
+    """Z-score each channel over all its voxels (nnU-Net's default for non-CT data); float32.
+
+    ``image`` is ``(H, W, D)`` (one channel) or ``(C, H, W, D)``. A constant channel becomes zeros:
+    nothing divides by a zero standard deviation.
+    """
+    channels = image[None] if image.ndim == 3 else image
+    out = np.empty(channels.shape, dtype=np.float32)
+    for c, channel in enumerate(channels):
+        mean, std = float(channel.mean(dtype=np.float64)), float(channel.std(dtype=np.float64))
+        out[c] = (channel - mean) / std if std > 0 else channel - mean
+    return out[0] if image.ndim == 3 else out

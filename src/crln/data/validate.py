@@ -9,7 +9,19 @@ import numpy as np
 from crln.data.case import Case
 from crln.errors import CrlnError
 
-__all__ = ["MIN_PATCH_COVERAGE", "check_patch_fits", "validate_case"]
+__all__ = [
+    "MAX_ABS_INTENSITY",
+    "MIN_PATCH_COVERAGE",
+    "check_channels",
+    "check_image_values",
+    "check_patch_fits",
+    "validate_case",
+]
+
+#: Largest image magnitude accepted. No modality stores values near it (CT: about ±3e4 HU, MR: up to
+#: 65535), while a corrupt or mis-scaled file decodes to values like 1e37 that would silently derail
+#: training and inference.
+MAX_ABS_INTENSITY = 1e6
 
 #: Along every axis, the largest training volume must fill at least this share of the patch. Volumes
 #: smaller than the patch are zero-padded (the field's rule, e.g. LA at 0.5 scale: 44 slices in a
@@ -47,14 +59,7 @@ def validate_case(
         raise CrlnError(f"{where}: image has an empty axis, shape {image.shape}")
     if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
         raise CrlnError(f"{where}: image dtype is {image.dtype}, expected a real numeric type")
-    if np.issubdtype(image.dtype, np.floating):
-        finite = np.isfinite(image)
-        if not finite.all():
-            n_nan = int(np.isnan(image).sum())
-            n_inf = int(image.size - finite.sum()) - n_nan
-            raise CrlnError(
-                f"{where}: image has {n_nan} NaN and {n_inf} Inf voxels of {image.size}, expected all finite"
-            )
+    check_image_values(image, where)
     if case.label is None:
         if require_label:
             raise CrlnError(f"{where}: label is missing, expected a label for this case")
@@ -78,6 +83,43 @@ def validate_case(
     if label.dtype != np.uint8:
         case.label = label.astype(np.uint8)
     return case
+
+
+def check_image_values(image: np.ndarray, where: str) -> None:
+    """Refuse non-finite voxels and magnitudes above :data:`MAX_ABS_INTENSITY` (corrupt or mis-scaled data).
+
+    Args:
+        image: any real array, e.g. ``(H, W, D)`` or ``(C, H, W, D)``.
+        where: the file or case named in the error.
+    """
+    if np.issubdtype(image.dtype, np.floating):
+        finite = np.isfinite(image)
+        if not finite.all():
+            n_nan = int(np.isnan(image).sum())
+            n_inf = int(image.size - finite.sum()) - n_nan
+            raise CrlnError(
+                f"{where}: image has {n_nan} NaN and {n_inf} Inf voxels of {image.size}, expected all finite"
+            )
+    if image.size == 0:
+        return
+    lo, hi = float(image.min()), float(image.max())
+    if max(-lo, hi) > MAX_ABS_INTENSITY:
+        raise CrlnError(
+            f"{where}: image intensities in [{lo:.3g}, {hi:.3g}], expected |value| <= {MAX_ABS_INTENSITY:g} "
+            "(a corrupt file, or rescale the image)"
+        )
+
+
+def check_channels(case: Case, in_channels: int, whose: str = "") -> None:
+    """Refuse an image whose channel count differs from the network's ``in_channels``.
+
+    ``(H, W, D)`` counts as one channel, ``(C, H, W, D)`` as C. The message names every channel file
+    and ends with ``whose`` (e.g. " of the checkpoint's network").
+    """
+    found = 1 if case.image.ndim == 3 else int(case.image.shape[0])
+    if found != in_channels:
+        files = ", ".join(case.channel_sources) if len(case.channel_sources) > 1 else _where(case)
+        raise CrlnError(f"{files}: image has {found} channel(s), expected model.in_channels = {in_channels}{whose}")
 
 
 def check_patch_fits(cases: Sequence[Case], patch_size: Sequence[int], key: str = "data.patch_size") -> None:

@@ -38,9 +38,9 @@ from crln.config import OptimConfig, RunConfig, build_config, config_to_dict
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
-from crln.data.splits import split_train, with_validation_list
+from crln.data.splits import plan_split
 from crln.data.transforms import AugmentConfig, normalize_intensity
-from crln.data.validate import check_patch_fits, validate_case
+from crln.data.validate import check_channels, check_patch_fits, validate_case
 from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
 from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state, save_checkpoint
@@ -217,9 +217,11 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: P
         )
 
 
-def _load_unlabeled(dataset: Any, ids: list[str], method: Method) -> list[Case]:
+def _load_unlabeled(dataset: Any, ids: list[str], method: Method, split: str) -> list[Case]:
     """Unlabelled cases; with their labels (monitoring only) when the method asks and they exist."""
-    if method.monitors_pseudo_labels:
+    labeled_ids = getattr(dataset, "labeled_ids", None)  # NIfTI: known without decoding anything
+    all_labelled = labeled_ids is None or set(ids) <= set(labeled_ids(split))
+    if method.monitors_pseudo_labels and all_labelled:
         try:
             return dataset.load_many(ids, with_label=True)
         except CrlnError:
@@ -347,22 +349,26 @@ def train(
     # Data: split the training list, decode every case once into memory.
     d = config.data
     dataset = open_dataset(d)
-    split = split_train(dataset.ids(d.train_split), labeled=d.labeled, validation=d.validation)
-    if d.val_split:
-        split = with_validation_list(split, dataset.ids(d.val_split), d.val_split)
+    split, split_rule = plan_split(dataset, d)
     method = build_method(config.method, build_network_factory(config), d.num_classes)
+    if main:  # the user sees which cases train how before the (long) decoding starts
+        unused = "" if method.uses_unlabeled else f" (method {config.method.name!r} does not use unlabelled cases)"
+        print(split_rule + unused, flush=True)
     labeled_cases = dataset.load_many(split.labeled, with_label=True)
-    unlabeled_cases = _load_unlabeled(dataset, split.unlabeled, method) if method.uses_unlabeled else []
+    unlabeled_cases = _load_unlabeled(dataset, split.unlabeled, method, d.train_split) if method.uses_unlabeled else []
     if method.uses_unlabeled and not unlabeled_cases:
         raise CrlnError(
             f"data.labeled={d.labeled}: method {config.method.name!r} needs unlabelled cases but all "
             f"{len(split.labeled) + len(split.validation)} training cases are labelled or held out"
         )
     validation_cases = dataset.load_many(split.validation, with_label=True)
-    for case in (*labeled_cases, *validation_cases):
-        validate_case(case, num_classes=d.num_classes, require_label=True)
-    for case in unlabeled_cases:  # a label loaded here is for monitoring only
-        validate_case(case, num_classes=d.num_classes)
+    channels = config.model.in_channels
+    labeled_streams = [*labeled_cases, *validation_cases]
+    for index, case in enumerate([*labeled_streams, *unlabeled_cases]):
+        # a label of an unlabelled case is for monitoring only: checked if present, never required
+        required = index < len(labeled_streams)
+        validate_case(case, num_classes=d.num_classes, require_label=required, allow_channels=True)
+        check_channels(case, channels)
     check_patch_fits([*labeled_cases, *unlabeled_cases, *validation_cases], d.patch_size)
     for case in (*labeled_cases, *unlabeled_cases, *validation_cases):
         case.image = normalize_intensity(case.image, d.intensity)  # the model's input contract (data.intensity)
@@ -404,6 +410,7 @@ def train(
         meta: dict[str, Any] = {
             "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation},
             "data_scale": recorded_scale(d.root),  # inference adapts eval.stride to data at other scales
+            "split_rule": split_rule,
         }
         if world > 1:
             meta["distributed"] = _distributed_meta(config, world)

@@ -91,20 +91,29 @@ def _class_of(name: str) -> tuple[str, str]:
 
 
 def _crop(volume: np.ndarray, centre: tuple[int, int, int], size: tuple[int, ...]) -> np.ndarray:
-    """A ``size`` patch of ``volume`` centred at ``centre``, zero-padded where the volume is smaller."""
-    pads = [(max(0, s - d), 0) for s, d in zip(size, volume.shape)]
+    """A ``size`` patch of ``volume`` ``(..., H, W, D)`` centred at ``centre``, zero-padded where the volume is
+    smaller; leading (channel) axes are kept."""
+    spatial = volume.shape[-3:]
+    pads = [(max(0, s - d), 0) for s, d in zip(size, spatial)]
     pads = [(p // 2, p - p // 2) for p, _ in pads]
-    padded = np.pad(volume, pads)
+    padded = np.pad(volume, [(0, 0)] * (volume.ndim - 3) + pads)
     starts = []
-    for c, s, d, (before, _) in zip(centre, size, padded.shape, pads):
+    for c, s, d, (before, _) in zip(centre, size, padded.shape[-3:], pads):
         starts.append(int(min(max(c + before - s // 2, 0), d - s)))
     x, y, z = starts
-    return padded[x : x + size[0], y : y + size[1], z : z + size[2]]
+    return padded[..., x : x + size[0], y : y + size[1], z : z + size[2]]
+
+
+def _first_channel(image: np.ndarray) -> np.ndarray:
+    """The channel the figures show: ``(H, W, D)`` as is, channel 0 of ``(C, H, W, D)``."""
+    return image if image.ndim == 3 else image[0]
 
 
 def _rectification_arrays(method: Any, image_patch: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
-    """Teacher ȳ, softmax M(x) and rectified ȳ_r probabilities ``(C, H, W, D)`` on one patch."""
-    weak = torch.from_numpy(np.ascontiguousarray(image_patch, dtype=np.float32))[None, None].to(device)
+    """Teacher ȳ, softmax M(x) and rectified ȳ_r probabilities ``(K, H, W, D)`` on one patch ``(H, W, D)`` or
+    ``(C, H, W, D)``."""
+    weak = torch.from_numpy(np.ascontiguousarray(image_patch, dtype=np.float32))
+    weak = (weak[None] if weak.ndim == 4 else weak[None, None]).to(device)  # (1, C, h, w, d)
     with torch.no_grad():
         logits, feats = method.teacher(weak, return_features=True)
         m = method.teacher_dim(feats["quarter"], feats["half"])
@@ -430,7 +439,7 @@ def _case_figures(
         heading = f"{role}: {case_id}" + (f" (Dice {100 * shown:.2f}%)" if shown is not None else "")
         safe = role.replace(" ", "_")
         overlay = figures.plot_slice_overlay(
-            case.image,
+            _first_channel(case.image),
             label,
             pred,
             confidence,
@@ -457,7 +466,7 @@ def _case_figures(
         rect_section.note("This CRLN run has the DIM off (method.dim=false): there is no M(x) to rectify with.")
         return
     role, case_id, case = next((c for c in chosen_arrays if c[0] == "median"), chosen_arrays[0])
-    centre = figures.object_centre(case.label > 0 if case.label is not None else None, shape=case.image.shape)
+    centre = figures.object_centre(case.label > 0 if case.label is not None else None, shape=case.shape)
     size = tuple(int(s) for s in ckpt_config.data.patch_size)
     image_patch = _crop(case.image, centre, size)
     label_patch = _crop(case.label, centre, size) if case.label is not None else None
@@ -466,7 +475,7 @@ def _case_figures(
     mu = method.rectifier.mu()
     mu_text = f", μ = {float(mu.detach()):.3f}" if mu is not None else ""
     fig = figures.plot_rectification(
-        image_patch,
+        _first_channel(image_patch),
         label_patch,
         arrays["teacher"],
         arrays["m"],
