@@ -289,7 +289,8 @@ class NiftiDataset:
         return out
 
     def ids(self, split: str = "train") -> list[str]:
-        """Case ids of ``imagesTr`` (``"train"``), ``imagesTs`` (``"test"``) or ``imagesUnlabelled`` (``"unlabeled"``), sorted.
+        """Case ids of ``imagesTr`` (``"train"``), ``imagesTs`` (``"test"``) or ``imagesUnlabelled``
+        (``"unlabeled"``, optional: an empty one is no error), sorted.
 
         Raises:
             CrlnError: the folder exists but no file in it ends in ``file_ending`` (said, not an empty list).
