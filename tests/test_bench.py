@@ -43,7 +43,7 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
         ("runs: []\n", "non-empty list"),
         ("runs:\n  - name: x\n", "needs a config"),
         ("runs:\n  - config: demo\n    overrides: [optim.lrr=1]\n", "did you mean 'lr'"),
-        ("runs:\n  - config: demo\nextra: 1\n", "unknown keys"),
+        ("runs:\n  - config: demo\nextra: 1\n", "unknown key extra"),
     ],
 )
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:

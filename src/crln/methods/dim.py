@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 __all__ = ["RECTIFY_VARIANTS", "UPSAMPLE_MODES", "DynamicInteractionModule", "Rectifier"]
 
-RECTIFY_VARIANTS = ("fixed_v1", "learnable_v2", "learnable_v3")
-UPSAMPLE_MODES = ("deconv", "deconv_relu", "trilinear")  # eq. 6's Upsample
+from crln.method_configs import RECTIFY_VARIANTS, UPSAMPLE_MODES  # the config checks them before torch loads
 
 
 class _CrossAttention(nn.Module):
