@@ -112,7 +112,7 @@ class TrainConfig:
     amp: str = "auto"  # {"auto", "none", "bf16", "fp16"}; auto = bf16 on CUDA, none on CPU
     channels_last: str = "auto"  # {"auto", "on", "off"}; auto = on (CPU and CUDA)
     compile: bool = False  # torch.compile the networks (CUDA only)
-    threads: int = 0  # torch intra-op threads on CPU; 0 = OMP_NUM_THREADS, else the CPUs the process may use
+    threads: int = 0  # torch intra-op CPU threads; 0 = OMP_NUM_THREADS, else torch's default within the CPUs allowed
     log_every: int = 10
     val_every: int = 0  # validate every N iterations and at the end (needs data.validation > 0); 0 = never
     checkpoint_every: int = 500
