@@ -9,7 +9,9 @@ torch's default thread count. Mode ``after`` starts the process as the ``crln`` 
 (:func:`crln.engine.cpu_threads.configure_openmp` before torch is imported: a short OpenMP spin);
 mode ``before`` imports torch with the OpenMP defaults (long-spinning idle threads), as crln did
 before issue #21; mode ``passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` (no spin), the alternative.
-Set no ``OMP_NUM_THREADS`` yourself when measuring: it is passed on to the jobs.
+Mode ``spinN`` (e.g. ``spin1000``) sets ``GOMP_SPINCOUNT=N``, to compare other spin bounds with
+crln's (:data:`crln.engine.cpu_threads.SPIN_COUNT`). Set no ``OMP_NUM_THREADS`` yourself when
+measuring: it is passed on to the jobs.
 
 For each mode: the job alone, then ``--jobs`` copies started together; it prints the median
 seconds per step of every job and the slow-down of the concurrent jobs against the lone one, as a
@@ -28,13 +30,13 @@ import subprocess
 import sys
 import time
 
-from crln.engine.cpu_threads import WAIT_POLICY_ENVS  # torch-free
+from crln.engine.cpu_threads import SPIN_COUNT, WAIT_POLICY_ENVS  # torch-free
 
 TARGET_RATIO = 2.5
 MODES = {
     "before": "before (OpenMP defaults: long spin)",
     "passive": "OMP_WAIT_POLICY=passive (no spin)",
-    "after": "after (crln: short spin)",
+    "after": f"after (crln: GOMP_SPINCOUNT={SPIN_COUNT})",
 }
 
 
@@ -46,6 +48,8 @@ def _worker(args: argparse.Namespace) -> None:
         configure_openmp()
     elif args.mode == "passive":
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif args.mode != "before":
+        os.environ["GOMP_SPINCOUNT"] = str(_spin_count(args.mode))
     import torch
     from bench_step import _batch
 
@@ -74,6 +78,22 @@ def _worker(args: argparse.Namespace) -> None:
     print(json.dumps({"threads": torch.get_num_threads(), "times": times}))
 
 
+def _spin_count(mode: str) -> int:
+    if not (mode.startswith("spin") and mode[4:].isdigit()):
+        raise argparse.ArgumentTypeError(f"expected before, passive, after or spinN (e.g. spin1000), got {mode!r}")
+    return int(mode[4:])
+
+
+def _mode(text: str) -> str:
+    if text not in MODES:
+        _spin_count(text)
+    return text
+
+
+def _label(mode: str) -> str:
+    return MODES.get(mode) or f"GOMP_SPINCOUNT={_spin_count(mode)}"
+
+
 def _run_jobs(args: argparse.Namespace, mode: str, jobs: int) -> list[dict]:
     """Start ``jobs`` workers at once and wait for all; returns their reports."""
     env = {k: v for k, v in os.environ.items() if k not in WAIT_POLICY_ENVS}
@@ -98,9 +118,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs=2, default=[2, 2], metavar=("LABELED", "UNLABELED"))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per job")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="+", type=_mode, default=list(MODES), help="before, passive, after, spinN")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=list(MODES), default="after", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", type=_mode, default="after", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
@@ -124,7 +144,7 @@ def main() -> None:
     for mode, threads, alone, medians in rows:
         worst = max(medians) / alone
         print(
-            f"| {MODES[mode]} | {threads} | {alone:.3f} | {' / '.join(f'{m:.3f}' for m in medians)} | "
+            f"| {_label(mode)} | {threads} | {alone:.3f} | {' / '.join(f'{m:.3f}' for m in medians)} | "
             f"{worst:.2f}× | {'yes' if worst <= TARGET_RATIO else 'no'} |"
         )
 
