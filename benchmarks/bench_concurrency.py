@@ -102,11 +102,15 @@ def _run_jobs(args: argparse.Namespace, mode: str, jobs: int) -> list[dict]:
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(jobs)]
     reports = []
-    for proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"a {mode} job failed with exit code {proc.returncode}")
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"a {mode} job failed with exit code {proc.returncode}")
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:  # an interrupted benchmark leaves no job running
+            proc.kill()
     return reports
 
 
@@ -132,7 +136,10 @@ def main() -> None:
         together = _run_jobs(args, mode, args.jobs)
         medians = [statistics.median(r["times"]) for r in together]
         rows.append((mode, together[0]["threads"], alone, medians))
-        print(f"[{mode}] alone {alone:.3f} s/step; {args.jobs} at once: {', '.join(f'{m:.3f}' for m in medians)}")
+        print(
+            f"[{mode}] alone {alone:.3f} s/step; {args.jobs} at once: {', '.join(f'{m:.3f}' for m in medians)}",
+            flush=True,
+        )
 
     print(
         f"\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, method {args.method}, "
