@@ -566,13 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()  # see crln.engine.allocator: a third of a CPU step was kernel page faults
     try:
         return int(args.func(args) or 0)
-    except TrainingDiverged as err:
-        print(f"crln: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_DIVERGED
     except CrlnError as err:
         # One line whatever the message holds (e.g. a multi-line reason from a library).
         print(f"crln: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USER_ERROR
     except RunInterrupted as stop:  # not an error: the checkpoint is saved and --resume continues
         print(f"crln: {stop}", file=sys.stderr)
         return stop.exit_code
