@@ -76,11 +76,13 @@ def train_interrupted(config: object, after: int, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(trainer_module, "_lr_factor", original)
 
 
-def assert_user_error(argv: list[object], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+def assert_user_error(
+    argv: list[object], capsys: pytest.CaptureFixture[str], *fragments: str, exit_code: int | None = None
+) -> str:
     """Run ``crln.cli.main(argv)`` in-process and check the user-error contract; returns the message line.
 
-    Exit code 2, exactly one stderr line starting ``crln: error:``, no traceback, every fragment in it,
-    and no warning on the way (outside pytest a warning would be more stderr lines).
+    Exit code 2 (or ``exit_code``: 3 for a diverged run), exactly one stderr line starting ``crln: error:``,
+    no traceback, every fragment in it, and no warning on the way (outside pytest a warning would be more stderr lines).
     """
     import warnings
 
@@ -92,7 +94,7 @@ def assert_user_error(argv: list[object], capsys: pytest.CaptureFixture[str], *f
     err = capsys.readouterr().err
     assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == EXIT_USER_ERROR, err
+    assert code == (EXIT_USER_ERROR if exit_code is None else exit_code), err
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("crln: error: "), err
     for fragment in fragments:

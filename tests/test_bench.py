@@ -52,9 +52,15 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
         ("runs: []\n", "non-empty list"),
         ("runs:\n  - name: x\n", "needs a config"),
         ("runs:\n  - config: demo\n    overrides: [optim.lrr=1]\n", "did you mean 'lr'"),
-        ("runs:\n  - config: demo\nextra: 1\n", "unknown keys"),
         ("reference: Nope\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
         ("evaluate: {checkpoint: latest}\nruns:\n  - config: demo\n", "expected final, best or a list"),
+        ("runs:\n  - config: demo\nextra: 1\n", "unknown key extra"),
+        (
+            "runs:\n  - config: demo\n    overridez: [optim.lr=1]\n",
+            r"runs\[0\].overridez: .*did you mean 'overrides'",
+        ),
+        ("runs:\n  - config: demo\nevaluate: {splitt: test}\n", "evaluate.splitt: .*did you mean 'split'"),
+        ("runs:\n  - config: demo\nseedz: [1]\n", "did you mean 'seeds'"),
     ],
 )
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:

@@ -24,7 +24,7 @@ TINY = {
     "train.iterations": 2,
     "train.log_every": 1,
     "train.checkpoint_every": 2,
-    "train.val_every": 0,
+    "train.val_every": 2,  # = iterations: validate once, at the end (brats validates on its val.txt)
     "eval.stride": "[16,16,8]",
 }
 

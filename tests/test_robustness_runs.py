@@ -23,7 +23,7 @@ from crln.cli import main
 from crln.config import load_config
 from crln.engine.checkpoint import load_checkpoint, save_checkpoint
 from crln.engine.run_folder import MetricsLog, RunFolder
-from crln.errors import CrlnError
+from crln.errors import EXIT_DIVERGED, CrlnError
 from crln.methods.supervised import Supervised
 
 ITERATIONS = 6
@@ -180,7 +180,8 @@ def test_non_finite_loss_stops_naming_the_term_and_iteration(
 
     _poison(monkeypatch, 4, dice_overflows)
     argv = ["train", "demo", *overrides, "--no-progress"]
-    assert_user_error(argv, capsys, "training diverged: loss term 'loss_dice' is inf", "at iteration 5", "last good")
+    message = ("training diverged: loss term 'loss_dice' is inf", "at iteration 5", "last good")
+    assert_user_error(argv, capsys, *message, exit_code=EXIT_DIVERGED)
     kept = load_checkpoint(run / "checkpoint_latest.pt")
     assert kept["step"] == 4 and _weights_finite(kept)
     assert not (run / "checkpoint_final.pt").exists()
@@ -203,7 +204,8 @@ def test_non_finite_weights_are_never_checkpointed(
 
     monkeypatch.setattr(Supervised, "after_optimizer_step", weights_overflow)
     argv = ["train", "demo", *overrides, "--no-progress"]
-    assert_user_error(argv, capsys, "training diverged: weight 'student.", "is not finite after iteration 4")
+    message = ("training diverged: weight 'student.", "is not finite after iteration 4")
+    assert_user_error(argv, capsys, *message, exit_code=EXIT_DIVERGED)
     kept = load_checkpoint(run / "checkpoint_latest.pt")
     assert kept["step"] == CHECKPOINT_EVERY and _weights_finite(kept)
 

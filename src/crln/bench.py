@@ -34,15 +34,15 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from crln.atomic import atomic_write_text
 from crln.comparison import PairedDifference, paired_difference, pooled_summary, seed_spread
-from crln.config import load_config, load_yaml
-from crln.engine.run_folder import RunFolder, case_lists_sha256, read_log
+from crln.config import check_known_keys, load_config, load_yaml
 from crln.errors import CrlnError
+
+if TYPE_CHECKING:
+    from crln.engine.run_folder import RunFolder
 
 __all__ = ["BenchPlan", "load_plan", "run_plan"]
 
@@ -83,11 +83,8 @@ def load_plan(path: str | Path) -> BenchPlan:
     """Read and check a plan file (every run's config is resolved once, so typos fail up front)."""
     path = Path(path)
     raw = load_yaml(path)
-    unknown = set(raw) - {"title", "runs", "seeds", "overrides", "evaluate", "reference"}
-    if unknown:
-        raise CrlnError(
-            f"bench plan {path}: unknown keys {sorted(unknown)} (title, runs, seeds, overrides, evaluate, reference)"
-        )
+    source = f"bench plan {path}"
+    check_known_keys(raw, ["title", "runs", "seeds", "overrides", "evaluate", "reference"], source=source)
     runs_raw = raw.get("runs")
     if not isinstance(runs_raw, list) or not runs_raw:
         raise CrlnError(f"bench plan {path}: key runs must be a non-empty list")
@@ -95,6 +92,7 @@ def load_plan(path: str | Path) -> BenchPlan:
     for i, item in enumerate(runs_raw):
         if not isinstance(item, dict) or "config" not in item:
             raise CrlnError(f"bench plan {path}: runs[{i}] needs a config (preset name or YAML path)")
+        check_known_keys(item, ["name", "config", "overrides"], source=source, prefix=f"runs[{i}].")
         runs.append(
             BenchRun(
                 str(item.get("name", item["config"])),
@@ -106,8 +104,9 @@ def load_plan(path: str | Path) -> BenchPlan:
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
         raise CrlnError(f"bench plan {path}: key seeds must be a non-empty list of integers, got {seeds!r}")
     evaluate = raw.get("evaluate") or {}
-    if not isinstance(evaluate, dict) or set(evaluate) - {"split", "checkpoint", "largest_component"}:
-        raise CrlnError(f"bench plan {path}: key evaluate takes split, checkpoint, largest_component")
+    if not isinstance(evaluate, dict):
+        raise CrlnError(f"bench plan {path}: key evaluate must be a mapping (split, checkpoint, largest_component)")
+    check_known_keys(evaluate, ["split", "checkpoint", "largest_component"], source=source, prefix="evaluate.")
     plan = BenchPlan(
         str(raw.get("title", path.stem)), runs, seeds, _strings(raw.get("overrides"), "overrides"), evaluate, path
     )
@@ -146,6 +145,8 @@ def _command(plan: BenchPlan, run: BenchRun, seed: int) -> str:
 
 
 def _training_stats(run_dir: Path) -> dict[str, float]:
+    from crln.engine.run_folder import read_log
+
     records = [r for r in read_log(run_dir / "log.jsonl") if "seconds_per_iteration" in r]
     if not records:
         return {}
@@ -296,6 +297,8 @@ def _paired_lines(plan: BenchPlan, rows: list[RowResult]) -> list[str]:
 
 def _data_lines(rows: list[RowResult]) -> list[str]:
     """The evaluated case list's hash (the same for every evaluation, or a warning that it is not)."""
+    from crln.engine.run_folder import case_lists_sha256
+
     hashes = {
         case_lists_sha256({"cases": list(e.per_case)}): len(e.per_case)
         for row in rows
@@ -310,6 +313,7 @@ def _data_lines(rows: list[RowResult]) -> list[str]:
 
 def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tuple[str, str]]:
     """PNGs beside the table (``<table stem>_<figure>.png``); returns ``[(caption, file name)]``."""
+    from crln.engine.run_folder import read_log
     from crln.report.bench_figures import (
         LoggedRun,
         MethodScores,
@@ -362,12 +366,16 @@ def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tu
 
 
 def _device() -> str:
+    import torch  # late: plans are checked before torch loads
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
+    import torch
+
     lines = [
         f"# {plan.title}",
         "",
@@ -431,9 +439,10 @@ def run_plan(
     plan_path: str | Path, *, out: str | Path | None = None, dry_run: bool = False, progress: bool = True
 ) -> Path:
     """Train and evaluate every (run, seed) of a plan; returns the Markdown table's path."""
+    plan = load_plan(plan_path)  # checked before torch loads
+    from crln.engine.run_folder import RunFolder
     from crln.engine.trainer import train
 
-    plan = load_plan(plan_path)
     out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
     rows: list[RowResult] = []
     for run in plan.runs:

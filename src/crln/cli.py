@@ -1,22 +1,25 @@
 """The ``crln`` command line: parse → validate → call one library function per verb.
 
-User errors (:class:`crln.errors.CrlnError`) print one line and exit with code 2.
+Exit codes (``crln.errors``): 0 done; 2 a user error (:class:`~crln.errors.CrlnError`, one line);
+3 training diverged; 130 / 143 training stopped by SIGINT / SIGTERM with its checkpoint saved.
+Configs are loaded and checked before torch is imported, so a typo fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 from crln import __version__
 from crln.engine.allocator import tune_cpu_allocator
-from crln.errors import CrlnError
+from crln.engine.cpu_threads import configure_openmp
+from crln.errors import EXIT_DIVERGED, EXIT_USER_ERROR, CrlnError, RunInterrupted, TrainingDiverged
 
-__all__ = ["build_parser", "main"]
-
-EXIT_USER_ERROR = 2
+__all__ = ["EXIT_DIVERGED", "EXIT_USER_ERROR", "build_parser", "main"]
 
 
 def _triple(text: str) -> tuple[int, int, int]:
@@ -45,11 +48,12 @@ def _add_window_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from crln.config import load_config
-    from crln.engine.trainer import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # checked before torch loads (seconds)
     if args.time_budget_s is not None and args.time_budget_s <= 0:
         raise CrlnError(f"--time-budget-s: expected a positive number of seconds, got {args.time_budget_s}")
+    from crln.engine.trainer import train
+
     result = train(
         config,
         resume=args.resume,
@@ -73,7 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.evaluate:
         return _evaluate_and_print(result.run_dir, None, None, None, None, "auto", None, None)
     if main_process:
-        print(f"next: crln evaluate {result.run_dir}")
+        print(f"next: {shlex.join(['crln', 'evaluate', str(result.run_dir)])}")
     return 0
 
 
@@ -317,7 +321,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
     print(f"training {', '.join(args.methods)} for {iterations} iterations each on phantoms ...", flush=True)
     table = run_plan(plan_path, progress=not args.no_progress)
-    print(table.read_text())
+    print(_terminal_text(table))
     if not args.no_report:
         from crln.report import build_report
 
@@ -325,6 +329,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"report: {build_report(run_dir, progress=False).html}")
     print(f"run folders: {out / 'runs'}; table: {table}")
     return 0
+
+
+_MARKDOWN_IMAGE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<file>[^)]+)\)$")
+
+
+def _terminal_text(table: Path) -> str:
+    """A Markdown table file for a terminal: each image line becomes ``figure: caption: path``."""
+    lines = []
+    for line in table.read_text().splitlines():
+        image = _MARKDOWN_IMAGE.match(line.strip())
+        lines.append(f"figure: {image['caption']}: {table.parent / image['file']}" if image else line)
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -556,17 +572,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-command's namespace its own parser, so that its errors show its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(command_parser=sub)
+                _remember_parsers(sub)
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key=value`` overrides anywhere (also after options such as ``--resume``)."""
+    parser = build_parser()
+    _remember_parsers(parser)
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    stray = [arg for arg in extra if not (takes_overrides and _is_override(arg))]
+    if stray:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if takes_overrides:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``crln`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    configure_openmp()  # before torch loads: idle OpenMP threads must not spin away a shared CPU
+    args = parse_args(argv)
     tune_cpu_allocator()  # see crln.engine.allocator: a third of a CPU step was kernel page faults
     try:
         return int(args.func(args) or 0)
     except CrlnError as err:
         # One line whatever the message holds (e.g. a multi-line reason from a library).
         print(f"crln: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USER_ERROR
+    except RunInterrupted as stop:  # not an error: the checkpoint is saved and --resume continues
+        print(f"crln: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("crln: interrupted", file=sys.stderr)
         return 130

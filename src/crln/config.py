@@ -21,8 +21,13 @@ from typing import Any
 import yaml
 
 from crln.errors import CrlnError
+from crln.method_configs import method_config_class
 
 __all__ = [
+    "DOWNSAMPLING_FACTOR",
+    "INTENSITY_MODES",
+    "MODEL_NAMES",
+    "NORMALIZATIONS",
     "DataConfig",
     "DistributedConfig",
     "EvalConfig",
@@ -33,6 +38,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "build_config",
+    "check_known_keys",
     "config_to_dict",
     "load_config",
     "load_raw",
@@ -41,6 +47,16 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+# Values the networks of crln.models accept, here so that a config is checked before torch loads.
+#: ``model.name`` values: the keys of ``crln.models.MODELS``.
+MODEL_NAMES = ("vnet", "unet3d")
+#: ``model.normalization`` values every network accepts.
+NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
+#: Spatial sides of an input must be multiples of this (four stride-2 down-samplings in every network).
+DOWNSAMPLING_FACTOR = 16
+# Whole-volume intensity normalisation (crln.data.transforms.normalize_intensity): "as_stored" | "minmax".
+INTENSITY_MODES = ("as_stored", "minmax")
 
 
 @dataclass
@@ -75,7 +91,7 @@ class DataConfig:
 class ModelConfig:
     """Network architecture."""
 
-    name: str = "vnet"  # {"vnet", "unet3d"} (crln.models.MODELS)
+    name: str = "vnet"  # one of MODEL_NAMES (crln.models.MODELS)
     in_channels: int = 1  # unset: from dataset.json 'channel_names' (NIfTI folders), else 1
     n_filters: int = 16
     normalization: str = "batchnorm"
@@ -108,9 +124,9 @@ class TrainConfig:
     amp: str = "auto"  # {"auto", "none", "bf16", "fp16"}; auto = bf16 on CUDA, none on CPU
     channels_last: str = "auto"  # {"auto", "on", "off"}; auto = on (CPU and CUDA)
     compile: bool = False  # torch.compile the networks (CUDA only)
-    threads: int = 0  # torch intra-op threads on CPU, 0 = torch default
+    threads: int = 0  # torch intra-op CPU threads; 0 = OMP_NUM_THREADS, else torch's default within the CPUs allowed
     log_every: int = 10
-    val_every: int = 0  # 0 = validate only at the end (needs data.validation > 0)
+    val_every: int = 0  # validate every N iterations and at the end (needs data.validation > 0); 0 = never
     checkpoint_every: int = 500
     output_dir: str = "runs"
     tag: str = "default"
@@ -167,6 +183,17 @@ def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"valid keys: {', '.join(sorted(valid))}{hint}"
+
+
+def check_known_keys(mapping: dict[str, Any], valid: list[str], *, source: str, prefix: str = "") -> None:
+    """Reject a key of ``mapping`` outside ``valid``, naming ``source`` and the nearest valid spelling.
+
+    For files with a fixed set of keys besides run configs (bench plans), e.g.
+    ``bench plan p.yaml: unknown key runs[0].overridez: valid keys: config, name, overrides; did you mean 'overrides'?``
+    """
+    for key in mapping:
+        if key not in valid:
+            raise CrlnError(f"{source}: unknown key {prefix}{key}: {_suggest(str(key), valid)}")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -241,8 +268,6 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     Raises:
         CrlnError: on an unknown key, a value of the wrong type, or an unknown method name.
     """
-    from crln.methods import method_config_class  # late import: methods depend on config
-
     raw = dict(raw or {})
     method_raw = dict(raw.pop("method", None) or {"name": "supervised"})
     method_name = method_raw.get("name", "supervised")
@@ -255,12 +280,9 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 def validate_config(config: RunConfig) -> None:
     """Range checks that span fields; raises :class:`CrlnError` naming the key."""
-    from crln.data.transforms import INTENSITY_MODES
-    from crln.engine.schedule import LR_SCHEDULES
-    from crln.methods import method_class
-    from crln.models import DOWNSAMPLING_FACTOR, MODELS, NORMALIZATIONS
+    from crln.engine.schedule import LR_SCHEDULES  # torch-free, like everything this check reads
 
-    networks = method_class(config.method.name).inference_networks
+    networks = type(config.method).inference_networks
     d = config.data
     if d.format not in ("h5", "nifti"):
         raise CrlnError(f"config key data.format: expected 'h5' or 'nifti', got {d.format!r}")
@@ -334,7 +356,7 @@ def validate_config(config: RunConfig) -> None:
             all(s <= p for s, p in zip(config.eval.stride, d.patch_size, strict=True)),
             f"at most data.patch_size {list(d.patch_size)} per axis (a larger step leaves voxels unpredicted)",
         ),
-        ("model.name", config.model.name in MODELS, f"one of {', '.join(sorted(MODELS))}"),
+        ("model.name", config.model.name in MODEL_NAMES, f"one of {', '.join(sorted(MODEL_NAMES))}"),
         ("model.normalization", config.model.normalization in NORMALIZATIONS, f"one of {', '.join(NORMALIZATIONS)}"),
     ]
     for key, ok, expected in checks:

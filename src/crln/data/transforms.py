@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crln.config import INTENSITY_MODES  # configs check the modes before torch loads
+
 __all__ = [
     "INTENSITY_MODES",
     "AugmentConfig",
@@ -22,8 +24,6 @@ __all__ = [
     "random_rot_flip",
     "zscore_channels",
 ]
-
-INTENSITY_MODES = ("as_stored", "minmax")
 
 
 @dataclass

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
 from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance, seed_everything
+from crln.engine.progress import progress_bar
 from crln.engine.run_folder import MetricsLog, RunFolder
 from crln.engine.schedule import lr_factor, schedule_window
-from crln.errors import CrlnError
+from crln.errors import CrlnError, RunInterrupted, TrainingDiverged
 from crln.methods import Method, build_method
 from crln.methods.base import StageStart
 from crln.models import build_model
@@ -119,7 +120,8 @@ class TrainResult:
     steps: int
     seconds: float
     best_metric: float | None
-    method: Method | None = None  # the trained method of this process (identical on every process)
+    # the trained method of this process (identical on every process); left out of repr: it prints every layer
+    method: Method | None = field(default=None, repr=False)
     complete: bool = True  # False when the time budget stopped the run early (resume it with --resume)
 
 
@@ -248,7 +250,7 @@ def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
     if bad:
         # The named terms first: the total "loss" is non-finite whenever one of them is.
         shown = ", ".join(f"{name!r} is {bad[name]}" for name in sorted(bad, key=lambda name: name == "loss"))
-        raise CrlnError(
+        raise TrainingDiverged(
             f"training diverged: loss term {shown} at iteration {step + 1}; "
             "the last good checkpoint is kept (lower optim.lr or check the data)"
         )
@@ -258,7 +260,7 @@ def _check_finite_weights(method: Method, step: int) -> None:
     """Refuse to checkpoint non-finite weights, so that the last checkpoint on disk stays a good one."""
     for name, value in method.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CrlnError(
+            raise TrainingDiverged(
                 f"training diverged: weight {name!r} is not finite after iteration {step}; "
                 "the last good checkpoint is kept (lower optim.lr or check the data)"
             )
@@ -320,7 +322,9 @@ def train(
         A :class:`TrainResult` with the run folder.
 
     Raises:
-        CrlnError: bad data or config, an existing run folder without ``resume``, a diverged loss.
+        CrlnError: bad data or config, an existing run folder without ``resume``.
+        TrainingDiverged: a non-finite loss or weight (a :class:`CrlnError`; the CLI exits 3).
+        RunInterrupted: SIGINT or SIGTERM; ``checkpoint_latest.pt`` holds the last finished iteration.
     """
     started = time.monotonic()  # the time budget counts from here
     tune_cpu_allocator()  # activation maps reuse heap memory instead of fresh page-faulted mmaps
@@ -481,11 +485,8 @@ def train(
         rank=rank,
         world_size=world,
     )
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start_step, desc=f"{config.method.name}", dynamic_ncols=True)
+    # A live bar on a terminal, a plain line every few percent in a log file.
+    bar = progress_bar(total, start_step, config.method.name) if progress and main else None
 
     # Creating the iterator may draw from torch's RNG: restore the resumed RNG state after it.
     if rank != distributed.MAIN_RANK:
@@ -555,10 +556,10 @@ def train(
             # torchrun forwards the signal to every process, not always within the same iteration: agree.
             if distributed.any_process(stop.signal_name is not None):
                 checkpoint("latest", completed)
-                raise CrlnError(
+                raise RunInterrupted(
                     f"stopped by {stop.signal_name or 'a signal to another process'} after iteration {completed}; "
-                    "checkpoint saved in "
-                    f"{folder.path}, continue with --resume"
+                    f"checkpoint saved in {folder.path}; continue with the same command and --resume",
+                    stop.signal_name,
                 )
             if time_budget_s is not None and done < total:
                 if step > start_step:  # the first iteration of a process pays warm-up costs
@@ -579,12 +580,13 @@ def train(
         best_metric = None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"]
         return TrainResult(folder.path, completed, time.perf_counter() - t0, best_metric, method, complete=False)
 
-    final_start = time.perf_counter()
-    if progress and main and validation_cases:
-        print(f"final validation on {len(validation_cases)} held-out case(s) ...", flush=True)
-    validate(total)
-    if progress and main and validation_cases:
-        print(f"final validation done ({time.perf_counter() - final_start:.1f} s)", flush=True)
+    if config.train.val_every:  # train.val_every=0: no validation at all
+        final_start = time.perf_counter()
+        if progress and main and validation_cases:
+            print(f"final validation on {len(validation_cases)} held-out case(s) ...", flush=True)
+        validate(total)
+        if progress and main and validation_cases:
+            print(f"final validation done ({time.perf_counter() - final_start:.1f} s)", flush=True)
     checkpoint("latest", total)
     checkpoint("final", total)
     if main:

@@ -10,7 +10,6 @@ steps the main optimiser, logs or writes files.
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,6 +19,8 @@ from torch import Tensor, nn
 from crln.data.loader import Batch
 from crln.engine.ema import ema_decay_at, ema_update
 from crln.errors import CrlnError
+from crln.method_configs import METHOD_CONFIGS, MethodConfig
+from crln.method_configs import method_config_class as _config_class
 
 __all__ = [
     "Method",
@@ -35,15 +36,6 @@ __all__ = [
 ]
 
 ModelFactory = Callable[[], nn.Module]
-
-
-@dataclass
-class MethodConfig:
-    """Fields every method config has; each method subclasses it with its own hyper-parameters."""
-
-    name: str = "supervised"
-    dice_weight: float = 0.5  # supervised loss = dice_weight * Dice + ce_weight * CE
-    ce_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,8 +69,6 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_unlabeled: ClassVar[bool] = True
-    #: What ``eval.network`` may name for this method (:meth:`inference_network`).
-    inference_networks: ClassVar[tuple[str, ...]] = ("student",)
     #: Load the labels of unlabelled cases, when they exist, to monitor pseudo-label quality
     #: (``Batch.unlabeled_oracle_label``). Never used in a loss.
     monitors_pseudo_labels: ClassVar[bool] = False
@@ -119,7 +109,7 @@ class Method(nn.Module):
             return self.student
         raise CrlnError(
             f"config key eval.network: {which!r} is not available for method {self.name!r} "
-            f"(available: {', '.join(self.inference_networks)})"
+            f"(available: {', '.join(self.config_class.inference_networks)})"
         )
 
     def networks(self) -> dict[str, nn.Module]:
@@ -143,8 +133,6 @@ class TeacherStudentMethod(Method):
     ``d = min(1 − 1/(step + 1), config.ema_decay)``, for every pair of :meth:`ema_pairs`.
     The config must have an ``ema_decay`` field.
     """
-
-    inference_networks: ClassVar[tuple[str, ...]] = ("student", "teacher")
 
     def __init__(self, config: MethodConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__(config, model_factory, num_classes)
@@ -171,11 +159,17 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its ``name`` (duplicates are an error)."""
+    """Class decorator: make a method available by its ``name`` (duplicates are an error).
+
+    The name and its config class must be in :data:`crln.method_configs.METHOD_CONFIGS`, where configs
+    are checked before torch is imported.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} must set a non-empty class attribute `name`")
     if cls.name in _REGISTRY:
         raise ValueError(f"method name {cls.name!r} registered twice ({_REGISTRY[cls.name].__name__}, {cls.__name__})")
+    if METHOD_CONFIGS.get(cls.name) is not cls.config_class:
+        raise ValueError(f"{cls.__name__}: {cls.name!r} must map to its config_class in crln.method_configs")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -185,26 +179,18 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _lookup(name: str) -> type[Method]:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise CrlnError(
-            f"config key method.name: unknown method {name!r} (available: {', '.join(method_names())}){hint}"
-        )
+def method_class(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    _config_class(name)  # an unknown name: the one-line error with the nearest spelling
     return _REGISTRY[name]
 
 
-def method_class(name: str) -> type[Method]:
-    """The method class registered as ``name``."""
-    return _lookup(name)
-
-
 def method_config_class(name: str) -> type[MethodConfig]:
-    """The config dataclass of the method registered as ``name``."""
-    return _lookup(name).config_class
+    """The config dataclass of the method registered as ``name`` (:mod:`crln.method_configs`)."""
+    return _config_class(name)
 
 
 def build_method(config: Any, model_factory: ModelFactory, num_classes: int) -> Method:
     """Instantiate the method named by ``config.name``."""
-    return _lookup(config.name)(config, model_factory, num_classes)
+    _config_class(config.name)  # an unknown name: the one-line error with the nearest spelling
+    return _REGISTRY[config.name](config, model_factory, num_classes)

@@ -28,7 +28,6 @@ Segmentation", CVPR 2023; code ``DeepMed-Lab-ECNU/BCP`` (``code/LA_BCP_train.py`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -38,38 +37,14 @@ from torch import Tensor
 
 from crln.data.loader import Batch
 from crln.engine.ema import ema_update
-from crln.methods.base import MethodConfig, StageStart, TeacherStudentMethod, register_method
+from crln.method_configs import BCPConfig
+from crln.methods.base import StageStart, TeacherStudentMethod, register_method
 from crln.methods.mean_teacher import consistency_terms, cutmix_box_mask
 from crln.metrics import keep_largest_component
 
 __all__ = ["BCP", "BCPConfig", "copy_paste_cube", "largest_component_labels", "region_dice_ce"]
 
 _SMOOTH = 1e-5  # the Dice smoothing of BCP's mask_DiceLoss
-
-
-@dataclass
-class BCPConfig(MethodConfig):
-    """Hyper-parameters of BCP; defaults are the authors' LA script (``code/LA_BCP_train.py``)."""
-
-    name: str = "bcp"
-    pretrain_iterations: int = 2000  # stage 1 length (--pre_max_iteration); stage 2 is the rest of train.iterations
-    ema_decay: float = 0.99  # constant EMA decay of the teacher in stage 2 (update_ema_variables(…, 0.99))
-    cube_fraction: float = 2 / 3  # copy-paste cube side / patch side (--mask_ratio)
-    unlabeled_weight: float = 0.5  # loss weight of pseudo-labelled voxels; ground truth has 1 (--u_weight)
-    largest_component: bool = True  # keep each pseudo-label's largest connected component (get_cut_mask nms=1)
-    # At self-training: a fresh optimiser state and the LR schedule from its start (LA code: a new SGD);
-    # false carries both over (the Pancreas code reloads the pre-training optimiser state).
-    restart_optimizer: bool = True
-
-    def __post_init__(self) -> None:
-        if self.pretrain_iterations < 0:
-            raise ValueError(f"pretrain_iterations must be >= 0, got {self.pretrain_iterations}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if not 0.0 < self.cube_fraction < 1.0:
-            raise ValueError(f"cube_fraction must be in (0, 1), got {self.cube_fraction}")
-        if self.unlabeled_weight < 0:
-            raise ValueError(f"unlabeled_weight must be >= 0, got {self.unlabeled_weight}")
 
 
 def copy_paste_cube(shape: tuple[int, int, int], fraction: float, device: torch.device | None = None) -> Tensor:

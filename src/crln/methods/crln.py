@@ -19,8 +19,6 @@ momentum buffers are module buffers, so ``state_dict`` holds them and resume is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,113 +27,17 @@ from crln.data.loader import Batch
 from crln.engine.distributed import all_reduce_mean_
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
 from crln.errors import CrlnError
+from crln.method_configs import CRLNConfig
 from crln.methods.base import ModelFactory, frozen_copy, register_method
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
-from crln.methods.dim import MU_SIGMOID_RANGE, RECTIFY_VARIANTS, UPSAMPLE_MODES, DynamicInteractionModule, Rectifier
+from crln.methods.dim import DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
-from crln.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, consistency_terms, masked_nll
+from crln.methods.mean_teacher import MeanTeacher, consistency_terms, masked_nll
 
 __all__ = ["CRLN", "CRLNConfig", "RectifiedNetwork", "pseudo_label_dice", "saturated_fraction", "weighted_nll"]
 
 
 UNSUP_LOSSES = ("weighted", "weighted_nonzero", "masked")
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(options)}; got {value!r}")
-
-
-@dataclass
-class CRLNConfig(MeanTeacherConfig):
-    """Hyper-parameters of CRLN; defaults = the paper's LA setting, the authors' code where they differ."""
-
-    name: str = "crln"
-    # ℓu: "weighted_nonzero" (code): per-sample confident share × NLL, averaged over the voxels with NLL > 0
-    # (its masked_select(loss > 0)); "weighted": the same averaged over all voxels; "masked": eq. 2
-    unsup_loss: str = "weighted_nonzero"
-    # --- prototypes + DIM (Sec. 3.2.1, eq. 3–7; Tab. 6, Fig. 10) ---
-    dim: bool = True  # DIM, prototypes and rectification on (off: mean teacher [+ CPS with positive=mean])
-    num_prototypes: int = 16  # R prototypes per class
-    spatial_awareness: bool = True  # SA: Conv3×3×3 over the R proximity maps (Tab. 6)
-    sa_bn_relu: bool = True  # BatchNorm + ReLU between SA and CI (code); off: SA + CI is one linear map
-    conv_integration: bool = True  # CI: Conv1×1×1 over R (off: sum over R) (Tab. 6)
-    cross_class: bool = True  # CR: SA/CI weights shared across classes (off: one set per class) (Tab. 6)
-    normalize_proximity: bool = True  # standardise each proximity map over its positions (code: LayerNorm over N)
-    dim_upsample: str = "deconv"  # "deconv": 2×2×2 transposed conv (eq. 6); "deconv_relu": + ReLU (code); "trilinear"
-    prototype_init_std: float = 0.02  # normal init of P (0 = zeros, as the code)
-    dim_weight: float = 1.0  # weight of ℓs(M(x), y) in eq. 15 (code: 0.5·CE + 0.5·Dice, like ℓs(ŷ, y))
-    # --- rectification (Sec. 3.2.2, eq. 8, 16, 17; Tab. 7) ---
-    rectify: str = "learnable_v3"  # "fixed_v1" (eq. 17) | "learnable_v2" (concat + Conv3×3×3) | "learnable_v3" (eq. 8)
-    rectify_space: str = "logits"  # "logits": ȳ + (1−μ)M on logits, softmax (code); "probs": mix probabilities
-    rectify_start: int = 800  # S: first (0-based) iteration whose pseudo-labels are rectified
-    mu_param: str = "clamp"  # "clamp": μ raw scalar clamped to [0, 1]; "sigmoid": μ = sigmoid(raw)
-    mu_init: float = 0.0  # initial μ (code: 0)
-    mu_lr: float = 2.5e-3  # learning rate of the rectifier's own SGD (code: the main lr)
-    mu_momentum: float = 0.9  # its momentum (code: 0.9)
-    mu_nesterov: bool = True  # Nesterov momentum (code: yes)
-    mu_weight_decay: float = 5e-4  # its weight decay (code: 5e-4)
-    mu_lr_iterations: int = 0  # poly decay of mu_lr over this many iterations (0 = constant)
-    mu_step_input: str = "post_update"  # eq. 16 on: "post_update" (code: re-run updated student, eval mode) | "current"
-    # --- Collaborative Positive Supervision (Sec. 3.3, eq. 9–14; Tab. 5) ---
-    cps: bool = True  # the contrastive term ℓcp on/off
-    cps_weight: float = 0.5  # weight of ℓcp in eq. 15 (code: 0.5)
-    cps_positive: str = "mixed"  # "mean" (MR) | "prototype" (LP) | "mixed" (eq. 13)
-    # mean(P^c) in eq. 13: "prototypes" (paper: mean of the R prototypes, projection dim F) | "features" (code: mean
-    # over F, projection dim R; inert: the DIM's LayerNorm gives P a zero-mean gradient over F, so it never trains)
-    cps_prototype_reduce: str = "prototypes"
-    cps_unit_mix: bool = True  # eq. 13 mixes the unit vectors of r_m and mean(P^c) (off: raw vectors, as the code)
-    cps_prototype_source: str = (
-        "teacher"  # prototypes in the positive: "teacher" (code, no gradient) | "student" (grad to P)
-    )
-    cps_prototypes_from_start: bool = False  # use prototypes in the positive before S (code: only from S on)
-    xi: float = 0.6  # ξ in eq. 13
-    xi_random: bool = False  # draw ξ ~ U(0, 1) each iteration instead of the fixed xi
-    tau_w: float = 0.7  # τ_w: pseudo-label confidence for CPS anchors/negatives/means (eq. 10, 12), < τ
-    temperature: float = 0.5  # t in eq. 14
-    num_anchors: int = 256  # anchors per class
-    num_negatives: int = 512  # negatives per class (per anchor when sampling with replacement)
-    cps_with_replacement: bool = True  # code: with replacement, per-anchor negatives; off: distinct, shared
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _choice("unsup_loss", self.unsup_loss, UNSUP_LOSSES)
-        _choice("dim_upsample", self.dim_upsample, UPSAMPLE_MODES)
-        _choice("rectify", self.rectify, RECTIFY_VARIANTS)
-        _choice("rectify_space", self.rectify_space, ("logits", "probs"))
-        _choice("mu_param", self.mu_param, ("clamp", "sigmoid"))
-        _choice("mu_step_input", self.mu_step_input, ("post_update", "current"))
-        _choice("cps_positive", self.cps_positive, ("mean", "prototype", "mixed"))
-        _choice("cps_prototype_reduce", self.cps_prototype_reduce, ("features", "prototypes"))
-        _choice("cps_prototype_source", self.cps_prototype_source, ("teacher", "student"))
-        low, high = MU_SIGMOID_RANGE
-        checks = [
-            ("num_prototypes", self.num_prototypes >= 1, "an integer >= 1"),
-            ("rectify_start", self.rectify_start >= 0, "an integer >= 0"),
-            ("mu_init", 0.0 <= self.mu_init <= 1.0, "a number in [0, 1]"),
-            (
-                "mu_init",
-                self.mu_param != "sigmoid" or low <= self.mu_init <= high,
-                f"in [{low}, {high}] with mu_param=sigmoid (its gradient vanishes at 0 and 1)",
-            ),
-            ("mu_lr", self.mu_lr >= 0, "a number >= 0"),
-            ("mu_momentum", 0.0 <= self.mu_momentum < 1.0, "a number in [0, 1)"),
-            ("mu_weight_decay", self.mu_weight_decay >= 0, "a number >= 0"),
-            ("mu_lr_iterations", self.mu_lr_iterations >= 0, "an integer >= 0"),
-            ("dim_weight", self.dim_weight >= 0, "a number >= 0"),
-            ("cps_weight", self.cps_weight >= 0, "a number >= 0"),
-            ("xi", self.xi >= 0, "a number >= 0"),
-            ("tau_w", 0.0 <= self.tau_w < 1.0, "a number in [0, 1)"),
-            ("tau_w", self.tau_w < self.confidence_threshold, f"< confidence_threshold ({self.confidence_threshold})"),
-            ("temperature", self.temperature > 0, "a number > 0"),
-            ("num_anchors", self.num_anchors >= 1, "an integer >= 1"),
-            ("num_negatives", self.num_negatives >= 1, "an integer >= 1"),
-            ("prototype_init_std", self.prototype_init_std >= 0, "a number >= 0"),
-            ("cps_positive", self.dim or self.cps_positive == "mean", "'mean' when dim is off (no prototypes)"),
-        ]
-        for field_name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{field_name} must be {expected}, got {getattr(self, field_name)!r}")
 
 
 def weighted_nll(
@@ -191,7 +93,6 @@ class CRLN(MeanTeacher):
     name = "crln"
     config_class = CRLNConfig
     monitors_pseudo_labels = True
-    inference_networks = ("student", "teacher", "teacher_rectified")
 
     def __init__(self, config: CRLNConfig, model_factory: ModelFactory, num_classes: int) -> None:
         super().__init__(config, model_factory, num_classes)

@@ -27,11 +27,8 @@ from torch import Tensor, nn
 
 __all__ = ["MU_SIGMOID_RANGE", "RECTIFY_VARIANTS", "UPSAMPLE_MODES", "DynamicInteractionModule", "Rectifier"]
 
-RECTIFY_VARIANTS = ("fixed_v1", "learnable_v2", "learnable_v3")
-UPSAMPLE_MODES = ("deconv", "deconv_relu", "trilinear")  # eq. 6's Upsample
-# μ = sigmoid(raw) must start where its gradient μ(1 − μ) is usable: at μ = 0.01 it is ~0.01, at the
-# former silent clamp 1e-4 it was 1e-4 and μ stayed frozen (issue 16).
-MU_SIGMOID_RANGE = (0.01, 0.99)
+# the config checks them before torch loads
+from crln.method_configs import MU_SIGMOID_RANGE, RECTIFY_VARIANTS, UPSAMPLE_MODES
 
 
 class _CrossAttention(nn.Module):

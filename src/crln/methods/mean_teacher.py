@@ -13,7 +13,6 @@ Wang et al., "Cooperative Rectification Learning Network", Medical Image Analysi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,47 +21,12 @@ from torch import Tensor
 
 from crln.data.loader import Batch
 from crln.engine.schedule import sigmoid_rampup
-from crln.methods.base import MethodConfig, ModelFactory, TeacherStudentMethod, register_method
+from crln.method_configs import MeanTeacherConfig
+from crln.methods.base import ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
 from crln.methods.strong_view import authors_strong_view
 
-__all__ = ["STRONG_VIEWS", "MeanTeacher", "MeanTeacherConfig", "consistency_terms", "cutmix_box_mask", "masked_nll"]
-
-
-STRONG_VIEWS = ("field", "authors")
-
-
-@dataclass
-class MeanTeacherConfig(MethodConfig):
-    """Hyper-parameters of the mean teacher (defaults: the CRLN paper's baseline row 2)."""
-
-    name: str = "mean_teacher"
-    ema_decay: float = 0.99
-    confidence_threshold: float = 0.97  # τ in eq. 2
-    unsup_weight: float = 0.5  # weight of eq. 2 in the total loss
-    rampup_iterations: int = 0  # sigmoid ramp-up of unsup_weight (0 = constant weight)
-    cutmix: bool = True  # 3D CutMix between unlabelled samples in the strong view
-    cutmix_box_fraction: float = 2 / 3  # CutMix box side as a fraction of each patch side
-    strong_noise_sigma: float = 0.1  # Gaussian noise of the strong view (0 = none)
-    strong_noise_clip: float = 0.2
-    # Student forward: one pass over [labelled, strong unlabelled] (shared BatchNorm batch statistics) or,
-    # with separate_forward, one pass per stream (the CRLN authors' code: separate statistics).
-    separate_forward: bool = False
-    # Strong view: "field" (noise + the 3-D CutMix box above) or "authors" (the CRLN code's zoom, 2-D full-depth
-    # CutMix, brightness, noise, rot/flip, min-max; crln.methods.strong_view; needs data.intensity=minmax).
-    strong_view: str = "field"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if not 0.0 <= self.confidence_threshold < 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
-        if not 0.0 < self.cutmix_box_fraction < 1.0:
-            raise ValueError(f"cutmix_box_fraction must be in (0, 1), got {self.cutmix_box_fraction}")
-        if self.strong_view not in STRONG_VIEWS:
-            raise ValueError(f"strong_view must be one of {', '.join(STRONG_VIEWS)}, got {self.strong_view!r}")
-        if self.unsup_weight < 0 or self.strong_noise_sigma < 0 or self.rampup_iterations < 0:
-            raise ValueError("unsup_weight, strong_noise_sigma and rampup_iterations must be >= 0")
+__all__ = ["MeanTeacher", "MeanTeacherConfig", "consistency_terms", "cutmix_box_mask", "masked_nll"]
 
 
 def cutmix_box_mask(

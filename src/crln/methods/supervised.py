@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from crln.data.loader import Batch
-from crln.methods.base import Method, MethodConfig, ModelFactory, register_method
+from crln.method_configs import SupervisedConfig
+from crln.methods.base import Method, ModelFactory, register_method
 from crln.methods.losses import DiceCELoss
 
 __all__ = ["Supervised", "SupervisedConfig"]
-
-
-@dataclass
-class SupervisedConfig(MethodConfig):
-    """Supervised training has no hyper-parameters beyond the loss weights."""
-
-    name: str = "supervised"
 
 
 @register_method

@@ -16,41 +16,17 @@ ramped over 40 "epochs" of 150 iterations, threshold 0.75 → 1.0 of ln 2 over t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from crln.data.loader import Batch
 from crln.engine.schedule import sigmoid_rampup
-from crln.methods.base import MethodConfig, ModelFactory, TeacherStudentMethod, register_method
+from crln.method_configs import UAMTConfig
+from crln.methods.base import ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
 
 __all__ = ["UAMT", "UAMTConfig", "uncertainty_masked_mse"]
-
-
-@dataclass
-class UAMTConfig(MethodConfig):
-    """Hyper-parameters of UA-MT (defaults: the authors' LA script)."""
-
-    name: str = "ua_mt"
-    ema_decay: float = 0.99
-    passes: int = 8  # T stochastic teacher passes per unlabelled patch
-    input_noise_sigma: float = 0.1  # teacher input noise N(0, sigma) ...
-    input_noise_clip: float = 0.2  # ... clipped to ±clip
-    consistency_weight: float = 0.1
-    consistency_rampup_iterations: int = 6000  # sigmoid ramp of the consistency weight
-    threshold_start: float = 0.75  # uncertainty threshold, times ln C, at iteration 0 ...
-    threshold_end: float = 1.0  # ... and after threshold_rampup_iterations
-    threshold_rampup_iterations: int = 6000  # the authors ramp over the whole run
-
-    def __post_init__(self) -> None:
-        if self.passes < 1:
-            raise ValueError(f"passes must be >= 1, got {self.passes}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.consistency_weight < 0 or self.input_noise_sigma < 0:
-            raise ValueError("consistency_weight and input_noise_sigma must be >= 0")
 
 
 def uncertainty_masked_mse(student_probs: Tensor, teacher_probs: Tensor, mask: Tensor) -> Tensor:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+# Defined beside the config, which checks them before torch loads.
+from crln.config import DOWNSAMPLING_FACTOR, NORMALIZATIONS
+
 __all__ = ["DOWNSAMPLING_FACTOR", "NORMALIZATIONS", "check_common_arguments", "norm_layer"]
 
-#: Spatial sides of an input must be multiples of this (four stride-2 down-samplings in every network).
-DOWNSAMPLING_FACTOR = 16
-#: Normalisations every network accepts.
-NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
 _GROUPNORM_GROUPS = 16
 
 
