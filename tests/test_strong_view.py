@@ -115,6 +115,6 @@ def test_minmax_run_trains_and_predicts_raw_input_identically(phantom_root: Path
     case = make_phantom(seed=5, shape=(40, 40, 24))
     perf = Performance.for_device(torch.device("cpu"), "none", "off")
     stride = (16, 16, 8)
-    first, _ = _predict(network, case.image, saved, perf, stride, False)
-    second, _ = _predict(network, case.image * 250.0 + 40.0, saved, perf, stride, False)  # another scanner's range
+    first, _ = _predict(network, case.image, saved, perf, stride, 2, False)
+    second, _ = _predict(network, case.image * 250.0 + 40.0, saved, perf, stride, 2, False)  # another scanner's range
     assert np.array_equal(first, second)
