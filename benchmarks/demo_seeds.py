@@ -96,12 +96,13 @@ def main() -> None:
         tables = list(pool.map(_run_seed, [args.out] * len(seeds), [methods] * len(seeds), seeds))
     rows = [row for table in tables for row in table_rows(table)]
     command = f"python benchmarks/demo_seeds.py --seeds {args.seeds} --methods {args.methods} --jobs {args.jobs}"
+    summary = _summary(rows, methods, seeds)
     results = [
         f"Command: `{command}`, started {started}, finished {time.strftime('%H:%M UTC', time.gmtime())}, on "
         f"{platform.node()} ({os.cpu_count()} cores, `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`).",
         f"Demo fingerprint `{demo_fingerprint()}` (`crln.demo.demo_fingerprint`: preset, plan and phantoms).",
         "",
-        *_summary(rows, methods, seeds),
+        *summary,
         "",
         "Every run (bootstrapped mean ± std over the test cases; s/it and minutes are this machine's):",
         "",
@@ -111,10 +112,11 @@ def main() -> None:
     ]
     print("\n".join(results))
     if args.write:
-        readme = [HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
-        readme += [r for r in rows if r.split("|")[1].strip() in DEMO_METHODS and int(r.split("|")[2]) == README_SEED]
+        shown = [r for r in rows if r.split("|")[1].strip() in DEMO_METHODS and int(r.split("|")[2]) == README_SEED]
+        readme = ["```", HEADER, "|---|---|---|---|---|---|---|---|---|---|", *shown, "```", ""]
+        readme += [f"Dice (%) over seeds {', '.join(map(str, seeds))} (benchmarks/RESULTS.md):", "", *summary]
         _replace_between(ROOT / "benchmarks" / "RESULTS.md", RESULTS_MARKERS, "\n".join(results))
-        _replace_between(ROOT / "README.md", README_MARKERS, "```\n" + "\n".join(readme) + "\n```")
+        _replace_between(ROOT / "README.md", README_MARKERS, "\n".join(readme))
 
 
 if __name__ == "__main__":
