@@ -8,7 +8,7 @@ noise, partial-volume edges and unlabelled distractor blobs of similar intensity
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +179,12 @@ def _styles(n_cases: int, narrow_first: int) -> list[PhantomStyle]:
     return [NARROW if i < narrow_first else WIDE for i in range(n_cases)]
 
 
+def _cases(n: int, shape: Sequence[int], seed: int, num_classes: int, narrow_first: int) -> Iterator[Case]:
+    """The ``n`` cases of a dataset, in list order (one home for the per-case seeds and styles)."""
+    for s, style in zip(_case_seeds(seed, n), _styles(n, narrow_first), strict=True):
+        yield make_phantom(s, shape, num_classes, style)
+
+
 def _ids(n_train: int, n_test: int) -> tuple[list[str], list[str]]:
     if n_train < 1 or n_test < 0:
         raise CrlnError(f"n_train = {n_train}, n_test = {n_test}, expected n_train >= 1 and n_test >= 0")
@@ -203,9 +209,9 @@ def write_phantom_h5_dataset(
     """
     root = Path(root)
     train, test = _ids(n_train, n_test)
-    n = len(train) + len(test)
-    for cid, s, style in zip(train + test, _case_seeds(seed, n), _styles(n, narrow_first), strict=True):
-        case = make_phantom(s, shape, num_classes, style)
+    for cid, case in zip(
+        train + test, _cases(len(train) + len(test), shape, seed, num_classes, narrow_first), strict=True
+    ):
         write_h5_case(root / "data" / f"{cid}.h5", case.image, case.label)
     atomic_write_text(root / "train.list", "".join(f"{c}\n" for c in train))
     atomic_write_text(root / "test.list", "".join(f"{c}\n" for c in test))
@@ -228,10 +234,8 @@ def write_phantom_nifti_dataset(
     root = Path(root)
     train, test = _ids(n_train, n_test)
     affine = np.diag([*map(float, spacing), 1.0])
-    n = len(train) + len(test)
-    styles = _styles(n, narrow_first)
-    for i, (cid, s) in enumerate(zip(train + test, _case_seeds(seed, n), strict=True)):
-        case = make_phantom(s, shape, num_classes, styles[i])
+    cases = _cases(len(train) + len(test), shape, seed, num_classes, narrow_first)
+    for i, (cid, case) in enumerate(zip(train + test, cases, strict=True)):
         img_dir, lab_dir = ("imagesTr", "labelsTr") if i < len(train) else ("imagesTs", "labelsTs")
         write_nifti(root / img_dir / f"{cid}_0000.nii.gz", case.image, affine)
         write_nifti(root / lab_dir / f"{cid}.nii.gz", case.label, affine)
