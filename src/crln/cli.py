@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -282,45 +281,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import yaml
-
-    from crln.bench import run_plan
-    from crln.config import load_config
-    from crln.data.phantom import write_phantom_h5_dataset
+    from crln.demo import run_demo
 
     out = Path(args.out)
-    data_root = out / "data"
-    if not (data_root / "train.list").exists():
-        print(f"writing the synthetic phantom dataset to {data_root} ...", flush=True)
-        write_phantom_h5_dataset(
-            data_root, n_train=args.train_cases, n_test=args.test_cases, shape=(80, 80, 48), seed=0
-        )
-    overrides = [f"data.root={data_root}", f"train.output_dir={out / 'runs'}", *args.overrides]
-    if args.iterations:
-        overrides.append(f"train.iterations={args.iterations}")
-    iterations = load_config("demo", overrides).train.iterations
-    runs = []
-    for name in args.methods:
-        extra = [f"method.name={name}"]
-        if name == "crln":  # start rectifying at 40% of the run, as S = 800 does in a 2000-iteration CPU run
-            extra += [f"method.rectify_start={iterations * 2 // 5}", f"method.mu_lr_iterations={iterations}"]
-        if name == "bcp":  # pre-train for BCP's share of the run (2,000 of 17,000 iterations), as la_cpu_bcp
-            extra += [f"method.pretrain_iterations={max(1, round(iterations * 2 / 17))}"]
-        load_config("demo", [*overrides, *extra])  # fail early on a bad method or override
-        runs.append({"name": name, "config": "demo", "overrides": extra})
-    # The demo always starts afresh, inside its own folder only.
-    shutil.rmtree(out / "runs", ignore_errors=True)
-    plan_path = out / "demo_plan.yaml"
-    plan = {
-        "title": "crln demo: synthetic phantoms (never a reported result)",
-        "seeds": [1337],
-        "overrides": overrides,
-        "runs": runs,
-    }
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
-    print(f"training {', '.join(args.methods)} for {iterations} iterations each on phantoms ...", flush=True)
-    table = run_plan(plan_path, progress=not args.no_progress)
+    overrides = [*args.overrides, *([f"train.iterations={args.iterations}"] if args.iterations else [])]
+    table = run_demo(
+        out,
+        methods=args.methods,
+        overrides=overrides,
+        n_train=args.train_cases,
+        n_test=args.test_cases,
+        progress=not args.no_progress,
+    )
     print(_terminal_text(table))
     if not args.no_report:
         from crln.report import build_report
@@ -564,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated methods to compare (default: supervised,crln)",
     )
     p.add_argument("--no-report", action="store_true", help="skip the HTML report of each run")
-    p.add_argument("--train-cases", type=int, default=12)
-    p.add_argument("--test-cases", type=int, default=4)
+    p.add_argument("--train-cases", type=int, default=16)
+    p.add_argument("--test-cases", type=int, default=6)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_demo)
