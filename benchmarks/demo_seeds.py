@@ -32,7 +32,8 @@ from crln.demo import DEMO_METHODS, DEMO_SEEDS, demo_fingerprint, run_demo  # no
 RESULTS_MARKERS = ("<!-- demo-seeds:begin -->", "<!-- demo-seeds:end -->")
 README_MARKERS = ("<!-- demo-table:begin -->", "<!-- demo-table:end -->")
 README_SEED = 1337
-HEADER = "| method | seed | Dice | Jaccard | ASD | 95HD | cases | iterations | s/it | train min |"
+HEADER = "| method | checkpoint | seed | Dice | Jaccard | ASD | 95HD | cases | iterations | s/it | train min |"
+SEPARATOR = "|" + "---|" * (HEADER.count("|") - 1)
 
 
 def _run_seed(out: Path, methods: list[str], seed: int) -> str:
@@ -41,16 +42,16 @@ def _run_seed(out: Path, methods: list[str], seed: int) -> str:
 
 
 def table_rows(table: str) -> list[str]:
-    """The data rows of a bench table (``| method | seed | ...``), in order."""
-    return [line for line in table.splitlines() if re.match(r"\| [^|]+ \| \d+ \|", line)]
+    """The data rows of a bench table (``| method | final | seed | ...``), in order."""
+    return [line for line in table.splitlines() if re.match(r"\| [^|]+ \| final \| \d+ \|", line)]
 
 
 def _dice(row: str) -> float:
-    return float(row.split("|")[3].split("±")[0])
+    return float(row.split("|")[4].split("±")[0])
 
 
 def _summary(rows: list[str], methods: list[str], seeds: list[int]) -> list[str]:
-    dice = {(r.split("|")[1].strip(), int(r.split("|")[2])): _dice(r) for r in rows}
+    dice = {(r.split("|")[1].strip(), int(r.split("|")[3])): _dice(r) for r in rows}
     base = [dice[("supervised", s)] for s in seeds] if "supervised" in methods else None
     lines = [
         "| method | "
@@ -107,13 +108,13 @@ def main() -> None:
         "Every run (bootstrapped mean ± std over the test cases; s/it and minutes are this machine's):",
         "",
         HEADER,
-        "|---|---|---|---|---|---|---|---|---|---|",
+        SEPARATOR,
         *rows,
     ]
     print("\n".join(results))
     if args.write:
-        shown = [r for r in rows if r.split("|")[1].strip() in DEMO_METHODS and int(r.split("|")[2]) == README_SEED]
-        readme = ["```", HEADER, "|---|---|---|---|---|---|---|---|---|---|", *shown, "```", ""]
+        shown = [r for r in rows if r.split("|")[1].strip() in DEMO_METHODS and int(r.split("|")[3]) == README_SEED]
+        readme = ["```", HEADER, SEPARATOR, *shown, "```", ""]
         readme += [f"Dice (%) over seeds {', '.join(map(str, seeds))} (benchmarks/RESULTS.md):", "", *summary]
         _replace_between(ROOT / "benchmarks" / "RESULTS.md", RESULTS_MARKERS, "\n".join(results))
         _replace_between(ROOT / "README.md", README_MARKERS, "\n".join(readme))

@@ -207,11 +207,12 @@ def _seed_mean(evaluation: Evaluation, metric: str) -> float:
 
 
 def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric: str) -> str:
-    """``mean ± std over seeds (pooled bootstrap)``; ``—`` for the spread of a one-seed row."""
+    """``mean ± std over seeds (pooled bootstrap)``; a one-seed row has no spread: the bootstrap alone."""
     scale = _scale(metric)
     mean, std = seed_spread([_seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
-    spread = "—" if math.isnan(std) else f"{mean * scale:.2f} ± {std * scale:.2f}"
-    return f"{spread} ({_fmt(pooled.get(metric), scale)})"
+    if math.isnan(std):
+        return _fmt(pooled.get(metric), scale)
+    return f"{mean * scale:.2f} ± {std * scale:.2f} ({_fmt(pooled.get(metric), scale)})"
 
 
 def _joined(values: list[Any]) -> str:
@@ -381,7 +382,8 @@ def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
         "",
         f"Plan: `{plan.path}`; written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}, {_device()}, "
         f"torch {torch.__version__}. Each metric cell: mean ± std (ddof 1) over seeds of the per-seed case means "
-        f"(— with one seed), then in brackets the bootstrapped mean ± std over the cases of all seeds pooled "
+        f"then in brackets the bootstrapped mean ± std over the cases of all seeds pooled (a one-seed row: the "
+        f"bootstrap alone) "
         f"({POOLED_RESAMPLES} resamples). Dice and Jaccard in %, ASD and 95HD in the dataset's distance unit. "
         "Checkpoints: final (the last iteration) and val-best (best Dice on the validation split, never the test "
         "cases); iterations: the checkpoint's, per seed when they differ.",
