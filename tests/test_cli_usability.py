@@ -16,6 +16,7 @@ from torch import nn
 from conftest import tiny_overrides
 from crln.cli import _terminal_text, main, parse_args
 from crln.config import MODEL_NAMES
+from crln.engine.cpu_threads import SPIN_COUNT
 from crln.engine.progress import PlainProgress, format_duration, progress_bar
 from crln.engine.trainer import TrainResult
 from crln.errors import RunInterrupted
@@ -77,7 +78,7 @@ main(["config", "demo"])
 print(os.environ["GOMP_SPINCOUNT"], "torch" in sys.modules)
 """
     proc = _python(code)
-    assert proc.stdout.splitlines()[-1] == "10000 False", proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"{SPIN_COUNT} False", proc.stderr
 
 
 def test_model_names_match_the_networks() -> None:

@@ -21,7 +21,7 @@ def _between(text: str, marker: str) -> str:
 
 
 def _rows(block: str) -> list[str]:
-    return [line for line in block.splitlines() if re.match(r"\| [^|]+ \| \d+ \|", line)]
+    return [line for line in block.splitlines() if re.match(r"\| [^|]+ \| final \| \d+ \|", line)]
 
 
 def test_readme_demo_table_is_the_recorded_output_of_the_current_demo() -> None:

@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crln.atomic import atomic_write_text
-from crln.comparison import PairedDifference, paired_difference, pooled_summary, seed_spread
 from crln.config import check_known_keys, load_config, load_yaml
 from crln.errors import CrlnError
 
 if TYPE_CHECKING:
+    from crln.comparison import PairedDifference
     from crln.engine.run_folder import RunFolder
 
 __all__ = ["BenchPlan", "load_plan", "run_plan"]
@@ -69,6 +69,13 @@ class BenchPlan:
     evaluate: dict[str, Any] = field(default_factory=dict)
     path: Path = Path()
     reference: str | None = None  # a run name: every other row is compared with it, case by case
+
+
+def _stats() -> Any:
+    """:mod:`crln.comparison` (numpy, SciPy), loaded when a table is written, not when a plan is checked."""
+    from crln import comparison
+
+    return comparison
 
 
 def _strings(value: Any, where: str) -> list[str]:
@@ -203,13 +210,13 @@ def _scale(metric: str) -> float:
 
 def _seed_mean(evaluation: Evaluation, metric: str) -> float:
     """One seed's mean of ``metric`` over its cases with a defined value (``summarize``'s ``mean``)."""
-    return seed_spread([row.get(metric, math.nan) for row in evaluation.per_case.values()])[0]
+    return _stats().seed_spread([row.get(metric, math.nan) for row in evaluation.per_case.values()])[0]
 
 
 def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric: str) -> str:
     """``mean ± std over seeds (pooled bootstrap)``; a one-seed row has no spread: the bootstrap alone."""
     scale = _scale(metric)
-    mean, std = seed_spread([_seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
+    mean, std = _stats().seed_spread([_seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
     if math.isnan(std):
         return _fmt(pooled.get(metric), scale)
     return f"{mean * scale:.2f} ± {std * scale:.2f} ({_fmt(pooled.get(metric), scale)})"
@@ -227,7 +234,7 @@ def _row_line(row: RowResult, checkpoint: str) -> str:
     if not done:
         why = "none (no checkpoint_best.pt: data.validation = 0?)" if checkpoint == "best" else "not evaluated"
         return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(METRICS) + 4)
-    pooled = pooled_summary(row.per_case(checkpoint), n_resamples=POOLED_RESAMPLES)
+    pooled = _stats().pooled_summary(row.per_case(checkpoint), n_resamples=POOLED_RESAMPLES)
     per_it = [s.training["seconds_per_iteration"] for s, _ in done if "seconds_per_iteration" in s.training]
     minutes = [s.training["train_minutes"] for s, _ in done if "train_minutes" in s.training]
     return (
@@ -240,7 +247,7 @@ def _row_line(row: RowResult, checkpoint: str) -> str:
     )
 
 
-Paired = list[tuple[RowResult, str, dict[str, PairedDifference | None]]]
+Paired = list[tuple["RowResult", str, dict[str, "PairedDifference | None"]]]
 
 
 def _paired(plan: BenchPlan, rows: list[RowResult]) -> tuple[RowResult | None, Paired]:
@@ -249,7 +256,7 @@ def _paired(plan: BenchPlan, rows: list[RowResult]) -> tuple[RowResult | None, P
     if reference is None:
         return None, []
     return reference, [
-        (row, ck, {m: paired_difference(row.per_case(ck), reference.per_case(ck), m) for m in PAIRED_METRICS})
+        (row, ck, {m: _stats().paired_difference(row.per_case(ck), reference.per_case(ck), m) for m in PAIRED_METRICS})
         for row in rows
         if row is not reference
         for ck in _checkpoints(plan)
@@ -333,7 +340,7 @@ def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tu
         MethodScores(
             f"{row.name} · {CHECKPOINT_LABELS[ck]}",
             tuple(_seed_mean(e, "dice") for _, e in row.evaluated(ck)),
-            pooled_summary(row.per_case(ck), n_resamples=POOLED_RESAMPLES).get("dice", {}),
+            _stats().pooled_summary(row.per_case(ck), n_resamples=POOLED_RESAMPLES).get("dice", {}),
         )
         for row in rows
         for ck in _checkpoints(plan)

@@ -325,7 +325,7 @@ def validate_config(config: RunConfig) -> None:
         ),
         (
             "method.pretrain_iterations",
-            getattr(config.method, "pretrain_iterations", 0) < config.train.iterations,
+            getattr(config.method, "pretrain_iterations", -1) < config.train.iterations,
             f"fewer than train.iterations ({config.train.iterations}), so that self-training runs",
         ),
         ("optim.lr", config.optim.lr > 0, "a number > 0"),
