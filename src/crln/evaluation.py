@@ -465,19 +465,7 @@ def _read_input(paths: list[Path]) -> Case:
         return read_h5_case(path, _case_id_from_path(path), with_label=False)
     if not path.name.endswith((".nii", ".nii.gz")):
         raise CrlnError(f"input {path}: expected a .nii, .nii.gz or .h5 file")
-    first = read_nifti_volume(path)
-    if len(paths) == 1:
-        return first
-    channels = [first.image]
-    for other in paths[1:]:
-        image = read_nifti_volume(other).image
-        if image.shape != first.image.shape or image.ndim != 3:
-            raise CrlnError(
-                f"input {other}: shape {image.shape}, expected {paths[0].name}'s 3D shape {first.image.shape}"
-            )
-        channels.append(image)
-    first.image = np.stack(channels)
-    return first
+    return read_nifti_volume(paths)
 
 
 def _output_names(

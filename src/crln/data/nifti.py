@@ -16,6 +16,7 @@ import gzip
 import json
 import re
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,32 +132,59 @@ def _check_affine(ref: np.ndarray, other: np.ndarray, ref_path: Path, path: Path
         )
 
 
-def read_nifti_volume(path: str | Path, case_id: str | None = None, *, normalize: bool = True) -> Case:
-    """Read one NIfTI image (no label), e.g. for ``crln predict`` on a single file.
+def read_nifti_volume(
+    path: str | Path | Sequence[str | Path], case_id: str | None = None, *, normalize: bool = True
+) -> Case:
+    """Read one NIfTI image (no label): one file, or a case's nnU-Net channel files stacked in order.
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
-        case_id: the case's name; default the file name without ending and ``_0000``.
+        path: a ``.nii`` / ``.nii.gz`` file, or the channel files ``<id>_0000``, ``<id>_0001``, ... of one case
+            (each 3D, same shape and affine).
+        case_id: the case's name; default the first file's name without ending and ``_0000``.
         normalize: z-score each channel (:func:`crln.data.transforms.zscore_channels`), as every
             NIfTI case is for training and evaluation; ``False`` keeps the stored values.
 
     Returns:
-        A :class:`Case` with image ``(H, W, D)`` float32 (4D files: ``(C, H, W, D)``), the file's
-        affine and spacing (header zooms).
+        A :class:`Case` with image ``(H, W, D)`` float32 (4D files or several channel files:
+        ``(C, H, W, D)``), the first file's affine and spacing (header zooms).
+
+    Raises:
+        CrlnError: unreadable file, non-3D channel file, shape or affine mismatch between channels.
     """
-    path = Path(path)
-    data, affine, zooms = load_nifti(path)
-    image = _as_image(data, path)
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    chans: list[np.ndarray] = []
+    affine = zooms = None
+    for p in paths:
+        data, aff, z = load_nifti(p)
+        img = _as_image(data, p)
+        if len(paths) > 1 and img.ndim != 3:
+            raise CrlnError(f"{p}: channel file has shape {data.shape}, expected 3D (H, W, D)")
+        if affine is None:
+            affine, zooms = aff, z
+        else:
+            _check_affine(affine, aff, paths[0], p)
+            if img.shape != chans[0].shape:
+                raise CrlnError(f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}")
+        chans.append(img)
+    image = chans[0] if len(chans) == 1 else np.stack(chans)
     if normalize:
         image = zscore_channels(image)
     if case_id is None:
-        stem = path.name
+        stem = paths[0].name
         for ending in (".nii.gz", ".nii"):
             stem = _strip_ending(stem, ending) or stem
         m = _CHANNEL_RE.match(stem)
         case_id = m.group("id") if m else stem
-    spacing = (*zooms, 1.0, 1.0, 1.0)[:3]
-    return Case(case_id=case_id, image=image, label=None, spacing=spacing, affine=affine, source=str(path))
+    spacing = (*zooms, 1.0, 1.0, 1.0)[:3]  # type: ignore[misc]
+    return Case(
+        case_id=case_id,
+        image=image,
+        label=None,
+        spacing=spacing,
+        affine=affine,  # type: ignore[arg-type]
+        source=str(paths[0]),
+        channel_sources=tuple(str(p) for p in paths) if len(paths) > 1 else (),
+    )
 
 
 def nifti_header(path: str | Path) -> nib.Nifti1Header:
@@ -362,46 +390,18 @@ class NiftiDataset:
         Raises:
             CrlnError: unreadable file, non-3D volume, shape or affine mismatch between channels and label.
         """
-        paths = self.image_paths(case_id)
-        chans: list[np.ndarray] = []
-        affine = zooms = None
-        for p in paths:
-            data, aff, z = load_nifti(p)
-            img = _as_image(data, p)
-            if len(paths) > 1 and img.ndim != 3:
-                raise CrlnError(f"{p}: channel file has shape {data.shape}, expected 3D (H, W, D)")
-            if affine is None:
-                affine, zooms = aff, z
-            else:
-                _check_affine(affine, aff, paths[0], p)
-                if img.shape != chans[0].shape:
-                    raise CrlnError(f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}")
-            chans.append(img)
-        image = chans[0] if len(chans) == 1 else np.stack(chans)
-        if normalize:
-            image = zscore_channels(image)
-        label, label_source = None, ""
+        case = read_nifti_volume(self.image_paths(case_id), case_id, normalize=normalize)
         lpath = self.label_path(case_id)
         if with_label and (lpath.is_file() or self._split_of(case_id) == "train"):
             ldata, laff, _ = load_nifti(lpath)
             label = _as_label(ldata, lpath)
-            if label.shape != image.shape[-3:]:
+            if label.shape != case.image.shape[-3:]:
                 raise CrlnError(
-                    f"{lpath}: label shape {label.shape} differs from image spatial shape {image.shape[-3:]}"
+                    f"{lpath}: label shape {label.shape} differs from image spatial shape {case.image.shape[-3:]}"
                 )
-            _check_affine(affine, laff, paths[0], lpath)
-            label_source = str(lpath)
-        spacing = (*zooms, 1.0, 1.0, 1.0)[:3]
-        return Case(
-            case_id=case_id,
-            image=image,
-            label=label,
-            spacing=spacing,
-            affine=affine,
-            source=str(paths[0]),
-            label_source=label_source,
-            channel_sources=tuple(str(p) for p in paths) if len(paths) > 1 else (),
-        )
+            _check_affine(case.affine, laff, Path(case.source), lpath)
+            case.label, case.label_source = label, str(lpath)
+        return case
 
     def load_many(self, ids: list[str], with_label: bool = True) -> list[Case]:
         """Load several cases in order."""
