@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/bench_step.py [--methods supervised mean_teacher crln] [--patch 64 64 48]
        [--batch 2 2] [--steps 5] [--warmup 2] [--device cpu|cuda] [--amp none|bf16]
-       [--channels-last auto|on|off ...] [--set METHOD.key=value ...] [--allocator tuned|system] [--profile N]
+       [--channels-last auto|on|off ...] [--compile] [--set METHOD.key=value ...]
+       [--allocator tuned|system] [--profile N]
 
 One step = the method's ``train_step`` (forward passes and losses), backward, SGD step and
 ``after_optimizer_step`` (EMA, CRLN's μ step), exactly as the engine runs it, on random tensors of
@@ -194,6 +195,9 @@ def main() -> None:
         choices=["auto", "on", "off"],
         help="channels_last_3d layout of weights and inputs (auto: on); several, e.g. `off on`, are interleaved",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time each layout with the networks under torch.compile"
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators")
     parser.add_argument(
         "--set",
@@ -214,6 +218,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     variants = [Variant(f"channels_last {layout}", args.amp, layout) for layout in dict.fromkeys(args.channels_last)]
+    if args.compile:
+        variants += [Variant(f"{v.name} + compile", v.amp, v.channels_last, compile=True) for v in variants]
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in (i.split("=", 1) for i in args.set):
         method_name, field_name = key.split(".", 1)

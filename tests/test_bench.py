@@ -47,6 +47,16 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
     assert before == after and len(before) == 4
 
 
+def test_only_seeds_trains_those_and_keeps_finished_ones_in_the_table(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _plan(tmp_path, phantom_root, "runs:\n  - name: Sup\n    config: demo\n")
+    assert "| Sup | final | 2 |" in run_plan(plan, progress=False, only_seeds=[2]).read_text()
+    assert len(list((tmp_path / "runs").rglob("checkpoint_final.pt"))) == 1
+    assert "| Sup | final | 2 |" in run_plan(plan, progress=False, only_seeds=[2]).read_text()
+    assert "| Sup | final | 1, 2 |" in run_plan(plan, progress=False, only_seeds=[1]).read_text()
+    with pytest.raises(CrlnError, match=r"seed\(s\) \[3\] are not in its seeds \[1, 2\]"):
+        run_plan(plan, progress=False, only_seeds=[3])
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [

@@ -445,10 +445,21 @@ def _split_sha256(folder: RunFolder) -> str | None:
 
 
 def run_plan(
-    plan_path: str | Path, *, out: str | Path | None = None, dry_run: bool = False, progress: bool = True
+    plan_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    only_seeds: list[int] | None = None,
 ) -> Path:
-    """Train and evaluate every (run, seed) of a plan; returns the Markdown table's path."""
+    """Train and evaluate every (run, seed) of a plan; returns the Markdown table's path.
+
+    With ``only_seeds``, the other seeds are not trained, but those already finished stay in the table.
+    """
     plan = load_plan(plan_path)  # checked before torch loads
+    unknown = sorted(set(only_seeds or []) - set(plan.seeds))
+    if unknown:
+        raise CrlnError(f"bench plan {plan_path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
     from crln.engine.run_folder import RunFolder
     from crln.engine.trainer import train
 
@@ -459,6 +470,8 @@ def run_plan(
         for seed in plan.seeds:
             config = load_config(run.config, _run_overrides(plan, run, seed))
             folder = RunFolder.for_config(config)
+            if only_seeds and seed not in only_seeds and not folder.checkpoint("final").exists():
+                continue
             if dry_run:
                 print(_command(plan, run, seed))
                 continue

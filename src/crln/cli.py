@@ -250,7 +250,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from crln.bench import run_plan
 
-    out = run_plan(args.plan, out=args.out, dry_run=args.dry_run, progress=not args.no_progress)
+    only = args.seed or None
+    out = run_plan(args.plan, out=args.out, dry_run=args.dry_run, progress=not args.no_progress, only_seeds=only)
     if not args.dry_run:
         print(f"table written: {out}")
     return 0
@@ -495,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", help="plan YAML (see benchmarks/plans/)")
     p.add_argument("--out", help="Markdown table path (default: the plan path with .md)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        help="train only this seed of the plan (repeatable), e.g. one seed of every row first; "
+        "the table still shows every seed already finished",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
