@@ -15,6 +15,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ __all__ = [
     "resolve_preset",
 ]
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The presets ship inside the package (package data ``crln/configs/*.yaml``), so an installed wheel has them.
+PRESET_DIR = Path(str(resources.files("crln").joinpath("configs")))
 
 # Values the networks of crln.models accept, here so that a config is checked before torch loads.
 #: ``model.name`` values: the keys of ``crln.models.MODELS``.
@@ -400,7 +402,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def resolve_preset(name_or_path: str) -> Path:
-    """A config path, or the name of a preset in ``configs/`` (``la``, ``la_cpu``, ...)."""
+    """A config path, or the name of a preset in the package's ``crln/configs/`` (``la``, ``la_cpu``, ...)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
