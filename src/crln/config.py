@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from crln.data_formats import DATA_FORMAT_VALUES, one_of
 from crln.errors import CrlnError
 from crln.method_configs import method_config_class
 
@@ -66,7 +67,7 @@ class DataConfig:
     """Where the cases are and how training patches are drawn."""
 
     name: str = "LA"  # dataset name, used in the run folder path
-    format: str = "h5"  # {"h5", "nifti"}
+    format: str = "h5"  # {"h5", "nifti"}: crln.data_formats.DATA_FORMAT_VALUES
     root: str = ""  # dataset root folder (relative paths are relative to the working directory)
     train_split: str = "train"  # case list of the training pool (train.list / train.txt / imagesTr)
     test_split: str = "test"  # case list reported by `crln evaluate`
@@ -286,8 +287,8 @@ def validate_config(config: RunConfig) -> None:
 
     networks = type(config.method).inference_networks
     d = config.data
-    if d.format not in ("h5", "nifti"):
-        raise CrlnError(f"config key data.format: expected 'h5' or 'nifti', got {d.format!r}")
+    if d.format not in DATA_FORMAT_VALUES:
+        raise CrlnError(f"config key data.format: expected {one_of(DATA_FORMAT_VALUES)}, got {d.format!r}")
     if any(s < DOWNSAMPLING_FACTOR or s % DOWNSAMPLING_FACTOR for s in d.patch_size):
         raise CrlnError(
             f"config key data.patch_size: every side must be a positive multiple of {DOWNSAMPLING_FACTOR} "
