@@ -87,5 +87,5 @@ def test_read_scan_reads_h5_files_and_nifti_channel_files(roots: dict[str, Path]
 def test_scan_of_no_format_is_a_user_error(tmp_path: Path) -> None:
     assert scan_format(tmp_path / "scan.nii.gz").name == "nifti" and scan_format(tmp_path / "x.hdf5").name == "h5"
     assert scan_format(tmp_path / "scan.mha") is None
-    with pytest.raises(CrlnError, match=r"scan\.mha: expected a '\.nii\.gz', '\.nii', '\.h5' or '\.hdf5' file"):
+    with pytest.raises(CrlnError, match=r"scan\.mha: expected a \.nii\.gz, \.nii, \.h5 or \.hdf5 file"):
         read_scan([tmp_path / "scan.mha"], "scan")

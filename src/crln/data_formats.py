@@ -115,10 +115,10 @@ DATA_FORMAT_VALUES: tuple[str, ...] = tuple(dict.fromkeys(f.selected_by for f in
 SCAN_ENDINGS: tuple[str, ...] = tuple(ending for f in FORMATS for ending in f.scan_endings)
 
 
-def one_of(values: tuple[str, ...]) -> str:
-    """``'a', 'b' or 'c'``: the values a message expects."""
-    quoted = [repr(v) for v in values]
-    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+def one_of(values: tuple[str, ...], *, quote: bool = True) -> str:
+    """``'a', 'b' or 'c'`` (``a, b or c`` without ``quote``): the values a message expects."""
+    shown = [repr(v) if quote else v for v in values]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
 
 
 def select_format(root: Path, fmt: str = "auto") -> DataFormat:
@@ -146,5 +146,5 @@ def read_scan(paths: list[Path], case_id: str) -> Case:
     """
     fmt = scan_format(paths[0])
     if fmt is None:
-        raise CrlnError(f"input {paths[0]}: expected a {one_of(SCAN_ENDINGS)} file")
+        raise CrlnError(f"input {paths[0]}: expected a {one_of(SCAN_ENDINGS, quote=False)} file")
     return fmt.read_scan(paths, case_id)
