@@ -55,10 +55,9 @@ class DataFormat:
     """One dataset format: its names, and the module that reads it (imported on first use).
 
     Attributes:
-        name: the format's name in messages.
+        name: the format's name (``compact``, ``nifti``, ``h5``).
         module: dotted name of the module with ``detect_root``, ``open_root`` (and ``read_scan``).
         selected_by: the ``data.format`` value that selects this format.
-        description: what a folder of this format holds, for messages.
         scan_endings: file endings of single scans ``crln predict`` reads with ``read_scan``; empty when
             the format has no single-file scans.
     """
@@ -66,7 +65,6 @@ class DataFormat:
     name: str
     module: str
     selected_by: str
-    description: str
     scan_endings: tuple[str, ...] = ()
 
     def _reader(self) -> ModuleType:
@@ -87,26 +85,12 @@ class DataFormat:
 
 #: Every format, in detection order; the last is the fallback of ``data.format=auto``.
 FORMATS: tuple[DataFormat, ...] = (
-    DataFormat(
-        "compact",
-        "crln.data.compact",
-        "h5",
-        "compact copy of an h5 dataset (crln_compact.json, written by crln data compact)",
-    ),
-    DataFormat(
-        "nifti",
-        "crln.data.nifti",
-        "nifti",
-        "nnU-Net/MSD folder (imagesTr/, labelsTr/, dataset.json)",
-        (".nii.gz", ".nii"),
-    ),
-    DataFormat(
-        "h5",
-        "crln.data.h5",
-        "h5",
-        "the field's h5 layout (case lists train.list/test.list, one .h5 file per case)",
-        (".h5", ".hdf5"),
-    ),
+    # a compact copy of an h5 dataset (crln_compact.json, written by crln data compact)
+    DataFormat("compact", "crln.data.compact", selected_by="h5"),
+    # an nnU-Net v2 / MSD folder (imagesTr/, labelsTr/, dataset.json)
+    DataFormat("nifti", "crln.data.nifti", selected_by="nifti", scan_endings=(".nii.gz", ".nii")),
+    # the field's h5 layout (case lists train.list / test.list, one .h5 file per case)
+    DataFormat("h5", "crln.data.h5", selected_by="h5", scan_endings=(".h5", ".hdf5")),
 )
 
 #: The values ``data.format`` accepts.
