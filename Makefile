@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser demo test lint format clean
+.PHONY: install browser demo test test-fast lint format clean
 
 $(STAMP): requirements/torch.txt requirements/base.txt requirements/test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ browser:
 test: install browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q
+
+# The inner loop: every test but those marked slow (multi-process, browser, subprocess, wheel build).
+# `make test` (and CI) still runs them all.
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

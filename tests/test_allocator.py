@@ -37,6 +37,7 @@ def _placement(mode: str, world_size: str = "1") -> tuple[str, bool]:
     return out[0], out[1] == "True"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and /proc/self/maps are Linux/glibc")
 def test_tuned_heap_keeps_large_tensors_in_the_reusable_heap() -> None:
     state, in_heap = _placement("tuned")
@@ -47,6 +48,7 @@ def test_tuned_heap_keeps_large_tensors_in_the_reusable_heap() -> None:
     assert _placement("system") == ("system", False)
 
 
+@pytest.mark.slow
 def test_data_parallel_processes_keep_the_system_allocator() -> None:
     assert _placement("tuned", world_size="2") == ("distributed", False)
 

@@ -61,6 +61,7 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
         (["train", "demo", "data.root=/nonexistent/data"], "/nonexistent/data"),
     ],
 )
+@pytest.mark.slow
 def test_user_errors_are_one_line(args: list[str], fragment: str, tmp_path: Path) -> None:
     proc = _run(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

@@ -45,6 +45,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_config_errors_are_reported_without_importing_torch(tmp_path: Path) -> None:
     plan = tmp_path / "plan.yaml"
     plan.write_text("runs:\n  - config: demo\n    overridez: [optim.lr=1]\n")
@@ -68,6 +69,7 @@ print(codes, sorted(m for m in ("torch", "numpy", "monai") if m in sys.modules))
     assert "did you mean 'overrides'" in lines[4]
 
 
+@pytest.mark.slow
 def test_openmp_is_configured_before_torch_loads() -> None:
     code = """
 import os, sys

@@ -226,6 +226,7 @@ def test_single_process_helpers_are_no_ops() -> None:
 
 
 # --- 2 processes ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(JOBS))
 def test_every_process_holds_identical_student_and_teacher(two_processes: Path, name: str) -> None:
     a, b = _load(two_processes, name, 0), _load(two_processes, name, 1)
@@ -238,6 +239,7 @@ def test_every_process_holds_identical_student_and_teacher(two_processes: Path, 
     assert not different, different[:5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["supervised", "crln"])
 def test_loss_trajectory_matches_one_process_with_the_global_batch(
     two_processes: Path, one_process: dict[str, Path], name: str
@@ -266,6 +268,7 @@ def test_loss_trajectory_matches_one_process_with_the_global_batch(
     assert relative <= WEIGHT_RTOL, relative
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_and_checkpoints_keep_every_rng(two_processes: Path) -> None:
     run = _run_dir(two_processes, "crln_full", "crln")
     meta = json.loads((run / "meta.json").read_text())
@@ -283,6 +286,7 @@ def test_only_rank_zero_writes_and_checkpoints_keep_every_rng(two_processes: Pat
     assert len(rngs) == WORLD and not torch.equal(rngs[0], rngs[1]), "each process draws its own stream"
 
 
+@pytest.mark.slow
 def test_resume_is_exact_on_every_process(two_processes: Path) -> None:
     for rank in range(WORLD):
         straight, resumed = _load(two_processes, "straight", rank), _load(two_processes, "resumed", rank)
@@ -290,12 +294,14 @@ def test_resume_is_exact_on_every_process(two_processes: Path) -> None:
         assert not different, (rank, different[:5])
 
 
+@pytest.mark.slow
 def test_weight_check_detects_a_difference(two_processes: Path) -> None:
     for rank in range(WORLD):
         verdict = (two_processes / f"verify.rank{rank}.txt").read_text()
         assert verdict == "probe: process 1 differs from process 0 in probe"
 
 
+@pytest.mark.slow
 def test_torchrun_trains_and_evaluates(phantom_root: Path, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node=2 -m crln train ... --evaluate``: one run folder, one evaluation, one report."""
     overrides = tiny_overrides(phantom_root, tmp_path, **{**PER_PROCESS, "train.iterations": 2, "train.device": "cpu"})

@@ -159,6 +159,7 @@ def chromium_args(user_data_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium (apt-get install chromium)")
 def test_report_loads_in_headless_chromium(crln_run: Path, tmp_path: Path) -> None:
     result = build_report(crln_run, tmp_path / "rep", progress=False)

@@ -43,6 +43,7 @@ def _wait_for_checkpoint(run: Path, proc: subprocess.Popen[str], timeout: float 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(phantom_root: Path, tmp_path: Path) -> None:
     rng = random.Random(0)
     run = _run_dir(tmp_path)
@@ -61,6 +62,7 @@ def test_sigkill_at_random_moments_then_resume(phantom_root: Path, tmp_path: Pat
     assert not list(run.glob(".*.tmp*")), "temp files of killed writers are cleaned up on resume"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(phantom_root: Path, tmp_path: Path, sig: signal.Signals) -> None:
     run = _run_dir(tmp_path)

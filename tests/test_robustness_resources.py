@@ -78,6 +78,7 @@ def test_cache_stays_under_its_limit_and_evicts_least_recently_used(
     assert cached == (_case_bytes(last) <= limit)
 
 
+@pytest.mark.slow
 def test_cache_limit_from_the_environment(cache_root: Path) -> None:
     limit = _case_bytes("c")
     script = (

@@ -75,6 +75,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_inside_a_checkpoint_write_then_resume(phantom_root: Path, tmp_path: Path) -> None:
     overrides = _overrides(phantom_root, tmp_path)
     run = _run_dir(overrides)

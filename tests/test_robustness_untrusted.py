@@ -153,6 +153,7 @@ def test_yaml_presets_plans_and_overrides_are_safe(
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_crafted_pickle_through_the_real_command(phantom_root: Path, tmp_path: Path) -> None:
     """The console contract end to end (torch may warn on foreign pickles: still one stderr line)."""
     marker = tmp_path / "pwned"

@@ -45,6 +45,30 @@ def _add_window_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default: the run's eval.sw_batch_size)")
 
 
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln train CONFIG [key=value ...]``."""
+    p = sub.add_parser(
+        "train",
+        help="train a method from a YAML preset with key=value overrides",
+        description="Train a method. CONFIG is a YAML file or a preset name from configs/ "
+        "(la, la_cpu, pancreas, brats, demo). Overrides use dotted keys, e.g. "
+        "optim.lr=0.01 data.patch_size=[64,64,48] method.name=supervised.",
+    )
+    p.add_argument("config", help="YAML file or preset name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint_latest.pt")
+    p.add_argument("--run-dir", help="run folder (default runs/<dataset>/<method>__<model>__<tag>/seed<k>)")
+    p.add_argument("--evaluate", action="store_true", help="evaluate on the test list after training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="stop cleanly before this many seconds have passed: save checkpoint_latest.pt, report the run "
+        "as incomplete and exit 0 (continue it with --resume); e.g. one 10-minute GPU session",
+    )
+    p.set_defaults(func=_cmd_train)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from crln.config import load_config
 
@@ -116,6 +140,29 @@ def _evaluate_and_print(
     return 0
 
 
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln evaluate TARGET``."""
+    p = sub.add_parser(
+        "evaluate",
+        help="sliding-window evaluation: Dice, Jaccard, ASD, 95HD",
+        description="Evaluate a run folder or checkpoint on a case list with the field's "
+        "sliding-window protocol; writes per_case.csv and summary.json (bootstrapped mean ± std).",
+    )
+    p.add_argument("target", help="run folder or checkpoint file")
+    p.add_argument("--data", help="dataset folder (default: the run's data.root)")
+    p.add_argument("--split", help="case list to evaluate (default: the run's data.test_split)")
+    p.add_argument("--checkpoint", choices=["final", "best", "latest"], help="which checkpoint of a run folder")
+    p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--out",
+        help="output folder (default <run>/eval; <run>/eval_<data folder>_<split>_<checkpoint> with --data OTHER)",
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N cases (N >= 1)")
+    _add_window_options(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     return _evaluate_and_print(
         args.target,
@@ -129,6 +176,32 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         stride=args.stride,
         sw_batch_size=args.sw_batch_size,
     )
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln predict CHECKPOINT INPUT ... -o OUT``."""
+    p = sub.add_parser(
+        "predict",
+        help="segment NIfTI or h5 scans (or folders of them) into NIfTI label maps",
+        description="Segment each INPUT (.nii, .nii.gz or .h5, or every such scan of a folder; nnU-Net channel "
+        "files <case>_0000, <case>_0001 ... of one folder form one case) with a checkpoint (a run folder, a "
+        "checkpoint_*.pt or model_final.pt) and write <case>_seg.nii.gz with the input's NIfTI header. "
+        "Existing outputs are never replaced without --overwrite.",
+    )
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans or folders of scans to segment")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz (H, W, D, C)")
+    p.add_argument("--entropy", action="store_true", help="also write <case>_entropy.nii.gz")
+    p.add_argument(
+        "--preview", action="store_true", help="also write <case>_overlay.png (three planes + confidence map)"
+    )
+    p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in the folder")
+    p.add_argument("--nnunet-names", action="store_true", help="name the segmentation <case>.nii.gz (nnU-Net's naming)")
+    _add_window_options(p)
+    p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -149,6 +222,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         nnunet_names=args.nnunet_names,
     )
     return 0
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln data TOOL``: the dataset tools, each beside its command below."""
+    data = sub.add_parser(
+        "data", help="dataset tools (prepare, phantom, compact, merge)", description="Dataset tools."
+    ).add_subparsers(dest="data_command", metavar="TOOL", required=True)
+    _add_prepare_parser(data)
+    _add_phantom_parser(data)
+    _add_compact_parser(data)
+    _add_merge_parser(data)
 
 
 # `crln data prepare DATASET` options each dataset takes (argparse dests; unset options are None).
@@ -175,224 +259,9 @@ def _pair(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    allowed = _PREPARE_OPTIONS[args.dataset]
-    given = {dest for names in _PREPARE_OPTIONS.values() for dest in names if getattr(args, dest, None) is not None}
-    stray = sorted(given - set(allowed))
-    if stray:
-        raise CrlnError(
-            f"{_flag(stray[0])}: not an option of 'crln data prepare {args.dataset}', "
-            f"expected only {', '.join(_flag(d) for d in allowed)}"
-        )
-    if args.dataset == "rescale":
-        from crln.data.prepare import prepare_h5_dataset
-
-        scale = _PREPARE_DEFAULT_SCALE if args.scale is None else args.scale
-        if not 0 < scale <= 1:
-            raise CrlnError(f"--scale: expected a number in (0, 1], got {scale}")
-        summary = prepare_h5_dataset(
-            args.src,
-            args.dst,
-            scale=scale,
-            image_mode=args.image_mode or "area",
-            label_mode=args.label_mode or "majority",
-        )
-    else:
-        from crln.data.prepare_raw import prepare_raw_dataset
-
-        options = {_PREPARE_KEYWORDS.get(args.dataset, {}).get(d, d): getattr(args, d) for d in given}
-        if args.dataset == "la" and "margin" in options:
-            if not float(options["margin"]).is_integer():
-                raise CrlnError(f"--margin: expected a whole number of voxels for la, got {options['margin']}")
-            options["margin"] = int(options["margin"])
-        summary = prepare_raw_dataset(args.dataset, args.src, args.dst, **options)
-    print(f"prepared {args.dst}: {summary}")
-    return 0
-
-
-def _cmd_phantom(args: argparse.Namespace) -> int:
-    from crln.data.phantom import write_phantom_h5_dataset, write_phantom_nifti_dataset
-
-    writer = write_phantom_nifti_dataset if args.format == "nifti" else write_phantom_h5_dataset
-    root = writer(
-        args.dst, n_train=args.train, n_test=args.test, shape=args.shape, seed=args.seed, num_classes=args.num_classes
-    )
-    print(f"phantom dataset written to {root}")
-    return 0
-
-
-def _cmd_compact(args: argparse.Namespace) -> int:
-    from crln.data.compact import compact_h5_dataset
-
-    summary = compact_h5_dataset(
-        args.src,
-        args.dst,
-        codec=args.codec,
-        max_part_mib=args.max_part_mib,
-        report=None if args.quiet else print,
-        report_error=print,  # a bad case is reported even with --quiet
-    )
-    print(f"compact copy {summary.dst}: {summary}")
-    for part in summary.parts:
-        print(f"  {part}: {sum(f.stat().st_size for f in part.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
-    return 0
-
-
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from crln.data.compact import merge_compact, read_manifest
-
-    summary = merge_compact(args.sources, args.dst)
-    state = "complete" if read_manifest(summary.dst).get("complete") else "incomplete (more parts to merge)"
-    print(f"merged into {summary.dst}: {summary.cases} cases ({summary.written} copied now), {state}")
-    return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from crln.bench import run_plan
-
-    only = args.seed or None
-    out = run_plan(args.plan, out=args.out, dry_run=args.dry_run, progress=not args.no_progress, only_seeds=only)
-    if not args.dry_run:
-        print(f"table written: {out}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from crln.report import build_report
-
-    result = build_report(
-        args.run_dir,
-        args.out,
-        device=args.device,
-        progress=not args.quiet,
-        stride=args.stride,
-        sw_batch_size=args.sw_batch_size,
-    )
-    print(f"report: {result.html}")
-    return 0
-
-
-def _cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
-    from crln.config import config_to_dict, load_config
-
-    print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from crln.demo import run_demo
-
-    out = Path(args.out)
-    overrides = [*args.overrides, *([f"train.iterations={args.iterations}"] if args.iterations else [])]
-    table = run_demo(
-        out,
-        methods=args.methods,
-        overrides=overrides,
-        n_train=args.train_cases,
-        n_test=args.test_cases,
-        progress=not args.no_progress,
-    )
-    print(_terminal_text(table))
-    if not args.no_report:
-        from crln.report import build_report
-
-        for run_dir in sorted((out / "runs").glob("*/*/seed*")):
-            print(f"report: {build_report(run_dir, progress=False).html}")
-    print(f"run folders: {out / 'runs'}; table: {table}")
-    return 0
-
-
-_MARKDOWN_IMAGE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<file>[^)]+)\)$")
-
-
-def _terminal_text(table: Path) -> str:
-    """A Markdown table file for a terminal: each image line becomes ``figure: caption: path``."""
-    lines = []
-    for line in table.read_text().splitlines():
-        image = _MARKDOWN_IMAGE.match(line.strip())
-        lines.append(f"figure: {image['caption']}: {table.parent / image['file']}" if image else line)
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``crln`` argument parser (one sub-command per verb)."""
-    parser = argparse.ArgumentParser(
-        prog="crln",
-        description="Semi-supervised 3D medical image segmentation: CRLN and baselines in one engine.",
-    )
-    parser.add_argument("--version", action="version", version=f"crln {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln data prepare [DATASET] --src SRC --dst DST``."""
     p = sub.add_parser(
-        "train",
-        help="train a method from a YAML preset with key=value overrides",
-        description="Train a method. CONFIG is a YAML file or a preset name from configs/ "
-        "(la, la_cpu, pancreas, brats, demo). Overrides use dotted keys, e.g. "
-        "optim.lr=0.01 data.patch_size=[64,64,48] method.name=supervised.",
-    )
-    p.add_argument("config", help="YAML file or preset name")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint_latest.pt")
-    p.add_argument("--run-dir", help="run folder (default runs/<dataset>/<method>__<model>__<tag>/seed<k>)")
-    p.add_argument("--evaluate", action="store_true", help="evaluate on the test list after training")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--time-budget-s",
-        type=float,
-        help="stop cleanly before this many seconds have passed: save checkpoint_latest.pt, report the run "
-        "as incomplete and exit 0 (continue it with --resume); e.g. one 10-minute GPU session",
-    )
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="sliding-window evaluation: Dice, Jaccard, ASD, 95HD",
-        description="Evaluate a run folder or checkpoint on a case list with the field's "
-        "sliding-window protocol; writes per_case.csv and summary.json (bootstrapped mean ± std).",
-    )
-    p.add_argument("target", help="run folder or checkpoint file")
-    p.add_argument("--data", help="dataset folder (default: the run's data.root)")
-    p.add_argument("--split", help="case list to evaluate (default: the run's data.test_split)")
-    p.add_argument("--checkpoint", choices=["final", "best", "latest"], help="which checkpoint of a run folder")
-    p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument(
-        "--out",
-        help="output folder (default <run>/eval; <run>/eval_<data folder>_<split>_<checkpoint> with --data OTHER)",
-    )
-    p.add_argument("--limit", type=int, help="evaluate only the first N cases (N >= 1)")
-    _add_window_options(p)
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser(
-        "predict",
-        help="segment NIfTI or h5 scans (or folders of them) into NIfTI label maps",
-        description="Segment each INPUT (.nii, .nii.gz or .h5, or every such scan of a folder; nnU-Net channel "
-        "files <case>_0000, <case>_0001 ... of one folder form one case) with a checkpoint (a run folder, a "
-        "checkpoint_*.pt or model_final.pt) and write <case>_seg.nii.gz with the input's NIfTI header. "
-        "Existing outputs are never replaced without --overwrite.",
-    )
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans or folders of scans to segment")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz (H, W, D, C)")
-    p.add_argument("--entropy", action="store_true", help="also write <case>_entropy.nii.gz")
-    p.add_argument(
-        "--preview", action="store_true", help="also write <case>_overlay.png (three planes + confidence map)"
-    )
-    p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in the folder")
-    p.add_argument("--nnunet-names", action="store_true", help="name the segmentation <case>.nii.gz (nnU-Net's naming)")
-    _add_window_options(p)
-    p.set_defaults(func=_cmd_predict)
-
-    data = sub.add_parser(
-        "data", help="dataset tools (prepare, phantom, compact, merge)", description="Dataset tools."
-    ).add_subparsers(dest="data_command", metavar="TOOL", required=True)
-    p = data.add_parser(
         "prepare",
         help="h5 dataset from raw LA / Pancreas-CT / BraTS19 files, or a rescaled h5 copy",
         description="DATASET la, pancreas or brats: the field's preprocessing of the public raw files "
@@ -434,7 +303,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-percentile", type=float, help="brats: clip brain intensities at this percentile (99.9)")
     p.set_defaults(func=_cmd_prepare)
 
-    p = data.add_parser(
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    allowed = _PREPARE_OPTIONS[args.dataset]
+    given = {dest for names in _PREPARE_OPTIONS.values() for dest in names if getattr(args, dest, None) is not None}
+    stray = sorted(given - set(allowed))
+    if stray:
+        raise CrlnError(
+            f"{_flag(stray[0])}: not an option of 'crln data prepare {args.dataset}', "
+            f"expected only {', '.join(_flag(d) for d in allowed)}"
+        )
+    if args.dataset == "rescale":
+        from crln.data.prepare import prepare_h5_dataset
+
+        scale = _PREPARE_DEFAULT_SCALE if args.scale is None else args.scale
+        if not 0 < scale <= 1:
+            raise CrlnError(f"--scale: expected a number in (0, 1], got {scale}")
+        summary = prepare_h5_dataset(
+            args.src,
+            args.dst,
+            scale=scale,
+            image_mode=args.image_mode or "area",
+            label_mode=args.label_mode or "majority",
+        )
+    else:
+        from crln.data.prepare_raw import prepare_raw_dataset
+
+        options = {_PREPARE_KEYWORDS.get(args.dataset, {}).get(d, d): getattr(args, d) for d in given}
+        if args.dataset == "la" and "margin" in options:
+            if not float(options["margin"]).is_integer():
+                raise CrlnError(f"--margin: expected a whole number of voxels for la, got {options['margin']}")
+            options["margin"] = int(options["margin"])
+        summary = prepare_raw_dataset(args.dataset, args.src, args.dst, **options)
+    print(f"prepared {args.dst}: {summary}")
+    return 0
+
+
+def _add_phantom_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln data phantom --dst DST``."""
+    p = sub.add_parser(
         "phantom",
         help="write a synthetic phantom dataset",
         description="Write seeded synthetic phantoms (organ-like blobs) as an h5 or NIfTI dataset. "
@@ -455,7 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_phantom)
 
-    p = data.add_parser(
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from crln.data.phantom import write_phantom_h5_dataset, write_phantom_nifti_dataset
+
+    writer = write_phantom_nifti_dataset if args.format == "nifti" else write_phantom_h5_dataset
+    root = writer(
+        args.dst, n_train=args.train, n_test=args.test, shape=args.shape, seed=args.seed, num_classes=args.num_classes
+    )
+    print(f"phantom dataset written to {root}")
+    return 0
+
+
+def _add_compact_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln data compact --src SRC --dst DST``."""
+    p = sub.add_parser(
         "compact",
         help="compact, lossless copy of an h5 dataset (8-bit value tables), optionally in size-capped parts",
         description="Write a compact copy of an h5 dataset: an image with at most 256 distinct float32 "
@@ -476,7 +397,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line per case (bad cases are still reported)")
     p.set_defaults(func=_cmd_compact)
 
-    p = data.add_parser(
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from crln.data.compact import compact_h5_dataset
+
+    summary = compact_h5_dataset(
+        args.src,
+        args.dst,
+        codec=args.codec,
+        max_part_mib=args.max_part_mib,
+        report=None if args.quiet else print,
+        report_error=print,  # a bad case is reported even with --quiet
+    )
+    print(f"compact copy {summary.dst}: {summary}")
+    for part in summary.parts:
+        print(f"  {part}: {sum(f.stat().st_size for f in part.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
+    return 0
+
+
+def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln data merge SRC ... --dst DST``."""
+    p = sub.add_parser(
         "merge",
         help="merge compact folders (e.g. parts) into one",
         description="Merge compact folders written by crln data compact (e.g. DST/part1, DST/part2) into "
@@ -486,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="destination folder (created, or extended when it is one already)")
     p.set_defaults(func=_cmd_merge)
 
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from crln.data.compact import merge_compact, read_manifest
+
+    summary = merge_compact(args.sources, args.dst)
+    state = "complete" if read_manifest(summary.dst).get("complete") else "incomplete (more parts to merge)"
+    print(f"merged into {summary.dst}: {summary.cases} cases ({summary.written} copied now), {state}")
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln bench PLAN``."""
     p = sub.add_parser(
         "bench",
         help="run a benchmark plan (configs x seeds) into one Markdown table",
@@ -506,6 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from crln.bench import run_plan
+
+    only = args.seed or None
+    out = run_plan(args.plan, out=args.out, dry_run=args.dry_run, progress=not args.no_progress, only_seeds=only)
+    if not args.dry_run:
+        print(f"table written: {out}")
+    return 0
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln report RUN_DIR``."""
     p = sub.add_parser(
         "report",
         help="figures and a self-contained report.html of a run folder",
@@ -520,6 +486,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_window_options(p)
     p.set_defaults(func=_cmd_report)
 
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from crln.report import build_report
+
+    result = build_report(
+        args.run_dir,
+        args.out,
+        device=args.device,
+        progress=not args.quiet,
+        stride=args.stride,
+        sw_batch_size=args.sw_batch_size,
+    )
+    print(f"report: {result.html}")
+    return 0
+
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln config CONFIG [key=value ...]``."""
     p = sub.add_parser(
         "config",
         help="print a resolved config",
@@ -529,6 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_config)
 
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from crln.config import config_to_dict, load_config
+
+    print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln demo``."""
     p = sub.add_parser(
         "demo",
         help="train and evaluate on built-in synthetic data",
@@ -549,6 +545,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from crln.demo import run_demo
+
+    out = Path(args.out)
+    overrides = [*args.overrides, *([f"train.iterations={args.iterations}"] if args.iterations else [])]
+    table = run_demo(
+        out,
+        methods=args.methods,
+        overrides=overrides,
+        n_train=args.train_cases,
+        n_test=args.test_cases,
+        progress=not args.no_progress,
+    )
+    print(_terminal_text(table))
+    if not args.no_report:
+        from crln.report import build_report
+
+        for run_dir in sorted((out / "runs").glob("*/*/seed*")):
+            print(f"report: {build_report(run_dir, progress=False).html}")
+    print(f"run folders: {out / 'runs'}; table: {table}")
+    return 0
+
+
+_MARKDOWN_IMAGE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<file>[^)]+)\)$")
+
+
+def _terminal_text(table: Path) -> str:
+    """A Markdown table file for a terminal: each image line becomes ``figure: caption: path``."""
+    lines = []
+    for line in table.read_text().splitlines():
+        image = _MARKDOWN_IMAGE.match(line.strip())
+        lines.append(f"figure: {image['caption']}: {table.parent / image['file']}" if image else line)
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``crln`` argument parser: one sub-command per verb, each built by ``_add_<verb>_parser`` beside its
+    ``_cmd_<verb>``, in the order ``crln --help`` lists them."""
+    parser = argparse.ArgumentParser(
+        prog="crln",
+        description="Semi-supervised 3D medical image segmentation: CRLN and baselines in one engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"crln {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
+    _add_data_parser(sub)
+    _add_bench_parser(sub)
+    _add_report_parser(sub)
+    _add_config_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

@@ -15,11 +15,13 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from crln.data_formats import DATA_FORMAT_VALUES, one_of
 from crln.errors import CrlnError
 from crln.method_configs import method_config_class
 
@@ -46,7 +48,8 @@ __all__ = [
     "resolve_preset",
 ]
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The presets ship inside the package (package data ``crln/configs/*.yaml``), so an installed wheel has them.
+PRESET_DIR = Path(str(resources.files("crln").joinpath("configs")))
 
 # Values the networks of crln.models accept, here so that a config is checked before torch loads.
 #: ``model.name`` values: the keys of ``crln.models.MODELS``.
@@ -64,7 +67,7 @@ class DataConfig:
     """Where the cases are and how training patches are drawn."""
 
     name: str = "LA"  # dataset name, used in the run folder path
-    format: str = "h5"  # {"h5", "nifti"}
+    format: str = "h5"  # {"h5", "nifti"}: crln.data_formats.DATA_FORMAT_VALUES
     root: str = ""  # dataset root folder (relative paths are relative to the working directory)
     train_split: str = "train"  # case list of the training pool (train.list / train.txt / imagesTr)
     test_split: str = "test"  # case list reported by `crln evaluate`
@@ -284,8 +287,8 @@ def validate_config(config: RunConfig) -> None:
 
     networks = type(config.method).inference_networks
     d = config.data
-    if d.format not in ("h5", "nifti"):
-        raise CrlnError(f"config key data.format: expected 'h5' or 'nifti', got {d.format!r}")
+    if d.format not in DATA_FORMAT_VALUES:
+        raise CrlnError(f"config key data.format: expected {one_of(DATA_FORMAT_VALUES)}, got {d.format!r}")
     if any(s < DOWNSAMPLING_FACTOR or s % DOWNSAMPLING_FACTOR for s in d.patch_size):
         raise CrlnError(
             f"config key data.patch_size: every side must be a positive multiple of {DOWNSAMPLING_FACTOR} "
@@ -400,7 +403,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def resolve_preset(name_or_path: str) -> Path:
-    """A config path, or the name of a preset in ``configs/`` (``la``, ``la_cpu``, ...)."""
+    """A config path, or the name of a preset in the package's ``crln/configs/`` (``la``, ``la_cpu``, ...)."""
     path = Path(name_or_path)
     if path.is_file():
         return path

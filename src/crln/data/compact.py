@@ -380,6 +380,17 @@ class CompactDataset:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# hooks of the format registry (crln.data_formats); a compact folder has no single-file scans
+
+detect_root = is_compact_root
+
+
+def open_root(root: Path) -> CompactDataset:
+    """The compact dataset in ``root``."""
+    return CompactDataset(root)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # writing a compact copy
 
 

@@ -413,3 +413,25 @@ class H5Dataset:
     def load_many(self, ids: Iterable[str] | Sequence[str], with_label: bool = True) -> list[Case]:
         """Load several cases in order (each decoded once per process)."""
         return [self.load(cid, with_label=with_label) for cid in ids]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hooks of the format registry (crln.data_formats)
+
+
+def detect_root(root: Path) -> bool:
+    """Whether ``root`` holds a case list (``*.list`` / ``*.txt``) of the field's h5 layout."""
+    try:
+        return any(p.suffix in _LIST_SUFFIXES and p.is_file() for p in root.iterdir())
+    except OSError:  # unreadable: H5Dataset, the fallback, says so in one line
+        return False
+
+
+def open_root(root: Path) -> H5Dataset:
+    """The h5 dataset in ``root``."""
+    return H5Dataset(root)
+
+
+def read_scan(paths: list[Path], case_id: str) -> Case:
+    """One h5 file (``paths[0]``; h5 has no channel files) without its label, for ``crln predict``."""
+    return read_h5_case(paths[0], case_id, with_label=False)

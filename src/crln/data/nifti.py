@@ -406,3 +406,21 @@ class NiftiDataset:
     def load_many(self, ids: list[str], with_label: bool = True) -> list[Case]:
         """Load several cases in order."""
         return [self.load(cid, with_label=with_label) for cid in ids]
+
+
+# hooks of the format registry (crln.data_formats)
+
+
+def detect_root(root: Path) -> bool:
+    """Whether ``root`` is an nnU-Net/MSD folder (an ``imagesTr/`` folder)."""
+    return (root / "imagesTr").is_dir()
+
+
+def open_root(root: Path) -> NiftiDataset:
+    """The NIfTI dataset in ``root``."""
+    return NiftiDataset(root)
+
+
+def read_scan(paths: list[Path], case_id: str) -> Case:
+    """One NIfTI scan, or a case's nnU-Net channel files stacked ``(C, H, W, D)``, for ``crln predict``."""
+    return read_nifti_volume(paths, case_id)

@@ -1,4 +1,4 @@
-"""Open the dataset a config names (field h5 layout or nnU-Net/MSD NIfTI folder)."""
+"""Open the dataset a config names, in the format the registry :mod:`crln.data_formats` picks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Protocol
 
 from crln.data.case import Case
+from crln.data_formats import select_format
 from crln.errors import CrlnError
 
 __all__ = ["CaseSource", "open_dataset", "open_dataset_root"]
@@ -20,34 +21,22 @@ class CaseSource(Protocol):
 
 
 def open_dataset_root(root: str | Path, fmt: str = "auto") -> CaseSource:
-    """Open ``root`` as an h5 (``*.list`` / ``*.txt`` case lists) or NIfTI (``imagesTr/``) dataset.
+    """Open ``root`` in the format :func:`crln.data_formats.select_format` picks for ``fmt``.
 
-    A folder holding ``crln_compact.json`` (written by ``crln data compact``) is the compact copy of an
-    h5 dataset: with ``fmt`` ``"auto"`` or ``"h5"`` it is read by :class:`crln.data.compact.CompactDataset`,
-    so the same config trains on either copy.
+    With ``fmt`` ``"auto"`` that is the first format of :data:`crln.data_formats.FORMATS` that detects
+    the folder: a compact copy (``crln_compact.json``), an nnU-Net/MSD folder (``imagesTr/``), else the
+    field's h5 layout. ``"h5"`` opens a compact copy too, so the same config trains on either copy.
 
     Args:
         root: dataset folder.
-        fmt: one of {``"auto"``, ``"h5"``, ``"nifti"``}; auto picks NIfTI when ``imagesTr/`` exists.
+        fmt: ``"auto"`` or a ``data.format`` value (``"h5"``, ``"nifti"``).
     """
-    from crln.data.compact import CompactDataset, is_compact_root
-    from crln.data.h5 import H5Dataset
-    from crln.data.nifti import NiftiDataset
-
     path = Path(root)
     if not str(root):
         raise CrlnError("config key data.root: no dataset folder given (set data.root=DIR)")
     if not path.is_dir():
         raise CrlnError(f"data root {path}: no such folder (set data.root or --data to a dataset folder)")
-    if fmt in ("auto", "h5") and is_compact_root(path):
-        return CompactDataset(path)
-    if fmt == "auto":
-        fmt = "nifti" if (path / "imagesTr").is_dir() else "h5"
-    if fmt == "nifti":
-        return NiftiDataset(path)
-    if fmt == "h5":
-        return H5Dataset(path)
-    raise CrlnError(f"dataset format {fmt!r}: expected 'h5' or 'nifti'")
+    return select_format(path, fmt).open(path)
 
 
 def open_dataset(data_config: object) -> CaseSource:

@@ -1,0 +1,134 @@
+"""The registry of dataset formats: one table read by detection, config checks and ``crln predict``.
+
+Torch-free and numpy-free (like :mod:`crln.method_configs`): :mod:`crln.config` checks ``data.format``
+against this table before anything heavy loads. The modules that read a format are imported only
+when a folder or scan of that format is opened.
+
+Adding a format:
+
+1. Write one module (e.g. ``crln/data/myformat.py``) with three functions:
+
+   - ``detect_root(root: Path) -> bool``: whether a dataset folder is in this format (cheap: look
+     for a marker file or folder, read no case);
+   - ``open_root(root: Path) -> CaseSource``: the dataset (``ids(split)``, ``load_many(ids)``,
+     see :class:`crln.data.sources.CaseSource`);
+   - ``read_scan(paths: list[Path], case_id: str) -> Case``: one unlabelled scan for ``crln predict``
+     (``paths``: one file, or the channel files of one case); only needed with ``scan_endings``.
+
+2. Add one :class:`DataFormat` line to :data:`FORMATS`, at its place in the detection order.
+
+``data.format=auto`` (what an evaluation on another folder uses) opens a folder with the first format
+of :data:`FORMATS` whose ``detect_root`` accepts it, else with the last (the field's h5 layout, whose
+reader then names what is missing). A config's ``data.format`` (``h5``, ``nifti``) selects the
+formats whose ``selected_by`` it is, in the same way: ``h5`` opens the compact copy of an h5 dataset
+when the folder holds one, and the h5 folder otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from crln.errors import CrlnError
+
+if TYPE_CHECKING:
+    from crln.data.case import Case
+    from crln.data.sources import CaseSource
+
+__all__ = [
+    "DATA_FORMAT_VALUES",
+    "FORMATS",
+    "SCAN_ENDINGS",
+    "DataFormat",
+    "one_of",
+    "read_scan",
+    "scan_format",
+    "select_format",
+]
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One dataset format: its names, and the module that reads it (imported on first use).
+
+    Attributes:
+        name: the format's name (``compact``, ``nifti``, ``h5``).
+        module: dotted name of the module with ``detect_root``, ``open_root`` (and ``read_scan``).
+        selected_by: the ``data.format`` value that selects this format.
+        scan_endings: file endings of single scans ``crln predict`` reads with ``read_scan``; empty when
+            the format has no single-file scans.
+    """
+
+    name: str
+    module: str
+    selected_by: str
+    scan_endings: tuple[str, ...] = ()
+
+    def _reader(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def detect(self, root: Path) -> bool:
+        """Whether the folder ``root`` is in this format."""
+        return bool(self._reader().detect_root(root))
+
+    def open(self, root: Path) -> CaseSource:
+        """The dataset in the folder ``root``."""
+        return self._reader().open_root(root)
+
+    def read_scan(self, paths: list[Path], case_id: str) -> Case:
+        """One unlabelled scan: a file, or the channel files of one case, as case ``case_id``."""
+        return self._reader().read_scan(paths, case_id)
+
+
+#: Every format, in detection order; the last is the fallback of ``data.format=auto``.
+FORMATS: tuple[DataFormat, ...] = (
+    # a compact copy of an h5 dataset (crln_compact.json, written by crln data compact)
+    DataFormat("compact", "crln.data.compact", selected_by="h5"),
+    # an nnU-Net v2 / MSD folder (imagesTr/, labelsTr/, dataset.json)
+    DataFormat("nifti", "crln.data.nifti", selected_by="nifti", scan_endings=(".nii.gz", ".nii")),
+    # the field's h5 layout (case lists train.list / test.list, one .h5 file per case)
+    DataFormat("h5", "crln.data.h5", selected_by="h5", scan_endings=(".h5", ".hdf5")),
+)
+
+#: The values ``data.format`` accepts.
+DATA_FORMAT_VALUES: tuple[str, ...] = tuple(dict.fromkeys(f.selected_by for f in FORMATS))
+#: File endings ``crln predict`` reads as scans.
+SCAN_ENDINGS: tuple[str, ...] = tuple(ending for f in FORMATS for ending in f.scan_endings)
+
+
+def one_of(values: tuple[str, ...], *, quote: bool = True) -> str:
+    """``'a', 'b' or 'c'`` (``a, b or c`` without ``quote``): the values a message expects."""
+    shown = [repr(v) if quote else v for v in values]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def select_format(root: Path, fmt: str = "auto") -> DataFormat:
+    """The format to open the folder ``root`` with, for a ``data.format`` value or ``"auto"``.
+
+    Raises:
+        CrlnError: ``fmt`` is neither ``"auto"`` nor a value of :data:`DATA_FORMAT_VALUES`.
+    """
+    candidates = [f for f in FORMATS if fmt in ("auto", f.selected_by)]
+    if not candidates:
+        raise CrlnError(f"dataset format {fmt!r}: expected {one_of(DATA_FORMAT_VALUES)}")
+    return next((f for f in candidates if f.detect(root)), candidates[-1])
+
+
+def scan_format(path: Path) -> DataFormat | None:
+    """The format whose scans end like ``path``, or ``None``."""
+    return next((f for f in FORMATS if path.name.endswith(f.scan_endings)), None)
+
+
+def read_scan(paths: list[Path], case_id: str) -> Case:
+    """One unlabelled scan for ``crln predict``: a file, or the channel files of one case.
+
+    Raises:
+        CrlnError: a file of no format's :data:`SCAN_ENDINGS`, or what the format's reader raises.
+    """
+    fmt = scan_format(paths[0])
+    if fmt is None:
+        raise CrlnError(f"input {paths[0]}: expected a {one_of(SCAN_ENDINGS, quote=False)} file")
+    return fmt.read_scan(paths, case_id)
