@@ -23,8 +23,9 @@ from crln.data.nifti import NiftiDataset
 from crln.data.prepare import SCALE_RECORD, prepare_h5_dataset, recorded_scale
 from crln.engine.checkpoint import load_checkpoint
 from crln.errors import CrlnError
-from crln.evaluation import _scan_groups, inference_stride
+from crln.evaluation import _scan_groups
 from crln.inference import scaled_stride, window_count
+from crln.predictor import inference_stride
 
 SHAPE = (32, 32, 32)
 
