@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import crln.evaluation
+import crln.predictor
 from conftest import assert_user_error, tiny_overrides
 from crln.cli import main
 from crln.config import load_config
@@ -56,7 +56,7 @@ def _no_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("inference ran before the error")
 
-    monkeypatch.setattr(crln.evaluation, "predict_case", refuse)
+    monkeypatch.setattr(crln.predictor, "predict_case", refuse)
     monkeypatch.setattr("crln.inference.sliding_window_predict", refuse)
 
 

@@ -396,10 +396,13 @@ def _units_sentence() -> str:
     """``Dice and Jaccard in %, ASD and 95HD in the dataset's distance unit.``"""
     from crln.metrics import PERCENT
 
+    def listed(labels: list[str]) -> str:
+        return " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
+
     percent = [m.label for m in _metrics() if m.unit == PERCENT]
     distance = [m.label for m in _metrics() if m.unit != PERCENT]
-    parts = [f"{' and '.join(percent)} in %"] if percent else []
-    parts += [f"{' and '.join(distance)} in the dataset's distance unit"] if distance else []
+    parts = [f"{listed(percent)} in %"] if percent else []
+    parts += [f"{listed(distance)} in the dataset's distance unit"] if distance else []
     return ", ".join(parts) + "."
 
 
