@@ -24,8 +24,8 @@ import torch
 
 from crln.config import config_to_dict, load_config
 from crln.engine.checkpoint import save_checkpoint
-from crln.engine.trainer import build_network_factory
 from crln.methods import build_method
+from crln.predictor import build_network_factory
 
 MIB = 2**20
 PIECE_MIB = 15  # the device returns files of at most 16 MiB

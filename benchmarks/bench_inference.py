@@ -54,12 +54,12 @@ VARIANTS = ("reference", "crln", "crln-unoptimized", "crln-fold", "crln-channels
 
 def _network(checkpoint: str | None, device: torch.device) -> nn.Module:
     """The trained inference network of ``checkpoint``, else a random VNet with non-trivial BatchNorm statistics."""
-    if checkpoint is not None:  # the network as trained (crln.evaluation.load_network would optimise it)
+    if checkpoint is not None:  # the run's eval.network as trained (crln.predictor.Predictor would optimise it)
         from crln.engine.checkpoint import load_checkpoint
-        from crln.engine.trainer import method_from_checkpoint
+        from crln.predictor import network_from_checkpoint
 
-        method, _ = method_from_checkpoint(load_checkpoint(Path(checkpoint), map_location="cpu"))
-        return method.inference_network().eval().to(device)
+        network, _ = network_from_checkpoint(load_checkpoint(Path(checkpoint), map_location="cpu"))
+        return network.eval().to(device)
     torch.manual_seed(0)
     model = VNet()
     for module in model.modules():

@@ -23,10 +23,9 @@ from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import read_log
 from crln.engine.trainer import train
-from crln.evaluation import load_network
-from crln.inference import predict_case
 from crln.methods import build_method, method_config_class, method_names
 from crln.models import MODELS, build_model
+from crln.predictor import Predictor
 
 CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
@@ -112,21 +111,12 @@ def test_bf16_sliding_window_agrees_with_fp32(trained_phantom: Path, phantom_roo
     from crln.data.h5 import H5Dataset
 
     dev = torch.device(device)
-    network, config, _ = load_network(trained_phantom, dev)
     image = H5Dataset(phantom_root).load(H5Dataset(phantom_root).ids("test")[0], with_label=False).image
     labels, probs = {}, {}
     for amp, layout in (("none", "off"), ("bf16", "on")):
-        perf = Performance.for_device(dev, amp, layout)
-        fast = network.to(memory_format=torch.channels_last_3d) if perf.channels_last else network
-        labels[amp], probs[amp] = predict_case(
-            lambda x, fast=fast, perf=perf: fast(perf.input(x)),
-            image,
-            patch_size=config.data.patch_size,
-            stride=config.eval.stride,
-            num_classes=2,
-            device=dev,
-            amp_dtype=perf.amp_dtype,
-        )
+        predictor = Predictor.from_checkpoint(trained_phantom, dev, amp=amp, channels_last=layout)
+        assert predictor.perf.amp_dtype == (torch.bfloat16 if amp == "bf16" else None)
+        labels[amp], probs[amp] = predictor.predict(image)
     assert torch.isfinite(probs["bf16"]).all()
     assert 0 < labels["none"].sum() < labels["none"].size  # a real segmentation, not all one class
     assert (labels["none"] == labels["bf16"]).mean() >= MIN_ARGMAX_AGREEMENT

@@ -16,9 +16,10 @@ from crln.cli import main
 from crln.config import load_config
 from crln.data import H5Dataset
 from crln.data.loader import Batch
-from crln.engine.trainer import build_network_factory
-from crln.evaluation import format_summary_table, per_class_metric_names
+from crln.evaluation import format_summary_table
 from crln.methods import build_method
+from crln.metrics import per_class_metric_names
+from crln.predictor import build_network_factory
 from crln.report import build_report
 
 C = 3

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import crln.evaluation
+import crln.predictor
 from conftest import assert_user_error, tiny_overrides
 from crln.cli import main
 from crln.config import load_config
@@ -23,8 +23,9 @@ from crln.data.nifti import NiftiDataset
 from crln.data.prepare import SCALE_RECORD, prepare_h5_dataset, recorded_scale
 from crln.engine.checkpoint import load_checkpoint
 from crln.errors import CrlnError
-from crln.evaluation import _scan_groups, inference_stride
+from crln.evaluation import _scan_groups
 from crln.inference import scaled_stride, window_count
+from crln.predictor import inference_stride
 
 SHAPE = (32, 32, 32)
 
@@ -55,7 +56,7 @@ def _no_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("inference ran before the error")
 
-    monkeypatch.setattr(crln.evaluation, "predict_case", refuse)
+    monkeypatch.setattr(crln.predictor, "predict_case", refuse)
     monkeypatch.setattr("crln.inference.sliding_window_predict", refuse)
 
 

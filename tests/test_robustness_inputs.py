@@ -22,8 +22,8 @@ from crln.cli import main
 from crln.config import config_to_dict, load_config
 from crln.data.h5 import write_h5_case
 from crln.engine.checkpoint import save_checkpoint
-from crln.engine.trainer import build_network_factory
 from crln.methods import build_method
+from crln.predictor import build_network_factory
 
 SHAPE = (32, 32, 32)  # one tiny-config patch: evaluation is a single window
 CASE = "bad"

@@ -17,8 +17,8 @@ from conftest import assert_user_error, tiny_overrides
 from crln.config import config_to_dict, load_config
 from crln.engine.checkpoint import save_checkpoint
 from crln.engine.run_folder import RunFolder
-from crln.engine.trainer import build_network_factory
 from crln.methods import build_method
+from crln.predictor import build_network_factory
 
 
 class _RunsCommand:

@@ -102,19 +102,17 @@ def test_config_guards_name_the_keys(phantom_root: Path, tmp_path: Path) -> None
 
 def test_minmax_run_trains_and_predicts_raw_input_identically(phantom_root: Path, tmp_path: Path) -> None:
     """The normalisation is stored in the run: predicting on a raw (rescaled) scan needs no flag."""
-    from crln.engine.device import Performance
     from crln.engine.trainer import train
-    from crln.evaluation import _predict, load_network
+    from crln.predictor import Predictor
 
     extra = {"method.name": "mean_teacher", "data.intensity": "minmax", "data.brightness": "[0.8,1.2]"}
     extra |= {"method.strong_view": "authors", "train.iterations": 2, "data.patch_size": "[32,32,16]"}
     config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **extra))
     run = train(config, progress=False).run_dir
-    network, saved, _ = load_network(run / "checkpoint_final.pt", torch.device("cpu"))
-    assert saved.data.intensity == "minmax"
+    predictor = Predictor.from_checkpoint(run / "checkpoint_final.pt", "cpu", amp="none", channels_last="off")
+    assert predictor.config.data.intensity == "minmax"
     case = make_phantom(seed=5, shape=(40, 40, 24))
-    perf = Performance.for_device(torch.device("cpu"), "none", "off")
-    stride = (16, 16, 8)
-    first, _ = _predict(network, case.image, saved, perf, stride, 2, False)
-    second, _ = _predict(network, case.image * 250.0 + 40.0, saved, perf, stride, 2, False)  # another scanner's range
+    window = {"stride": (16, 16, 8), "sw_batch_size": 2}
+    first, _ = predictor.predict(case.image, **window)
+    second, _ = predictor.predict(case.image * 250.0 + 40.0, **window)  # another scanner's range
     assert np.array_equal(first, second)

@@ -43,10 +43,11 @@ from crln.errors import CrlnError
 if TYPE_CHECKING:
     from crln.comparison import PairedDifference
     from crln.engine.run_folder import RunFolder
+    from crln.methods.base import TimelineMark
+    from crln.metrics import Metric
 
 __all__ = ["BenchPlan", "load_plan", "run_plan"]
 
-METRICS = ("dice", "jaccard", "asd", "hd95")
 PAIRED_METRICS = ("dice", "hd95")
 CHECKPOINTS = ("final", "best")  # the last iteration's weights; the best on the validation split
 CHECKPOINT_LABELS = {"final": "final", "best": "val-best"}
@@ -76,6 +77,20 @@ def _stats() -> Any:
     from crln import comparison
 
     return comparison
+
+
+def _metrics() -> tuple[Metric, ...]:
+    """The table's metric columns, :data:`crln.metrics.METRICS` (numpy, SciPy: loaded as :func:`_stats`)."""
+    from crln import metrics
+
+    return metrics.METRICS
+
+
+def _scale(metric: str) -> float:
+    from crln.metrics import metric_of
+
+    found = metric_of(metric)
+    return found[0].scale if found is not None else 1.0
 
 
 def _strings(value: Any, where: str) -> list[str]:
@@ -187,7 +202,7 @@ class RowResult:
     """A plan run (one table row per checkpoint) and the seeds done so far."""
 
     name: str
-    rectify_start: int | None  # CRLN's S, drawn on the pseudo-label and μ figures
+    marks: tuple[TimelineMark, ...]  # the method's timeline marks (CRLN's S), drawn on the log figures
     seeds: list[SeedResult] = field(default_factory=list)
 
     def evaluated(self, checkpoint: str) -> list[tuple[SeedResult, Evaluation]]:
@@ -202,10 +217,6 @@ def _fmt(stats: dict[str, float] | None, scale: float) -> str:
         return "n/a"
     extra = f" ({stats['n_undefined']} undef.)" if stats.get("n_undefined") else ""
     return f"{stats['boot_mean'] * scale:.2f} ± {stats['boot_std'] * scale:.2f}{extra}"
-
-
-def _scale(metric: str) -> float:
-    return 100.0 if metric in ("dice", "jaccard") else 1.0
 
 
 def _seed_mean(evaluation: Evaluation, metric: str) -> float:
@@ -233,13 +244,13 @@ def _row_line(row: RowResult, checkpoint: str) -> str:
     seeds = ", ".join(str(s.seed) for s, _ in done) or ", ".join(str(s.seed) for s in row.seeds)
     if not done:
         why = "none (no checkpoint_best.pt: data.validation = 0?)" if checkpoint == "best" else "not evaluated"
-        return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(METRICS) + 4)
+        return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(_metrics()) + 4)
     pooled = _stats().pooled_summary(row.per_case(checkpoint), n_resamples=POOLED_RESAMPLES)
     per_it = [s.training["seconds_per_iteration"] for s, _ in done if "seconds_per_iteration" in s.training]
     minutes = [s.training["train_minutes"] for s, _ in done if "train_minutes" in s.training]
     return (
         f"| {row.name} | {label} | {seeds} | "
-        + " | ".join(_metric_cell(row, checkpoint, pooled, m) for m in METRICS)
+        + " | ".join(_metric_cell(row, checkpoint, pooled, m.name) for m in _metrics())
         + f" | {_joined([e.summary['n_cases'] for _, e in done])} | "
         f"{_joined([e.summary['checkpoint_step'] for _, e in done])} | "
         f"{statistics.median(per_it) if per_it else math.nan:.3f} | "
@@ -332,7 +343,7 @@ def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tu
     )
 
     logged = [
-        LoggedRun(f"{row.name} (seed {s.seed})", read_log(s.run_dir / "log.jsonl"), row.rectify_start)
+        LoggedRun(f"{row.name} (seed {s.seed})", read_log(s.run_dir / "log.jsonl"), row.marks)
         for row in rows
         for s in row.seeds
     ]
@@ -381,6 +392,20 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _units_sentence() -> str:
+    """``Dice and Jaccard in %, ASD and 95HD in the dataset's distance unit.``"""
+    from crln.metrics import PERCENT
+
+    def listed(labels: list[str]) -> str:
+        return " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
+
+    percent = [m.label for m in _metrics() if m.unit == PERCENT]
+    distance = [m.label for m in _metrics() if m.unit != PERCENT]
+    parts = [f"{listed(percent)} in %"] if percent else []
+    parts += [f"{listed(distance)} in the dataset's distance unit"] if distance else []
+    return ", ".join(parts) + "."
+
+
 def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
     import torch
 
@@ -391,12 +416,13 @@ def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
         f"torch {torch.__version__}. Each metric cell: mean ± std (ddof 1) over seeds of the per-seed case means "
         f"then in brackets the bootstrapped mean ± std over the cases of all seeds pooled (a one-seed row: the "
         f"bootstrap alone) "
-        f"({POOLED_RESAMPLES} resamples). Dice and Jaccard in %, ASD and 95HD in the dataset's distance unit. "
+        f"({POOLED_RESAMPLES} resamples). {_units_sentence()} "
         "Checkpoints: final (the last iteration) and val-best (best Dice on the validation split, never the test "
         "cases); iterations: the checkpoint's, per seed when they differ.",
         "",
-        "| method | checkpoint | seeds | Dice | Jaccard | ASD | 95HD | cases | iterations | s/it | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | checkpoint | seeds | " + " | ".join(m.label for m in _metrics()) + " | cases | iterations | s/it | "
+        "train min |",
+        "|---|---|---|" + "---|" * len(_metrics()) + "---|---|---|---|",
     ]
     lines += [_row_line(row, ck) for row in rows for ck in _checkpoints(plan)]
     lines += _paired_lines(plan, rows)
@@ -415,7 +441,8 @@ def _evaluation(
     plan: BenchPlan, config: Any, folder: RunFolder, checkpoint: str, label: str, progress: bool
 ) -> Evaluation | None:
     """The evaluation of one checkpoint (run now unless its summary exists); None without that checkpoint."""
-    from crln.evaluation import evaluate, read_per_case
+    from crln.evaluation import evaluate
+    from crln.results import read_per_case
 
     if not folder.checkpoint(checkpoint).exists():
         return None
@@ -462,6 +489,7 @@ def run_plan(
         raise CrlnError(f"bench plan {plan_path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
     from crln.engine.run_folder import RunFolder
     from crln.engine.trainer import train
+    from crln.methods import method_class
 
     out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
     rows: list[RowResult] = []
@@ -476,7 +504,7 @@ def run_plan(
                 print(_command(plan, run, seed))
                 continue
             if row is None:
-                row = RowResult(run.name, config.method.rectify_start if getattr(config.method, "dim", False) else None)
+                row = RowResult(run.name, method_class(config.method.name).timeline_marks(config.method))
                 rows.append(row)
             label = f"{run.name} (seed {seed})"
             if not folder.checkpoint("final").exists():
@@ -498,5 +526,11 @@ def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any], checkpoint
     from crln.evaluation import eval_dir_name
 
     split = ev.get("split") or config.data.test_split
-    name = eval_dir_name(split, checkpoint, bool(ev.get("largest_component")), default_split=config.data.test_split)
+    name = eval_dir_name(
+        split,
+        checkpoint,
+        bool(ev.get("largest_component")),
+        default_split=config.data.test_split,
+        default_checkpoint=config.eval.checkpoint,
+    )
     return folder.path / name / "summary.json"

@@ -150,7 +150,7 @@ class EvalConfig:
     sw_batch_size: int = 4
     largest_component: bool = False
     bootstrap_resamples: int = 100
-    checkpoint: str = "final"  # {"final", "best", "latest"}
+    checkpoint: str = "final"  # what `crln evaluate RUN` and `crln report` use: "final" (else latest), "best", "latest"
     # The network validated, evaluated, predicted with and reported: "student" | "teacher" (the EMA teacher) |
     # "teacher_rectified" (CRLN: the teacher with ȳ + (1 − μ)·M(x), the authors' validate.py)
     network: str = "student"

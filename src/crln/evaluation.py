@@ -10,73 +10,58 @@ for NIfTI data.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
-import math
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from crln.atomic import atomic_path, atomic_write_text, check_output_dir
-from crln.config import RunConfig
+from crln import metrics
+from crln.atomic import atomic_path, check_output_dir
+from crln.config import RunConfig, build_config, load_yaml
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
-from crln.data.transforms import normalize_intensity
 from crln.data.validate import check_channels, validate_case
 from crln.engine import distributed
-from crln.engine.checkpoint import load_checkpoint
-from crln.engine.device import Performance, resolve_device
 from crln.engine.run_folder import RunFolder
-from crln.engine.trainer import network_from_checkpoint
 from crln.errors import CrlnError
-from crln.inference import entropy_map, optimize_for_inference, predict_case, scaled_stride
-from crln.metrics import case_metrics, summarize
+from crln.inference import entropy_map
+from crln.metrics import case_metrics, per_class_metric_names, summarize
+from crln.predictor import Predictor, inference_stride
+from crln.results import write_per_case, write_summary
 
-__all__ = [
-    "EvalResult",
-    "eval_dir_name",
-    "evaluate",
-    "format_summary_table",
-    "inference_stride",
-    "load_network",
-    "per_class_metric_names",
-    "predict_files",
-    "read_per_case",
-]
+__all__ = ["EvalResult", "eval_dir_name", "evaluate", "format_summary_table", "predict_files"]
 
-METRICS = ("dice", "jaccard", "asd", "hd95")
+
+def _configured_checkpoint(folder: RunFolder) -> str:
+    """The run's ``eval.checkpoint`` from its ``config.yaml`` (``final`` when the folder has none)."""
+    if not folder.config_path.is_file():
+        return "final"
+    try:
+        return build_config(load_yaml(folder.config_path)).eval.checkpoint
+    except CrlnError as err:
+        raise CrlnError(f"{folder.config_path}: cannot read the run's config ({err})") from err
 
 
 def _resolve_checkpoint(target: str | Path, which: str | None) -> tuple[Path, Path | None]:
-    """``target`` is a checkpoint file or a run folder; returns (checkpoint, run folder or None)."""
+    """``target`` is a checkpoint file or a run folder; returns (checkpoint, run folder or None).
+
+    In a run folder the checkpoint is ``which``, else the run's ``eval.checkpoint``; the default
+    ``final`` falls back to ``latest`` (a run stopped early).
+    """
     path = Path(target)
     if path.is_file():
         return path, (path.parent if (path.parent / "config.yaml").exists() else None)
     if path.is_dir():
         folder = RunFolder(path)
-        order = [which] if which else ["final", "latest"]
+        which = which or _configured_checkpoint(folder)
+        order = ["final", "latest"] if which == "final" else [which]
         for name in order:
             if folder.checkpoint(name).exists():
                 return folder.checkpoint(name), path
         raise CrlnError(f"run folder {path}: no checkpoint_{'/'.join(order)}.pt (did training finish?)")
     raise CrlnError(f"{path}: no such run folder or checkpoint file")
-
-
-def load_network(checkpoint_path: Path, device: torch.device) -> tuple[torch.nn.Module, RunConfig, dict]:
-    """The inference network of a checkpoint, in eval mode on ``device`` and prepared by
-    :func:`crln.inference.optimize_for_inference` (forward-only), with its config."""
-    state = load_checkpoint(checkpoint_path, map_location="cpu")
-    try:
-        network, config = network_from_checkpoint(state)
-    except CrlnError as err:  # a bad config or mismatched weights inside: name the file
-        raise CrlnError(f"checkpoint {checkpoint_path}: {err}") from err
-    network = optimize_for_inference(network.to(device).eval(), device)
-    return network, config, {"step": state["step"], "method": state["method"]}
 
 
 def _check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:
@@ -86,89 +71,23 @@ def _check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:
     check_channels(case, config.model.in_channels, " of the checkpoint's network")
 
 
-def _predict(
-    network: torch.nn.Module,
-    image: np.ndarray,
-    config: RunConfig,
-    perf: Performance,
-    stride: tuple[int, int, int],
-    sw_batch_size: int,
-    largest_component: bool,
-) -> tuple[np.ndarray, torch.Tensor]:
-    """``(label map (H, W, D) uint8, probabilities (C, H, W, D))`` with the run's protocol, on ``image``
-    normalised as in training (``data.intensity`` of the checkpoint's config)."""
-    return predict_case(
-        lambda x: network(perf.input(x)),
-        normalize_intensity(image, config.data.intensity),
-        patch_size=config.data.patch_size,
-        stride=stride,
-        num_classes=config.data.num_classes,
-        sw_batch_size=sw_batch_size,
-        device=perf.device,
-        amp_dtype=perf.amp_dtype,
-        largest_component=largest_component,
-    )
-
-
 def eval_dir_name(
-    split: str, checkpoint: str, largest_component: bool, *, default_split: str, data_name: str | None = None
+    split: str,
+    checkpoint: str,
+    largest_component: bool,
+    *,
+    default_split: str,
+    data_name: str | None = None,
+    default_checkpoint: str = "final",
 ) -> str:
-    """``eval`` for the default evaluation (the run's data, test list, final checkpoint, no post-processing),
+    """``eval`` for the default evaluation (the run's data, test list, ``eval.checkpoint``, no post-processing),
     else ``eval_<split>_<checkpoint>[_lcc]``, or ``eval_<data_name>_<split>_<checkpoint>[_lcc]`` for
     another dataset than the run's (``data_name``), so that it never replaces the run's own evaluation."""
-    if data_name is None and split == default_split and checkpoint == "final" and not largest_component:
+    own = data_name is None and split == default_split and checkpoint == default_checkpoint
+    if own and not largest_component:
         return "eval"
     prefix = f"eval_{data_name}" if data_name is not None else "eval"
     return f"{prefix}_{split}_{checkpoint}" + ("_lcc" if largest_component else "")
-
-
-def _training_scale(config: RunConfig, run_dir: Path | None) -> float:
-    """The scale of the data the network was trained on: recorded in the run's ``meta.json`` at training,
-    else that of ``data.root`` when the folder is here, else 1."""
-    from crln.data.prepare import recorded_scale
-
-    meta_path = run_dir / "meta.json" if run_dir is not None else None
-    if meta_path is not None and meta_path.is_file():
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            return float(json.loads(meta_path.read_text())["data_scale"])
-    root = Path(config.data.root)
-    return recorded_scale(root) if root.is_dir() else 1.0
-
-
-def inference_stride(
-    config: RunConfig,
-    stride: tuple[int, int, int] | None,
-    data_path: str | Path,
-    run_dir: Path | None,
-) -> tuple[tuple[int, int, int], str | None]:
-    """The sliding-window stride for the data at ``data_path``, and a note when it is not ``eval.stride``.
-
-    An explicit ``stride`` (``--stride``) wins. Otherwise ``eval.stride`` is the stride for the data the
-    run was trained on; when the data predicted now has another scale (``crln data prepare --scale``
-    records it, see :func:`crln.data.prepare.recorded_scale`), the stride is multiplied by the ratio of
-    the scales (:func:`crln.inference.scaled_stride`): a stride meant for 0.5-scale data would
-    otherwise run about 8 times the field's windows on full-resolution data.
-
-    Raises:
-        CrlnError: ``stride`` is not 3 integers between 1 and the patch.
-    """
-    from crln.data.prepare import recorded_scale
-
-    patch = tuple(int(p) for p in config.data.patch_size)
-    if stride is not None:
-        if len(stride) != 3 or any(not 1 <= s <= p for s, p in zip(stride, patch)):
-            raise CrlnError(f"--stride: expected 3 integers between 1 and the patch {list(patch)}, got {list(stride)}")
-        return tuple(int(s) for s in stride), None  # type: ignore[return-value]
-    preset = tuple(int(s) for s in config.eval.stride)
-    trained, now = _training_scale(config, run_dir), recorded_scale(data_path)
-    if math.isclose(trained, now, rel_tol=1e-3):
-        return preset, None  # type: ignore[return-value]
-    scaled = scaled_stride(preset, patch, now / trained)
-    note = (
-        f"eval.stride {list(preset)} is for the training data's scale {trained:g}; {data_path} is at scale "
-        f"{now:g}, so the stride is {list(scaled)} (set it with --stride)"
-    )
-    return scaled, note
 
 
 def _check_sw_batch_size(sw_batch_size: int | None, config: RunConfig) -> int:
@@ -210,11 +129,12 @@ def evaluate(
     """Evaluate a run folder or checkpoint on a case list and write ``per_case.csv`` + ``summary.json``.
 
     Args:
-        target: run folder (uses ``checkpoint_final.pt`` unless ``checkpoint`` says otherwise) or a
-            checkpoint file.
+        target: run folder (uses the checkpoint of the run's ``eval.checkpoint``, by default
+            ``checkpoint_final.pt``, unless ``checkpoint`` says otherwise) or a checkpoint file.
         data_root: dataset folder; default the run's ``data.root``.
         split: case list to evaluate; default the run's ``data.test_split``.
-        checkpoint: {``"final"``, ``"best"``, ``"latest"``} when ``target`` is a run folder.
+        checkpoint: {``"final"``, ``"best"``, ``"latest"``} when ``target`` is a run folder; default the
+            run's ``eval.checkpoint``.
         largest_component: keep only the largest connected component of each foreground class.
         stride: sliding-window stride; default the run's ``eval.stride``, scaled when the data's
             scale differs from the training data's (:func:`inference_stride`).
@@ -236,10 +156,8 @@ def evaluate(
     # Under torchrun (crln train --evaluate, or torchrun -m crln evaluate) each process scores a share of the cases.
     dev = distributed.process_device(device, "--device")
     distributed.init_from_env(dev)
-    network, config, info = load_network(ckpt_path, dev)
-    perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
-    if perf.channels_last:
-        network = network.to(memory_format=torch.channels_last_3d)
+    predictor = Predictor.from_checkpoint(ckpt_path, dev)
+    config = predictor.config
     other_data = data_root is not None and not _same_folder(data_root, config.data.root)
     root = data_root if data_root is not None else config.data.root
     split_name = split or config.data.test_split
@@ -255,6 +173,7 @@ def evaluate(
             lcc,
             default_split=config.data.test_split,
             data_name=Path(root).name if other_data else None,
+            default_checkpoint=config.eval.checkpoint,
         )
         out_dir = check_output_dir(base / name, "--out")
     out_dir = Path(out_dir)
@@ -271,7 +190,7 @@ def evaluate(
         _check_input(case, config, require_label=True)
         spacing = tuple(float(v) for v in case.spacing)
         start = time.perf_counter()
-        pred, _ = _predict(network, case.image, config, perf, stride, windows_per_batch, lcc)
+        pred, _ = predictor.predict(case.image, stride=stride, sw_batch_size=windows_per_batch, largest_component=lcc)
         seconds = time.perf_counter() - start
         row = {
             "case": case_id,
@@ -280,7 +199,7 @@ def evaluate(
         }
         scored.append((index, (row, spacing)))
         if progress:
-            shown = "  ".join(f"{k}={row[k]:.4f}" for k in METRICS if k in row)
+            shown = "  ".join(f"{m.name}={row[m.name]:.4f}" for m in metrics.METRICS if m.name in row)
             print(f"[{index + 1}/{len(ids)}] {case_id}  {shown}  ({seconds:.1f} s)", flush=True)
 
     gathered = distributed.gather_shards(scored)  # every process's rows, in case-list order
@@ -293,8 +212,8 @@ def evaluate(
         "split": split_name,
         "data_root": str(root),
         "checkpoint": str(ckpt_path),
-        "checkpoint_step": info["step"],
-        "method": info["method"],
+        "checkpoint_step": predictor.step,
+        "method": predictor.method_name,
         "network": config.eval.network,
         "patch_size": list(config.data.patch_size),
         "stride": list(stride),
@@ -308,55 +227,10 @@ def evaluate(
     if distributed.get_world_size() > 1:
         summary["processes"] = distributed.get_world_size()  # seconds_per_case is then per process
     if distributed.is_main_process():
-        _write_per_case(out_dir / "per_case.csv", per_case)
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+        write_per_case(out_dir / "per_case.csv", per_case)
+        write_summary(out_dir / "summary.json", summary)
     distributed.barrier()  # the files exist for every process once evaluate() returns
     return EvalResult(summary=summary, per_case=per_case, out_dir=out_dir)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    fields = list(rows[0].keys())
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def read_per_case(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``per_case.csv``: ``case`` as text, every other column as a float (``NaN`` when
-    empty or not a number)."""
-    rows = []
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            parsed: dict[str, Any] = {"case": row.get("case", "")}
-            for k, v in row.items():
-                if k == "case":
-                    continue
-                try:
-                    parsed[k] = float(v)
-                except (TypeError, ValueError):
-                    parsed[k] = float("nan")
-            rows.append(parsed)
-    return rows
-
-
-def per_class_metric_names(names: Iterable[str]) -> list[str]:
-    """The per-class metric names among ``names`` (``dice_1``, ``jaccard_1``, ..., ``hd95_2``, ...),
-    grouped by class in :data:`METRICS` order; empty for a binary task."""
-    present = set(names)
-    split = [name.rpartition("_") for name in present]
-    classes = sorted({int(suffix) for base, _, suffix in split if base in METRICS and suffix.isdigit()})
-    return [f"{m}_{c}" for c in classes for m in METRICS if f"{m}_{c}" in present]
 
 
 def format_summary_table(summary: dict[str, Any], title: str = "") -> str:
@@ -370,12 +244,14 @@ def format_summary_table(summary: dict[str, Any], title: str = "") -> str:
         "| metric | bootstrap mean ± std | mean ± std (cases) | n |",
         "|---|---|---|---|",
     ]
-    for name in (*METRICS, *per_class_metric_names(summary["metrics"])):
+    for name in (*(m.name for m in metrics.METRICS), *per_class_metric_names(summary["metrics"])):
         stats = summary["metrics"].get(name)
         if stats is None:
             continue
-        scale = 100.0 if name.split("_")[0] in ("dice", "jaccard") else 1.0
-        unit = "%" if scale == 100.0 else f" {summary.get('distance_unit', 'voxels')}"
+        metric = metrics.metric_of(name)[0]
+        scale = metric.scale
+        unit = metric.unit_text(summary.get("distance_unit", "voxels"))
+        unit = unit if unit == metrics.PERCENT else f" {unit}"
         undefined = f" ({stats['n_undefined']} undefined)" if stats.get("n_undefined") else ""
         lines.append(
             f"| {name} | {stats['boot_mean'] * scale:.2f} ± {stats['boot_std'] * scale:.2f}{unit} | "
@@ -531,9 +407,8 @@ def predict_files(
             f"-o {out}: {existing[0].name} already exists ({len(existing)} output(s) would be replaced); "
             "pass --overwrite to replace them, or choose another folder"
         )
-    dev = resolve_device(device, "--device")
-    network, config, _ = load_network(ckpt_path, dev)
-    perf = Performance.for_device(dev, config.train.amp, config.train.channels_last)
+    predictor = Predictor.from_checkpoint(ckpt_path, device)
+    config = predictor.config
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
     written, notes = [], set()
     for case_id, paths in groups:
@@ -544,7 +419,9 @@ def predict_files(
             notes.add(note)
             print(f"note: {note}", flush=True)
         start = time.perf_counter()
-        pred, probs = _predict(network, case.image, config, perf, case_stride, windows_per_batch, largest_component)
+        pred, probs = predictor.predict(
+            case.image, stride=case_stride, sw_batch_size=windows_per_batch, largest_component=largest_component
+        )
         header = nifti_header(paths[0]) if paths[0].name.endswith((".nii", ".nii.gz")) else None
         outputs = {"seg": pred}
         if probabilities:

@@ -43,7 +43,9 @@ cases had ``NaN``) and computes the plain and bootstrapped statistics over the d
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -52,6 +54,9 @@ from scipy.spatial import cKDTree
 from crln.errors import CrlnError
 
 __all__ = [
+    "METRICS",
+    "MaskPair",
+    "Metric",
     "asd",
     "asd_and_hd95",
     "assd",
@@ -61,6 +66,9 @@ __all__ = [
     "hd95",
     "jaccard",
     "keep_largest_component",
+    "mean_foreground_dice",
+    "metric_of",
+    "per_class_metric_names",
     "resample_means",
     "summarize",
 ]
@@ -190,8 +198,7 @@ def asd(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> float:
     Raises:
         CrlnError: the shapes differ or the spacing is not one positive number per axis.
     """
-    dists = _distances_or_none(pred, gt, spacing)
-    return math.nan if dists is None else float(dists[0].mean())
+    return _pair_asd(MaskPair(pred, gt, spacing))
 
 
 def assd(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> float:
@@ -227,8 +234,7 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> float:
     Raises:
         CrlnError: the shapes differ or the spacing is invalid.
     """
-    dists = _distances_or_none(pred, gt, spacing)
-    return math.nan if dists is None else float(np.percentile(np.concatenate(dists), 95))
+    return _pair_hd95(MaskPair(pred, gt, spacing))
 
 
 def asd_and_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> tuple[float, float]:
@@ -246,20 +252,107 @@ def asd_and_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> t
     Raises:
         CrlnError: the shapes differ or the spacing is invalid.
     """
-    dists = _distances_or_none(pred, gt, spacing)
-    if dists is None:
-        return math.nan, math.nan
-    return float(dists[0].mean()), float(np.percentile(np.concatenate(dists), 95))
+    pair = MaskPair(pred, gt, spacing)
+    return _pair_asd(pair), _pair_hd95(pair)
+
+
+class MaskPair:
+    """One binary (prediction, reference) pair whose surface distances are computed once, on first use,
+    however many of the :data:`METRICS` read them.
+
+    Args:
+        pred: predicted mask ``(H, W, D)``; nonzero is object.
+        gt: reference mask of the same shape.
+        spacing: voxel size per axis (or one number for all); ``None`` means 1.
+    """
+
+    def __init__(self, pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> None:
+        self.pred, self.gt, self.spacing = pred, gt, spacing
+
+    @cached_property
+    def distances(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The directed surface distances ``(pred→gt, gt→pred)``; ``None`` when exactly one mask is empty."""
+        return _distances_or_none(self.pred, self.gt, self.spacing)
+
+
+def _pair_asd(pair: MaskPair) -> float:
+    return math.nan if pair.distances is None else float(pair.distances[0].mean())
+
+
+def _pair_hd95(pair: MaskPair) -> float:
+    return math.nan if pair.distances is None else float(np.percentile(np.concatenate(pair.distances), 95))
+
+
+#: :attr:`Metric.unit` of a fraction in [0, 1], shown in per cent.
+PERCENT = "%"
+#: :attr:`Metric.unit` of a distance, in the data's unit (``voxels`` for h5 data, ``mm`` for NIfTI).
+DISTANCE = "distance"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One evaluation metric: how it is computed on a binary pair, and how tables and figures show it."""
+
+    name: str  # the key in per_case.csv and summary.json
+    compute: Callable[[MaskPair], float]
+    unit: str  # PERCENT or DISTANCE
+    label: str  # the name people read: "Dice", "95HD"
+    higher_is_better: bool
+
+    @property
+    def scale(self) -> float:
+        """The factor from stored value to shown value (100 for a percentage)."""
+        return 100.0 if self.unit == PERCENT else 1.0
+
+    def unit_text(self, distance_unit: str) -> str:
+        """``%``, or the data's distance unit (``voxels``, ``mm``)."""
+        return PERCENT if self.unit == PERCENT else distance_unit
+
+
+#: Every metric of an evaluation, in column order. Adding a metric here adds it to ``per_case.csv``,
+#: ``summary.json``, ``crln evaluate``'s table, the report and the bench tables.
+METRICS: tuple[Metric, ...] = (
+    Metric("dice", lambda pair: dice(pair.pred, pair.gt), PERCENT, "Dice", higher_is_better=True),
+    Metric("jaccard", lambda pair: jaccard(pair.pred, pair.gt), PERCENT, "Jaccard", higher_is_better=True),
+    Metric("asd", _pair_asd, DISTANCE, "ASD", higher_is_better=False),
+    Metric("hd95", _pair_hd95, DISTANCE, "95HD", higher_is_better=False),
+)
+
+
+def metric_of(name: str) -> tuple[Metric, str] | None:
+    """The metric of a result key and its class: ``(dice, "")`` for ``dice``, ``(dice, "2")`` for
+    ``dice_2``; ``None`` for a key that is no metric (``case``, ``seconds``)."""
+    by_name = {m.name: m for m in METRICS}
+    if name in by_name:
+        return by_name[name], ""
+    base, _, cls = name.rpartition("_")
+    return (by_name[base], cls) if base in by_name and cls.isdigit() else None
+
+
+def per_class_metric_names(names: Iterable[str]) -> list[str]:
+    """The per-class metric names among ``names`` (``dice_1``, ``jaccard_1``, ..., ``hd95_2``, ...),
+    grouped by class in :data:`METRICS` order; empty for a binary task."""
+    present = set(names)
+    found = [metric_of(name) for name in present]
+    classes = sorted({int(cls) for hit in found if hit is not None and (cls := hit[1])})
+    return [f"{m.name}_{c}" for c in classes for m in METRICS if f"{m.name}_{c}" in present]
 
 
 def _binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> dict[str, float]:
-    """dice, jaccard, asd, hd95 of one binary pair, computing the surface distances once."""
-    asd_value, hd95_value = asd_and_hd95(pred, gt, spacing)
-    return {"dice": dice(pred, gt), "jaccard": jaccard(pred, gt), "asd": asd_value, "hd95": hd95_value}
+    """Every metric of :data:`METRICS` on one binary pair, computing the surface distances once."""
+    pair = MaskPair(pred, gt, spacing)
+    return {metric.name: metric.compute(pair) for metric in METRICS}
+
+
+def mean_foreground_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes ``1..C-1`` of two label maps ``(H, W, D)`` (empty vs empty
+    = 1): the ``dice`` of :func:`case_metrics`, without the distances (validation, figures)."""
+    pred_a, gt_a = np.asarray(pred), np.asarray(gt)
+    return float(np.mean([dice(pred_a == c, gt_a == c) for c in range(1, max(num_classes, 2))]))
 
 
 def case_metrics(pred: np.ndarray, gt: np.ndarray, *, num_classes: int, spacing: Spacing = None) -> dict[str, float]:
-    """Dice, Jaccard, ASD and 95HD of one case.
+    """Every metric of :data:`METRICS` (Dice, Jaccard, ASD and 95HD) of one case.
 
     Args:
         pred: predicted label map ``(H, W, D)`` of class indices.
@@ -283,8 +376,8 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, *, num_classes: int, spacing:
         return _binary_metrics(pred_a == 1, gt_a == 1, spacing)
     out: dict[str, float] = {}
     per_class = [_binary_metrics(pred_a == c, gt_a == c, spacing) for c in range(1, num_classes)]
-    for name in ("dice", "jaccard", "asd", "hd95"):
-        out[name] = float(np.mean([m[name] for m in per_class]))
+    for metric in METRICS:
+        out[metric.name] = float(np.mean([m[metric.name] for m in per_class]))
     for c, m in enumerate(per_class, start=1):
         out.update({f"{name}_{c}": value for name, value in m.items()})
     return out

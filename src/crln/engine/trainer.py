@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from crln.atomic import check_output_dir
-from crln.config import OptimConfig, RunConfig, build_config, config_to_dict
+from crln.config import OptimConfig, RunConfig, config_to_dict
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
@@ -43,7 +42,7 @@ from crln.data.transforms import AugmentConfig, normalize_intensity
 from crln.data.validate import check_channels, check_patch_fits, validate_case
 from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
-from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state, save_checkpoint
+from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.progress import progress_bar
 from crln.engine.run_folder import MetricsLog, RunFolder
@@ -51,65 +50,9 @@ from crln.engine.schedule import lr_factor, schedule_window
 from crln.errors import CrlnError, RunInterrupted, TrainingDiverged
 from crln.methods import Method, build_method
 from crln.methods.base import StageStart
-from crln.models import build_model
+from crln.predictor import build_network_factory, inference_weights
 
-__all__ = ["TrainResult", "build_network_factory", "method_from_checkpoint", "train"]
-
-
-def build_network_factory(config: RunConfig):
-    """A zero-argument callable building the configured segmentation network (``model.name``)."""
-    m, num_classes = config.model, config.data.num_classes
-
-    def factory() -> nn.Module:
-        return build_model(
-            m.name,
-            in_channels=m.in_channels,
-            num_classes=num_classes,
-            n_filters=m.n_filters,
-            normalization=m.normalization,
-            dropout=m.dropout,
-        )
-
-    return factory
-
-
-def method_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Method, RunConfig]:
-    """Rebuild a method (all its networks, weights loaded) and its config from a checkpoint dict."""
-    config = build_config(checkpoint["config"])
-    method = build_method(config.method, build_network_factory(config), config.data.num_classes)
-    restore_module_state(method, checkpoint["method_state"])
-    return method, config
-
-
-def network_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[nn.Module, RunConfig]:
-    """The inference network (weights loaded) and config of a full checkpoint or of an inference-weights
-    file (``model_final.pt``, :func:`inference_weights`)."""
-    if checkpoint.get("contents") == INFERENCE_WEIGHTS:
-        # Build the method's networks (freshly initialised) only to give the eval.network its structure.
-        config = build_config(checkpoint["config"])
-        method = build_method(config.method, build_network_factory(config), config.data.num_classes)
-        network = method.inference_network(config.eval.network)
-        restore_module_state(network, checkpoint["method_state"])
-        return network, config
-    method, config = method_from_checkpoint(checkpoint)
-    return method.inference_network(config.eval.network), config
-
-
-def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str, Any]:
-    """The checkpoint dict of ``model_final.pt``: the config and the inference network's weights only
-    (no teacher, optimiser or RNG state), small enough to share; ``crln evaluate`` and ``predict`` read it.
-
-    The network is :meth:`Method.inference_network` of ``eval.network`` (student, teacher or CRLN's
-    rectified teacher, which brings its DIM and μ along).
-    """
-    network = method.inference_network(config.eval.network)
-    return {
-        "method": config.method.name,
-        "config": config_to_dict(config),
-        "step": step,
-        "contents": INFERENCE_WEIGHTS,
-        "method_state": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-    }
+__all__ = ["TrainResult", "train"]
 
 
 @dataclass
@@ -128,7 +71,7 @@ class TrainResult:
 def _validate(method: Method, cases: list[Case], config: RunConfig, perf: Performance) -> float:
     """Mean foreground Dice of the inference network on held-out training cases."""
     from crln.inference import optimize_for_inference, sliding_window_predict
-    from crln.metrics import dice
+    from crln.metrics import mean_foreground_dice
 
     network = method.inference_network(config.eval.network)
     was_training = network.training
@@ -148,9 +91,7 @@ def _validate(method: Method, cases: list[Case], config: RunConfig, perf: Perfor
                 device=perf.device,
                 amp_dtype=perf.amp_dtype,
             )
-            pred = probs.argmax(0).numpy()
-            per_class = [dice(pred == c, case.label == c) for c in range(1, config.data.num_classes)]
-            scores.append((index, float(np.mean(per_class))))
+            scores.append((index, mean_foreground_dice(probs.argmax(0).numpy(), case.label, config.data.num_classes)))
     finally:
         network.train(was_training)
     return float(np.mean(distributed.gather_shards(scores)))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 from torch import Tensor, nn
 
 from crln.data.loader import Batch
@@ -25,8 +26,10 @@ from crln.method_configs import method_config_class as _config_class
 __all__ = [
     "Method",
     "MethodConfig",
+    "RectificationViews",
     "StageStart",
     "TeacherStudentMethod",
+    "TimelineMark",
     "build_method",
     "frozen_copy",
     "method_class",
@@ -52,6 +55,28 @@ class StageStart:
     step: int
     reset_optimizer: bool = True
     restart_lr_schedule: bool = True
+
+
+@dataclass(frozen=True)
+class TimelineMark:
+    """An iteration where a method changes how it trains (CRLN's rectification start S, BCP's stage switch):
+    a dashed line on the report's and the bench's curves."""
+
+    step: int
+    label: str  # short, for a legend: "S"
+    description: str  # for a caption: "rectification starts (S = 800)"
+
+
+@dataclass(frozen=True)
+class RectificationViews:
+    """What the report's pseudo-label rectification figure shows of one patch (:meth:`Method.rectification_views`)."""
+
+    teacher: np.ndarray  # (K, h, w, d) softmax of the teacher's pseudo-label ȳ
+    m: np.ndarray  # (K, h, w, d) softmax of the rectifier's second opinion (CRLN: the DIM's M(x))
+    rectified: np.ndarray  # (K, h, w, d) softmax of the rectified pseudo-label ȳ_r
+    threshold: float  # confidence at which a pseudo-label voxel counts as reliable (τ)
+    start: int  # first iteration whose pseudo-labels training rectified (S)
+    weight: float | None  # the learned mixing weight μ, if the method learns one
 
 
 class Method(nn.Module):
@@ -115,6 +140,28 @@ class Method(nn.Module):
     def networks(self) -> dict[str, nn.Module]:
         """Named networks, for device/memory-format placement and compilation."""
         return {"student": self.student}
+
+    # --- What crln report and crln bench show of a method. The class methods read the config alone, so a
+    # report or a bench table needs no network for them; a method overrides them instead of the report
+    # and the bench testing its name.
+
+    @classmethod
+    def report_facts(cls, config: MethodConfig) -> list[tuple[str, str]]:
+        """Rows ``(fact, value)`` the run report adds to its table of run facts (none by default)."""
+        del config
+        return []
+
+    @classmethod
+    def timeline_marks(cls, config: MethodConfig) -> tuple[TimelineMark, ...]:
+        """Iterations where the method changes how it trains, drawn on training curves (none by default)."""
+        del config
+        return ()
+
+    def rectification_views(self, patch: Tensor) -> RectificationViews | None:
+        """The pseudo-label rectification of one patch ``(1, C_in, h, w, d)`` on the method's device, for the
+        report's figure; ``None`` (the default) for a method that does not rectify pseudo-labels."""
+        del patch
+        return None
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from crln.data.loader import Batch
 from crln.engine.ema import ema_update
-from crln.method_configs import BCPConfig
-from crln.methods.base import StageStart, TeacherStudentMethod, register_method
+from crln.method_configs import BCPConfig, MethodConfig
+from crln.methods.base import StageStart, TeacherStudentMethod, TimelineMark, register_method
 from crln.methods.mean_teacher import consistency_terms, cutmix_box_mask
 from crln.metrics import keep_largest_component
 
@@ -124,6 +124,19 @@ class BCP(TeacherStudentMethod):
             return ()
         restart = self.cfg.restart_optimizer
         return (StageStart(self.cfg.pretrain_iterations, reset_optimizer=restart, restart_lr_schedule=restart),)
+
+    @classmethod
+    def report_facts(cls, config: MethodConfig) -> list[tuple[str, str]]:
+        cfg: BCPConfig = config  # type: ignore[assignment]
+        return [("self-training starts", f"iteration {cfg.pretrain_iterations}")]
+
+    @classmethod
+    def timeline_marks(cls, config: MethodConfig) -> tuple[TimelineMark, ...]:
+        cfg: BCPConfig = config  # type: ignore[assignment]
+        if cfg.pretrain_iterations == 0:
+            return ()
+        step = cfg.pretrain_iterations
+        return (TimelineMark(step, "self-training", f"self-training starts (iteration {step})"),)
 
     @torch.no_grad()
     def start_stage(self, step: int) -> None:

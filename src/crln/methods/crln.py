@@ -19,6 +19,7 @@ momentum buffers are module buffers, so ``state_dict`` holds them and resume is 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,8 +28,14 @@ from crln.data.loader import Batch
 from crln.engine.distributed import all_reduce_mean_
 from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
 from crln.errors import CrlnError
-from crln.method_configs import CRLNConfig
-from crln.methods.base import ModelFactory, frozen_copy, register_method
+from crln.method_configs import CRLNConfig, MethodConfig
+from crln.methods.base import (
+    ModelFactory,
+    RectificationViews,
+    TimelineMark,
+    frozen_copy,
+    register_method,
+)
 from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
 from crln.methods.dim import DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
@@ -160,6 +167,44 @@ class CRLN(MeanTeacher):
         if self.cps_head is not None:
             params += list(self.cps_head.parameters())
         return iter(params)
+
+    # --- what the report and the bench show -------------------------------------------------
+    @classmethod
+    def report_facts(cls, config: MethodConfig) -> list[tuple[str, str]]:
+        cfg: CRLNConfig = config  # type: ignore[assignment]
+        if not cfg.dim:
+            return [("rectification", "off (method.dim=false: no DIM, no M(x))")]
+        return [("rectification start S", str(cfg.rectify_start))]
+
+    @classmethod
+    def timeline_marks(cls, config: MethodConfig) -> tuple[TimelineMark, ...]:
+        cfg: CRLNConfig = config  # type: ignore[assignment]
+        if not cfg.dim:
+            return ()
+        return (TimelineMark(cfg.rectify_start, "S", f"rectification starts (S = {cfg.rectify_start})"),)
+
+    @torch.no_grad()
+    def rectification_views(self, patch: Tensor) -> RectificationViews | None:
+        """The teacher's ȳ, its DIM's M(x) and the rectified ȳ_r (eq. 8) on one patch; ``None`` without the DIM."""
+        if self.teacher_dim is None or self.rectifier is None:
+            return None
+        cfg: CRLNConfig = self.config  # type: ignore[assignment]
+        logits, feats = self.teacher(patch, return_features=True)
+        m = self.teacher_dim(feats["quarter"], feats["half"])
+        rectified = self.rectifier(logits, m)
+        mu = self.rectifier.mu()
+
+        def probs(scores: Tensor) -> np.ndarray:
+            return torch.softmax(scores.float(), 1)[0].cpu().numpy()
+
+        return RectificationViews(
+            probs(logits),
+            probs(m),
+            probs(rectified),
+            threshold=cfg.confidence_threshold,
+            start=cfg.rectify_start,
+            weight=None if mu is None else float(mu.detach()),
+        )
 
     # --- pieces -----------------------------------------------------------------------------
     def rectification_active(self, step: int) -> bool:

@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from crln.comparison import PairedDifference
+from crln.methods.base import TimelineMark
+from crln.metrics import PERCENT, Metric, metric_of
 from crln.report.figures import SavedFigure, save_figure
 
 __all__ = [
@@ -38,8 +40,6 @@ __all__ = [
     "smoothing_window",
 ]
 
-METRIC_LABELS = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "asd": "ASD", "hd95": "95HD"}
-PERCENT_METRICS = ("dice", "jaccard")
 SMOOTH_WINDOW = 25  # at most this many logged points per moving-average window
 SMOOTH_FRACTION = 0.05  # and at most this share of a run's logged points (a trailing mean lags by half its window)
 BAR_INCHES_PER_ROW = 0.45
@@ -49,11 +49,11 @@ ROW_LABEL_WIDTH = 28  # characters per line of a row's run name in the pseudo-la
 
 @dataclass(frozen=True)
 class LoggedRun:
-    """A run's display name, its ``log.jsonl`` records and CRLN's S (None for other methods)."""
+    """A run's display name, its ``log.jsonl`` records and its method's timeline marks (CRLN's S)."""
 
     name: str
     records: list[dict[str, Any]]
-    rectify_start: int | None = None
+    marks: tuple[TimelineMark, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,16 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np
     return array[:, 0], array[:, 1]
 
 
-def _percent_scale(metric: str) -> float:
-    return 100.0 if metric in PERCENT_METRICS else 1.0
+def _metric(name: str) -> Metric:
+    """The registry's metric of ``name`` (:data:`crln.metrics.METRICS`)."""
+    found = metric_of(name)
+    if found is None:
+        raise ValueError(f"{name!r} is not a metric of crln.metrics.METRICS")
+    return found[0]
+
+
+def _axis_label(metric: Metric) -> str:
+    return f"{metric.label} (%)" if metric.unit == PERCENT else metric.label
 
 
 def plot_metric_by_method(
@@ -97,7 +105,8 @@ def plot_metric_by_method(
 ) -> SavedFigure | None:
     """Horizontal bars of one metric: bar = mean of the seeds' means, whisker = pooled bootstrap std,
     points = each seed's mean (the seed spread); None when no entry has the metric."""
-    scale = _percent_scale(metric)
+    shown = _metric(metric)
+    scale = shown.scale
     entries = [e for e in entries if e.pooled.get("n", 0) and not np.all(np.isnan(e.seed_means))]
     if not entries:
         return None
@@ -113,11 +122,11 @@ def plot_metric_by_method(
         ax.text(mean + std, y, f"  {mean:.2f}", va="center", fontsize=8)
     ax.set_yticks(positions, [e.label for e in entries], fontsize=8)
     ax.set_xlabel(
-        f"{METRIC_LABELS.get(metric, metric)}: mean over seeds (bar), each seed's mean (points), "
+        f"{_axis_label(shown)}: mean over seeds (bar), each seed's mean (points), "
         "bootstrap std over cases × seeds (whisker)",
         fontsize=9,
     )
-    if metric in PERCENT_METRICS:
+    if shown.unit == PERCENT:
         lows = [float(np.nanmin(v)) for v in seed_means] + list(means - stds)
         highs = [float(np.nanmax(v)) for v in seed_means] + list(means + stds)
         ax.set_xlim(max(0.0, min(lows) - 5.0), min(100.0, max(highs) + 6.0))
@@ -132,7 +141,7 @@ def plot_paired_differences(
 ) -> SavedFigure | None:
     """One panel per metric (Dice, 95HD): per row, each case's difference from the reference (points),
     the mean difference (diamond) and its bootstrap 95 % interval (line); None when there is nothing to draw."""
-    metrics = [m for m in ("dice", "hd95") if any(diffs.get(m) for _, diffs in entries)]
+    metrics = list(dict.fromkeys(name for _, diffs in entries for name, d in diffs.items() if d is not None))
     if not metrics:
         return None
     fig, axes = plt.subplots(
@@ -142,7 +151,7 @@ def plot_paired_differences(
     positions = np.arange(len(entries))[::-1]
     jitter = np.random.default_rng(0)  # spreads the points vertically only, so they do not hide each other
     for ax, metric in zip(axes[0], metrics):
-        scale = _percent_scale(metric)
+        scale = _metric(metric).scale
         for y, (_, diffs) in zip(positions, entries):
             d = diffs.get(metric)
             if d is None:
@@ -152,8 +161,8 @@ def plot_paired_differences(
             ax.plot([d.ci_low * scale, d.ci_high * scale], [y, y], color="black", lw=2)
             ax.plot(d.mean * scale, y, "D", color="#c44e52", ms=6, zorder=3)
         ax.axvline(0.0, color="grey", ls="--", lw=1)
-        better = "higher" if metric in PERCENT_METRICS else "lower"
-        ax.set_xlabel(f"Δ {METRIC_LABELS.get(metric, metric)}, row − reference ({better} is better)", fontsize=9)
+        better = "higher" if _metric(metric).higher_is_better else "lower"
+        ax.set_xlabel(f"Δ {_axis_label(_metric(metric))}, row − reference ({better} is better)", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(positions, [label for label, _ in entries], fontsize=8)
     fig.suptitle(
@@ -199,8 +208,8 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
                 if x.size:
                     ax.plot(x, y, color=color, alpha=0.2, lw=0.8)
                     ax.plot(x, smooth(y, smoothing_window(y.size)), color=color, lw=1.6, label=f"{label} rectification")
-            if run.rectify_start is not None:
-                ax.axvline(run.rectify_start, color="grey", ls="--", lw=1, label="S")
+            for mark in run.marks:
+                ax.axvline(mark.step, color="grey", ls="--", lw=1, label=mark.label)
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(heading, fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
@@ -219,9 +228,8 @@ def plot_mu(runs: Sequence[LoggedRun], path: str | Path) -> SavedFigure | None:
     for run in runs:
         x, y = _series(run.records, "mu")
         ax.plot(x, y, lw=1.5, label=run.name)
-    starts = {run.rectify_start for run in runs if run.rectify_start is not None}
-    for start in sorted(starts):
-        ax.axvline(start, color="grey", ls="--", lw=1)
+    for step in sorted({mark.step for run in runs for mark in run.marks}):
+        ax.axvline(step, color="grey", ls="--", lw=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("μ  (ȳ_r = ȳ + (1 − μ)·M(x))")
     ax.set_title("Learned rectification weight μ (dashed: S, rectification starts)", fontsize=10)

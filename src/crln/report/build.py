@@ -8,7 +8,12 @@ What the report holds, each part only when its inputs exist (a missing part beco
   per-case table sorted worst first;
 - for the worst, median and best test cases (by Dice): slice overlays and a 3D surface render
   (needs a checkpoint and the dataset; 3 sliding-window predictions, nothing else);
-- for CRLN runs: the rectification of one patch (teacher pseudo-label, M(x), rectified).
+- for a method that rectifies pseudo-labels (CRLN, :meth:`crln.methods.Method.rectification_views`): the
+  rectification of one patch (teacher pseudo-label, M(x), rectified).
+
+What a method adds (facts, timeline marks such as CRLN's S) comes from its own hooks
+(:meth:`crln.methods.Method.report_facts`, :meth:`~crln.methods.Method.timeline_marks`); metrics and their
+labels come from :data:`crln.metrics.METRICS`.
 """
 
 from __future__ import annotations
@@ -18,23 +23,26 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
 
+from crln import metrics
 from crln.atomic import atomic_write_text, check_output_dir
 from crln.data.transforms import normalize_intensity
 from crln.engine.run_folder import RunFolder, read_log
 from crln.errors import CrlnError
-from crln.evaluation import per_class_metric_names, read_per_case
+from crln.metrics import mean_foreground_dice, per_class_metric_names
 from crln.report import figures
 from crln.report.page import Section, render_page, table
+from crln.results import read_per_case
+
+if TYPE_CHECKING:
+    from crln.predictor import Predictor
 
 __all__ = ["ReportResult", "build_report"]
-
-METRIC_LABELS = {"dice": "Dice", "jaccard": "Jaccard", "asd": "ASD", "hd95": "95HD"}
 
 
 @dataclass
@@ -74,16 +82,6 @@ def _choose_cases(per_case: list[dict[str, Any]]) -> list[tuple[str, str, float 
     return out
 
 
-def _mean_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
-    """Mean Dice over the foreground classes ``1..C-1`` (empty vs empty = 1), as the evaluation's ``dice``."""
-    scores = []
-    for c in range(1, max(num_classes, 2)):
-        p, g = pred == c, label == c
-        denom = p.sum() + g.sum()
-        scores.append(1.0 if denom == 0 else float(2.0 * (p & g).sum() / denom))
-    return float(np.mean(scores))
-
-
 def _class_of(name: str) -> tuple[str, str]:
     """``("dice", "2")`` for ``dice_2``."""
     base, _, cls = name.rpartition("_")
@@ -109,20 +107,59 @@ def _first_channel(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 3 else image[0]
 
 
-def _rectification_arrays(method: Any, image_patch: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
-    """Teacher ȳ, softmax M(x) and rectified ȳ_r probabilities ``(K, H, W, D)`` on one patch ``(H, W, D)`` or
-    ``(C, H, W, D)``."""
-    weak = torch.from_numpy(np.ascontiguousarray(image_patch, dtype=np.float32))
-    weak = (weak[None] if weak.ndim == 4 else weak[None, None]).to(device)  # (1, C, h, w, d)
-    with torch.no_grad():
-        logits, feats = method.teacher(weak, return_features=True)
-        m = method.teacher_dim(feats["quarter"], feats["half"])
-        rect = method.rectifier(logits, m)
-    return {
-        "teacher": torch.softmax(logits.float(), 1)[0].cpu().numpy(),
-        "m": torch.softmax(m.float(), 1)[0].cpu().numpy(),
-        "rectified": torch.softmax(rect.float(), 1)[0].cpu().numpy(),
-    }
+def _summary_rows(stats_by_name: dict[str, Any], unit: str) -> list[list[str]]:
+    """Rows (metric, bootstrap mean ± std, mean ± std, n) of a summary, in :data:`crln.metrics.METRICS`
+    order, then per class."""
+    class_names = per_class_metric_names(stats_by_name)
+    rows = []
+    for name in (*(m.name for m in metrics.METRICS), *class_names):
+        stats = stats_by_name.get(name)
+        found = metrics.metric_of(name)
+        if not stats or found is None:
+            continue
+        metric, cls = found
+        if cls:
+            label = f"{metric.label} class {cls}"
+        elif class_names:
+            label = f"{metric.label} (mean over classes)"
+        else:
+            label = metric.label
+        scale = metric.scale
+        rows.append(
+            [
+                f"{label} {metric.unit_text(unit)}",
+                f"{_fmt(stats.get('boot_mean'), scale)} ± {_fmt(stats.get('boot_std'), scale)}",
+                f"{_fmt(stats.get('mean'), scale)} ± {_fmt(stats.get('std'), scale)}",
+                str(stats.get("n", "")),
+            ]
+        )
+    return rows
+
+
+def _per_case_table(per_case: list[dict[str, Any]], unit: str) -> str:
+    """The per-case table, worst Dice first: every metric, then (several foreground classes) Dice per class."""
+    ranked = sorted(per_case, key=lambda r: np.nan_to_num(r.get("dice", np.nan), nan=-1.0))
+    class_dice = [n for n in per_class_metric_names(per_case[0]) if n.startswith("dice_")]
+    columns = metrics.METRICS
+    headers = [
+        f"{m.label} %" + (" (mean)" if class_dice and m.name == "dice" else "")
+        if m.unit == metrics.PERCENT
+        else f"{m.label} ({unit})"
+        for m in columns
+    ]
+    return table(
+        ["case", *headers, *(f"Dice class {_class_of(n)[1]} %" for n in class_dice), "seconds"],
+        [
+            [
+                r["case"],
+                *(_fmt(r.get(m.name), m.scale) for m in columns),
+                *(_fmt(r.get(n), 100) for n in class_dice),
+                _fmt(r.get("seconds")),
+            ]
+            for r in ranked
+        ],
+        row_classes=["worst" if i == 0 else "" for i in range(len(ranked))],
+    )
 
 
 def build_report(
@@ -138,7 +175,7 @@ def build_report(
 
     Missing parts (no log, no evaluation, no checkpoint, dataset not found) become notes in the
     report. ``stride`` and ``sw_batch_size`` set the 3 case predictions' sliding window (default as
-    :func:`crln.evaluation.inference_stride` and ``eval.sw_batch_size``). Raises :class:`CrlnError`
+    :func:`crln.predictor.inference_stride` and ``eval.sw_batch_size``). Raises :class:`CrlnError`
     when ``run_dir`` is not a run folder, ``out_dir`` is a file, or an option is out of range.
     """
     from crln.config import build_config
@@ -161,7 +198,7 @@ def build_report(
         raise CrlnError(f"--sw-batch-size: expected at least 1 window per forward pass, got {sw_batch_size}")
     dev = resolve_device(device, "--device")
     if stride is not None:
-        from crln.evaluation import inference_stride
+        from crln.predictor import inference_stride
 
         inference_stride(config, stride, config.data.root, run.path)  # refuse a bad --stride before any work
     out.mkdir(parents=True, exist_ok=True)
@@ -176,8 +213,10 @@ def build_report(
     records = read_log(run.log_path)
     train_records = [r for r in records if "loss" in r]
     val_records = [r for r in records if "val_dice" in r]
-    is_crln = config.method.name == "crln"
-    rectify_start = getattr(config.method, "rectify_start", None) if is_crln else None
+    from crln.methods import method_class
+
+    method_cls = method_class(config.method.name)
+    marks = method_cls.timeline_marks(config.method)
 
     # --- facts ----------------------------------------------------------------------------
     facts = Section("Run")
@@ -195,8 +234,7 @@ def build_report(
     if val_records:
         best = max(val_records, key=lambda r: r["val_dice"])
         fact_rows.append(["best validation Dice", f"{100 * best['val_dice']:.2f}% at iteration {best['step']}"])
-    if is_crln:
-        fact_rows.append(["rectification start S", str(rectify_start)])
+    fact_rows += [[fact, value] for fact, value in method_cls.report_facts(config.method)]
     for key in ("git_commit", "torch_version", "host", "cuda_device", "started", "command"):
         if meta.get(key):
             fact_rows.append([key.replace("_", " "), str(meta[key])])
@@ -214,15 +252,16 @@ def build_report(
         curves.note("log.jsonl is missing or empty: no training curves.")
     else:
         fig = figures.plot_training_curves(
-            records, out / "curves.png", rectify_start=rectify_start, title=f"{config.method.name}: training log"
+            records, out / "curves.png", marks=marks, title=f"{config.method.name}: training log"
         )
         if fig is None:
             curves.note("log.jsonl holds no plottable scalars.")
         else:
             result.figures["curves"] = fig
             curves.image(fig.path, "training curves", fig.width, fig.height)
-            if rectify_start is not None:
-                curves.html(f'<p class="muted">dashed line: rectification starts (S = {rectify_start}).</p>')
+            if marks:
+                shown = "; ".join(mark.description for mark in marks)
+                curves.html(f'<p class="muted">dashed line{"s" if len(marks) > 1 else ""}: {shown}.</p>')
         say("training curves")
 
     # --- evaluation -----------------------------------------------------------------------
@@ -242,29 +281,7 @@ def build_report(
     else:
         unit = (summary or {}).get("distance_unit", "voxels")
         if summary and summary.get("metrics"):
-            rows = []
-            class_names = per_class_metric_names(summary["metrics"])
-            for name in (*METRIC_LABELS, *class_names):
-                stats = summary["metrics"].get(name)
-                if not stats:
-                    continue
-                base, cls = _class_of(name) if name in class_names else (name, "")
-                scale = 100.0 if base in ("dice", "jaccard") else 1.0
-                suffix = " %" if scale == 100.0 else f" {unit}"
-                if cls:
-                    label = f"{METRIC_LABELS[base]} class {cls}"
-                elif class_names:
-                    label = f"{METRIC_LABELS[base]} (mean over classes)"
-                else:
-                    label = METRIC_LABELS[base]
-                rows.append(
-                    [
-                        label + suffix,
-                        f"{_fmt(stats.get('boot_mean'), scale)} ± {_fmt(stats.get('boot_std'), scale)}",
-                        f"{_fmt(stats.get('mean'), scale)} ± {_fmt(stats.get('std'), scale)}",
-                        str(stats.get("n", "")),
-                    ]
-                )
+            rows = _summary_rows(summary["metrics"], unit)
             evaluation.html(table(["metric", "bootstrap mean ± std", "mean ± std (cases)", "n"], rows))
             evaluation.html(
                 '<p class="muted">'
@@ -278,67 +295,27 @@ def build_report(
             )
         else:
             evaluation.note(f"{summary_path} missing or unreadable: per-case table only.")
-        ranked = sorted(per_case, key=lambda r: np.nan_to_num(r.get("dice", np.nan), nan=-1.0))
-        # with several foreground classes, one Dice column per class after the means
-        class_dice = [n for n in per_class_metric_names(per_case[0]) if n.startswith("dice_")]
         evaluation.heading("Per case, worst first")
-        evaluation.html(
-            table(
-                [
-                    "case",
-                    "Dice %" if not class_dice else "Dice % (mean)",
-                    "Jaccard %",
-                    f"ASD ({unit})",
-                    f"95HD ({unit})",
-                    *(f"Dice class {_class_of(n)[1]} %" for n in class_dice),
-                    "seconds",
-                ],
-                [
-                    [
-                        r["case"],
-                        _fmt(r.get("dice"), 100),
-                        _fmt(r.get("jaccard"), 100),
-                        _fmt(r.get("asd")),
-                        _fmt(r.get("hd95")),
-                        *(_fmt(r.get(n), 100) for n in class_dice),
-                        _fmt(r.get("seconds")),
-                    ]
-                    for r in ranked
-                ],
-                row_classes=["worst" if i == 0 else "" for i in range(len(ranked))],
-            )
-        )
+        evaluation.html(_per_case_table(per_case, unit))
         say("evaluation tables")
 
     # --- cases: overlays, renders, rectification -----------------------------------------
     cases_section = Section("Test cases: slices and surfaces")
-    rect_section = Section("CRLN pseudo-label rectification") if is_crln else None
-    checkpoint_path = next(
-        (run.checkpoint(w) for w in ("final", "latest", "best") if run.checkpoint(w).is_file()), None
-    )
+    sections = [facts, curves, evaluation, cases_section]
+    # The run's evaluated checkpoint (eval.checkpoint) first, so that the figures show what the tables score.
+    names = dict.fromkeys((config.eval.checkpoint, "final", "latest", "best"))
+    checkpoint_path = next((run.checkpoint(w) for w in names if run.checkpoint(w).is_file()), None)
     if checkpoint_path is None:
         message = "no checkpoint in the run folder: no slice overlays, renders or rectification figure"
         notes.append(message)
         cases_section.note(message + ".")
     else:
-        _case_figures(
-            run,
-            config,
-            checkpoint_path,
-            per_case,
-            summary,
-            out,
-            dev,
-            cases_section,
-            rect_section,
-            result,
-            say,
-            (stride, sw_batch_size),
+        shown = _case_figures(
+            run, checkpoint_path, per_case, summary, out, dev, cases_section, result, say, (stride, sw_batch_size)
         )
-
-    sections = [facts, curves, evaluation, cases_section]
-    if rect_section is not None:
-        sections.append(rect_section)
+        rectification = _rectification_section(*shown, out, result, say) if shown is not None else None
+        if rectification is not None:
+            sections.append(rectification)
     if notes:
         missing = Section("Notes")
         for note in notes:
@@ -354,36 +331,31 @@ def build_report(
 
 def _case_figures(
     run: RunFolder,
-    config: Any,
     checkpoint_path: Path,
     per_case: list[dict[str, Any]],
     summary: dict[str, Any] | None,
     out: Path,
     device: torch.device,
     section: Section,
-    rect_section: Section | None,
     result: ReportResult,
     say: Any,
     window: tuple[tuple[int, int, int] | None, int | None],
-) -> None:
+) -> tuple[Predictor, Any] | None:
+    """Overlays and renders of the worst, median and best cases; returns the predictor and the case the
+    rectification figure shows (the median), or None when nothing could be predicted."""
     from crln.data.sources import open_dataset_root
-    from crln.engine.checkpoint import load_checkpoint
-    from crln.engine.trainer import method_from_checkpoint
-    from crln.evaluation import inference_stride
-    from crln.inference import optimize_for_inference, sliding_window_predict, window_count
+    from crln.inference import window_count
+    from crln.predictor import Predictor, inference_stride
 
     notes = result.notes
     try:
-        state = load_checkpoint(checkpoint_path, map_location="cpu")
-        method, ckpt_config = method_from_checkpoint(state)
+        predictor = Predictor.from_checkpoint(checkpoint_path, device, with_method=True)
     except (CrlnError, OSError, RuntimeError, KeyError) as err:
         message = f"cannot load {checkpoint_path.name}: {err}"
         notes.append(message)
         section.note(message)
-        return
-    method = method.to(device).eval()
-    network = optimize_for_inference(method.inference_network(ckpt_config.eval.network), device)
-    step = int(state.get("step", 0))
+        return None
+    ckpt_config = predictor.config
     root = Path(str((summary or {}).get("data_root") or ckpt_config.data.root))
     try:
         dataset = open_dataset_root(root, ckpt_config.data.format)
@@ -398,10 +370,10 @@ def _case_figures(
         message = f"dataset {root} not readable ({err}): no slice overlays or renders"
         notes.append(message)
         section.note(message)
-        return
+        return None
     if not cases:
         section.note(f"no test cases found in {root}.")
-        return
+        return None
     num_classes = ckpt_config.data.num_classes
     stride, stride_note = inference_stride(ckpt_config, window[0], root, run.path)
     sw_batch_size = window[1] or ckpt_config.eval.sw_batch_size
@@ -412,29 +384,17 @@ def _case_figures(
         "voxels" if all(tuple(c.spacing) == (1.0, 1.0, 1.0) for c in cases) else "mm"
     )
     section.html(
-        f'<p class="muted">checkpoint {checkpoint_path.name} (iteration {step}); green: ground truth, '
+        f'<p class="muted">checkpoint {checkpoint_path.name} (iteration {predictor.step}); green: ground truth, '
         "magenta dashed: prediction; confidence = max softmax probability.</p>"
     )
-    chosen_arrays = []
     for (role, case_id, dice_value), case in zip(chosen, cases):
         t0 = time.perf_counter()
         windows = window_count(case.shape, ckpt_config.data.patch_size, stride)
         say(f"predicting {case_id} ({role}): {windows} windows, stride {list(stride)} ...")
-        with torch.no_grad():
-            probs = sliding_window_predict(
-                lambda x: network(x),
-                normalize_intensity(case.image, ckpt_config.data.intensity),
-                patch_size=ckpt_config.data.patch_size,
-                stride=stride,
-                num_classes=num_classes,
-                sw_batch_size=sw_batch_size,
-                device=device,
-            )
-        probs_np = probs.float().cpu().numpy()
-        pred = probs_np.argmax(0).astype(np.uint8)
-        confidence = probs_np.max(0)
+        pred, probs = predictor.predict(case.image, stride=stride, sw_batch_size=sw_batch_size)
+        confidence = probs.max(0).values.numpy()
         label = case.label
-        dice_now = _mean_dice(pred, label, num_classes) if label is not None else None
+        dice_now = mean_foreground_dice(pred, label, num_classes) if label is not None else None
         shown = dice_value if dice_value is not None else dice_now
         heading = f"{role}: {case_id}" + (f" (Dice {100 * shown:.2f}%)" if shown is not None else "")
         safe = role.replace(" ", "_")
@@ -456,54 +416,61 @@ def _case_figures(
         section.heading(heading)
         section.image(overlay.path, f"slice overlay of {case_id}", overlay.width, overlay.height)
         section.image(render.path, f"3D surface render of {case_id}", render.width, render.height)
-        chosen_arrays.append((role, case_id, case))
         say(f"{role} case {case_id} ({time.perf_counter() - t0:.1f} s)")
+    median = next((case for (role, _, _), case in zip(chosen, cases) if role == "median"), cases[0])
+    return predictor, median
 
-    if rect_section is None:
-        return
-    cfg = method.config
-    if not getattr(cfg, "dim", False) or getattr(method, "teacher_dim", None) is None:
-        rect_section.note("This CRLN run has the DIM off (method.dim=false): there is no M(x) to rectify with.")
-        return
-    role, case_id, case = next((c for c in chosen_arrays if c[0] == "median"), chosen_arrays[0])
+
+def _rectification_section(
+    predictor: Predictor, case: Any, out: Path, result: ReportResult, say: Any
+) -> Section | None:
+    """The method's pseudo-label rectification on one patch of ``case`` around its object
+    (:meth:`crln.methods.Method.rectification_views`); None for a method that does not rectify."""
+    assert predictor.method is not None
+    size = tuple(int(s) for s in predictor.config.data.patch_size)
     centre = figures.object_centre(case.label > 0 if case.label is not None else None, shape=case.shape)
-    size = tuple(int(s) for s in ckpt_config.data.patch_size)
-    image_patch = _crop(case.image, centre, size)
+    # the network's input contract (data.intensity) holds for the whole volume, so normalise before cropping
+    image_patch = _crop(normalize_intensity(case.image, predictor.config.data.intensity), centre, size)
     label_patch = _crop(case.label, centre, size) if case.label is not None else None
-    arrays = _rectification_arrays(method, image_patch, device)
-    active = step >= cfg.rectify_start
-    mu = method.rectifier.mu()
-    mu_text = f", μ = {float(mu.detach()):.3f}" if mu is not None else ""
+    patch = torch.from_numpy(np.ascontiguousarray(image_patch, dtype=np.float32))
+    patch = (patch[None] if patch.ndim == 4 else patch[None, None]).to(predictor.device)  # (1, C, h, w, d)
+    views = predictor.method.rectification_views(patch)
+    if views is None:
+        return None
+    section = Section(f"{predictor.method_name.upper()} pseudo-label rectification")
+    step, arrays = predictor.step, {"teacher": views.teacher, "m": views.m, "rectified": views.rectified}
+    weight = f", μ = {views.weight:.3f}" if views.weight is not None else ""
     fig = figures.plot_rectification(
         _first_channel(image_patch),
         label_patch,
-        arrays["teacher"],
-        arrays["m"],
-        arrays["rectified"],
+        views.teacher,
+        views.m,
+        views.rectified,
         out / "rectification.png",
-        threshold=cfg.confidence_threshold,
+        threshold=views.threshold,
         spacing=case.spacing,
-        title=f"{case_id}, one {size[0]}×{size[1]}×{size[2]} patch, teacher at iteration {step}{mu_text}",
+        title=f"{case.case_id}, one {size[0]}×{size[1]}×{size[2]} patch, teacher at iteration {step}{weight}",
     )
     result.figures["rectification"] = fig
     if label_patch is not None:
-        scores = {k: _mean_dice(v.argmax(0), label_patch, v.shape[0]) for k, v in arrays.items()}
-        rect_section.html(
+        scores = {k: mean_foreground_dice(v.argmax(0), label_patch, v.shape[0]) for k, v in arrays.items()}
+        section.html(
             table(
                 ["", "teacher ȳ", "M(x)", "rectified ȳ_r"],
                 [
-                    ["Dice vs ground truth %", *(f"{100 * scores[k]:.2f}" for k in ("teacher", "m", "rectified"))],
+                    ["Dice vs ground truth %", *(f"{100 * scores[k]:.2f}" for k in arrays)],
                     [
-                        f"reliable (conf ≥ τ={cfg.confidence_threshold}) %",
-                        *(f"{100 * (arrays[k].max(0) >= cfg.confidence_threshold).mean():.1f}" for k in arrays),
+                        f"reliable (conf ≥ τ={views.threshold}) %",
+                        *(f"{100 * (v.max(0) >= views.threshold).mean():.1f}" for v in arrays.values()),
                     ],
                 ],
             )
         )
-    if not active:
-        rect_section.note(
-            f"At iteration {step} rectification was not active yet (S = {cfg.rectify_start}): training used ȳ; "
+    if step < views.start:
+        section.note(
+            f"At iteration {step} rectification was not active yet (S = {views.start}): training used ȳ; "
             "the figure shows what rectification would give."
         )
-    rect_section.image(fig.path, "CRLN rectification: teacher pseudo-label, M(x), rectified", fig.width, fig.height)
+    section.image(fig.path, "pseudo-label rectification: teacher pseudo-label, M(x), rectified", fig.width, fig.height)
     say("rectification figure")
+    return section

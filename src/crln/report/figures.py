@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -30,6 +30,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from crln.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from crln.methods.base import TimelineMark
 
 __all__ = [
     "DPI",
@@ -135,11 +138,12 @@ def curve_panels(records: list[dict[str, Any]]) -> list[tuple[str, list[tuple[st
 
 
 def plot_training_curves(
-    records: list[dict[str, Any]], path: str | Path, *, rectify_start: int | None = None, title: str = ""
+    records: list[dict[str, Any]], path: str | Path, *, marks: Sequence[TimelineMark] = (), title: str = ""
 ) -> SavedFigure | None:
     """Small multiples of every scalar the run logged; None when the log has nothing to plot.
 
-    ``rectify_start`` (CRLN's S) draws a dashed vertical line on every panel.
+    Each of the method's ``marks`` (:meth:`crln.methods.Method.timeline_marks`, e.g. CRLN's S) draws a dashed
+    vertical line on every panel.
     """
     panels = curve_panels(records)
     if not panels:
@@ -172,8 +176,8 @@ def plot_training_curves(
                 ax.set_yscale("log")
         if opts.get("unit"):
             ax.set_ylim(-0.02, 1.02)
-        if rectify_start is not None:
-            ax.axvline(rectify_start, color="grey", ls="--", lw=1)
+        for mark in marks:
+            ax.axvline(mark.step, color="grey", ls="--", lw=1)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=8)

@@ -1,0 +1,264 @@
+"""A trained network ready to segment: checkpoint → inference network → labels and probabilities.
+
+Every path from a checkpoint to a prediction goes through here: ``crln evaluate`` and ``crln predict``
+(:mod:`crln.evaluation`), ``crln report`` and ``benchmarks/bench_inference.py``. A checkpoint is either
+a full training checkpoint (``checkpoint_{final,best,latest}.pt``: every network of the method) or an
+inference-weights file (``model_final.pt``, written by :func:`inference_weights`: the config and the
+network of ``eval.network`` only); both give the network the run's ``eval.network`` names (student,
+EMA teacher, or CRLN's rectified teacher). A :class:`Predictor` applies the run's own input contract
+(``data.intensity``) and sliding-window protocol (``data.patch_size``, ``eval.stride``,
+``eval.sw_batch_size``), so a raw scan goes in and a label map comes out.
+
+Example::
+
+    predictor = Predictor.from_checkpoint("runs/la/crln__vnet__default/seed1337/model_final.pt", device="cpu")
+    labels, probabilities = predictor.predict(image)  # (H, W, D) uint8, (C, H, W, D) float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from crln.config import RunConfig, build_config, config_to_dict
+from crln.data.transforms import normalize_intensity
+from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state
+from crln.engine.device import Performance, resolve_device
+from crln.errors import CrlnError
+from crln.inference import optimize_for_inference, predict_case, scaled_stride
+from crln.methods import Method, build_method
+from crln.models import build_model
+
+__all__ = [
+    "Predictor",
+    "build_network_factory",
+    "inference_stride",
+    "inference_weights",
+    "method_from_checkpoint",
+    "network_from_checkpoint",
+]
+
+
+def build_network_factory(config: RunConfig) -> Callable[[], nn.Module]:
+    """A zero-argument callable building the configured segmentation network (``model.name``)."""
+    m, num_classes = config.model, config.data.num_classes
+
+    def factory() -> nn.Module:
+        return build_model(
+            m.name,
+            in_channels=m.in_channels,
+            num_classes=num_classes,
+            n_filters=m.n_filters,
+            normalization=m.normalization,
+            dropout=m.dropout,
+        )
+
+    return factory
+
+
+def method_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Method, RunConfig]:
+    """Rebuild a method (all its networks, weights loaded) and its config from a full checkpoint dict."""
+    config = build_config(checkpoint["config"])
+    method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+    restore_module_state(method, checkpoint["method_state"])
+    return method, config
+
+
+def network_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[nn.Module, RunConfig]:
+    """The inference network (weights loaded) and config of a full checkpoint or of an inference-weights
+    file (``model_final.pt``, :func:`inference_weights`)."""
+    if checkpoint.get("contents") == INFERENCE_WEIGHTS:
+        # Build the method's networks (freshly initialised) only to give the eval.network its structure.
+        config = build_config(checkpoint["config"])
+        method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+        network = method.inference_network(config.eval.network)
+        restore_module_state(network, checkpoint["method_state"])
+        return network, config
+    method, config = method_from_checkpoint(checkpoint)
+    return method.inference_network(config.eval.network), config
+
+
+def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str, Any]:
+    """The checkpoint dict of ``model_final.pt``: the config and the inference network's weights only
+    (no teacher, optimiser or RNG state), small enough to share; :func:`network_from_checkpoint` reads it.
+
+    The network is :meth:`Method.inference_network` of ``eval.network`` (student, teacher or CRLN's
+    rectified teacher, which brings its DIM and μ along).
+    """
+    network = method.inference_network(config.eval.network)
+    return {
+        "method": config.method.name,
+        "config": config_to_dict(config),
+        "step": step,
+        "contents": INFERENCE_WEIGHTS,
+        "method_state": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+    }
+
+
+def _training_scale(config: RunConfig, run_dir: Path | None) -> float:
+    """The scale of the data the network was trained on: recorded in the run's ``meta.json`` at training,
+    else that of ``data.root`` when the folder is here, else 1."""
+    from crln.data.prepare import recorded_scale
+
+    meta_path = run_dir / "meta.json" if run_dir is not None else None
+    if meta_path is not None and meta_path.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            return float(json.loads(meta_path.read_text())["data_scale"])
+    root = Path(config.data.root)
+    return recorded_scale(root) if root.is_dir() else 1.0
+
+
+def inference_stride(
+    config: RunConfig,
+    stride: tuple[int, int, int] | None,
+    data_path: str | Path,
+    run_dir: Path | None,
+) -> tuple[tuple[int, int, int], str | None]:
+    """The sliding-window stride for the data at ``data_path``, and a note when it is not ``eval.stride``.
+
+    An explicit ``stride`` (``--stride``) wins. Otherwise ``eval.stride`` is the stride for the data the
+    run was trained on; when the data predicted now has another scale (``crln data prepare --scale``
+    records it, see :func:`crln.data.prepare.recorded_scale`), the stride is multiplied by the ratio of
+    the scales (:func:`crln.inference.scaled_stride`): a stride meant for 0.5-scale data would
+    otherwise run about 8 times the field's windows on full-resolution data.
+
+    Raises:
+        CrlnError: ``stride`` is not 3 integers between 1 and the patch.
+    """
+    from crln.data.prepare import recorded_scale
+
+    patch = tuple(int(p) for p in config.data.patch_size)
+    if stride is not None:
+        if len(stride) != 3 or any(not 1 <= s <= p for s, p in zip(stride, patch)):
+            raise CrlnError(f"--stride: expected 3 integers between 1 and the patch {list(patch)}, got {list(stride)}")
+        return tuple(int(s) for s in stride), None  # type: ignore[return-value]
+    preset = tuple(int(s) for s in config.eval.stride)
+    trained, now = _training_scale(config, run_dir), recorded_scale(data_path)
+    if math.isclose(trained, now, rel_tol=1e-3):
+        return preset, None  # type: ignore[return-value]
+    scaled = scaled_stride(preset, patch, now / trained)
+    note = (
+        f"eval.stride {list(preset)} is for the training data's scale {trained:g}; {data_path} is at scale "
+        f"{now:g}, so the stride is {list(scaled)} (set it with --stride)"
+    )
+    return scaled, note
+
+
+@dataclass
+class Predictor:
+    """The inference network of a run with the run's input contract and sliding-window protocol.
+
+    Attributes:
+        network: the ``eval.network`` in eval mode on ``perf.device``, prepared forward-only by
+            :func:`crln.inference.optimize_for_inference` (never train it).
+        config: the run's resolved config (from the checkpoint).
+        perf: device, autocast dtype and memory format of the forward passes.
+        step: training iterations behind the weights.
+        method_name: ``method.name`` of the run.
+        method: the whole trained method (every network, eval mode) when the checkpoint is a full one
+            and ``with_method`` was asked; ``None`` otherwise.
+    """
+
+    network: nn.Module
+    config: RunConfig
+    perf: Performance
+    step: int
+    method_name: str
+    method: Method | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "auto",
+        *,
+        amp: str | None = None,
+        channels_last: str | None = None,
+        with_method: bool = False,
+    ) -> Predictor:
+        """Load a checkpoint or ``model_final.pt`` and prepare its ``eval.network`` on ``device``.
+
+        Args:
+            path: a checkpoint file written by ``crln train``.
+            device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a :class:`torch.device`.
+            amp: autocast setting (``auto``, ``none``, ``bf16``, ``fp16``); default the run's ``train.amp``.
+            channels_last: memory format (``auto``, ``on``, ``off``); default the run's ``train.channels_last``.
+            with_method: also keep the whole method (:attr:`method`; needs a full checkpoint).
+
+        Raises:
+            CrlnError: not a readable checkpoint, a config or weights inside that do not fit (named with
+                the file), a bad device, or ``with_method`` on an inference-weights file.
+        """
+        path = Path(path)
+        dev = device if isinstance(device, torch.device) else resolve_device(device, "--device")
+        state = load_checkpoint(path, map_location="cpu")
+        method = None
+        try:
+            if with_method:
+                if state.get("contents") == INFERENCE_WEIGHTS:
+                    raise CrlnError("holds the inference network only; a full checkpoint_*.pt is needed here")
+                method, config = method_from_checkpoint(state)
+                method = method.to(dev).eval()
+                network = method.inference_network(config.eval.network)
+            else:
+                network, config = network_from_checkpoint(state)
+        except CrlnError as err:  # a bad config or mismatched weights inside: name the file
+            raise CrlnError(f"checkpoint {path}: {err}") from err
+        perf = Performance.for_device(dev, amp or config.train.amp, channels_last or config.train.channels_last)
+        network = optimize_for_inference(network.to(dev).eval(), dev)
+        if perf.channels_last:
+            network = network.to(memory_format=torch.channels_last_3d)
+        return cls(network, config, perf, int(state["step"]), str(state["method"]), method)
+
+    @property
+    def device(self) -> torch.device:
+        return self.perf.device
+
+    def predict(
+        self,
+        image: np.ndarray | Tensor,
+        *,
+        stride: Sequence[int] | None = None,
+        sw_batch_size: int | None = None,
+        largest_component: bool = False,
+    ) -> tuple[np.ndarray, Tensor]:
+        """Segment one volume as the run was trained to see it.
+
+        The image is normalised by the run's ``data.intensity`` (so a raw scan is right as it is), then
+        :func:`crln.inference.predict_case` runs the sliding window, argmax and optional post-processing.
+
+        Args:
+            image: ``(H, W, D)`` or ``(C_in, H, W, D)`` volume.
+            stride: window step per axis; default the run's ``eval.stride``
+                (:func:`inference_stride` adapts it to data at another scale).
+            sw_batch_size: windows per forward pass; default the run's ``eval.sw_batch_size``.
+            largest_component: keep only the largest connected component of each foreground class.
+
+        Returns:
+            ``(labels, probabilities)``: ``(H, W, D)`` uint8 class indices and ``(C, H, W, D)`` float32
+            CPU softmax probabilities (summing to 1 over C).
+
+        Raises:
+            CrlnError: a bad image rank, stride or batch size (see :func:`crln.inference.sliding_window_predict`).
+        """
+        config = self.config
+        return predict_case(
+            lambda x: self.network(self.perf.input(x)),
+            normalize_intensity(image, config.data.intensity),
+            patch_size=config.data.patch_size,
+            stride=tuple(stride) if stride is not None else tuple(config.eval.stride),
+            num_classes=config.data.num_classes,
+            sw_batch_size=sw_batch_size if sw_batch_size is not None else config.eval.sw_batch_size,
+            device=self.perf.device,
+            amp_dtype=self.perf.amp_dtype,
+            largest_component=largest_component,
+        )

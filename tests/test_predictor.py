@@ -1,0 +1,151 @@
+"""The Predictor (checkpoint → eval.network → labels and probabilities), ``eval.checkpoint``, the metric
+registry and the methods' report hooks, on one tiny CRLN phantom run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from crln import metrics
+from crln.config import load_config
+from crln.data import H5Dataset
+from crln.engine.trainer import train
+from crln.errors import CrlnError
+from crln.evaluation import evaluate, format_summary_table
+from crln.methods import method_class
+from crln.methods.crln import RectifiedNetwork
+from crln.metrics import Metric, case_metrics
+from crln.predictor import Predictor
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "crln"
+
+
+@pytest.fixture(scope="module")
+def crln_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CRLN predicting with its rectified teacher, evaluated by default on the validation-best checkpoint."""
+    extra = {
+        "method.name": "crln",
+        "method.rectify_start": 2,
+        "train.val_every": 3,
+        "eval.network": "teacher_rectified",
+        "eval.checkpoint": "best",
+    }
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path_factory.mktemp("predictor"), **extra))
+    return train(config, progress=False).run_dir
+
+
+def _test_cases(phantom_root: Path) -> list:
+    dataset = H5Dataset(phantom_root)
+    return dataset.load_many(dataset.ids("test"), with_label=True)
+
+
+def test_predict_gives_labels_and_probabilities(crln_run: Path, phantom_root: Path) -> None:
+    predictor = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu")
+    assert isinstance(predictor.network, RectifiedNetwork)  # the run's eval.network, not the student
+    assert not predictor.network.training and predictor.method is None
+    case = _test_cases(phantom_root)[0]
+    labels, probabilities = predictor.predict(case.image)
+    assert labels.shape == case.image.shape and labels.dtype == np.uint8
+    assert probabilities.shape == (2, *case.image.shape) and probabilities.dtype == torch.float32
+    assert torch.allclose(probabilities.sum(0), torch.ones(case.image.shape), atol=1e-5)
+    assert np.array_equal(labels, probabilities.argmax(0).numpy())
+
+
+def test_inference_weights_file_predicts_as_the_full_checkpoint(crln_run: Path, phantom_root: Path) -> None:
+    image = _test_cases(phantom_root)[0].image
+    full = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu")
+    shared = Predictor.from_checkpoint(crln_run / "model_final.pt", device="cpu")
+    assert isinstance(shared.network, RectifiedNetwork) and shared.step == full.step
+    labels, probabilities = shared.predict(image)
+    expected_labels, expected = full.predict(image)
+    assert np.array_equal(labels, expected_labels)
+    assert torch.allclose(probabilities, expected, atol=1e-6)
+    with pytest.raises(CrlnError, match=r"model_final\.pt.*full checkpoint"):
+        Predictor.from_checkpoint(crln_run / "model_final.pt", device="cpu", with_method=True)
+
+
+def test_evaluation_scores_the_predictors_labels(crln_run: Path, phantom_root: Path, tmp_path: Path) -> None:
+    result = evaluate(crln_run, checkpoint="final", device="cpu", out_dir=tmp_path / "eval", progress=False)
+    predictor = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu")
+    for row, case in zip(result["per_case"], _test_cases(phantom_root), strict=True):
+        labels, _ = predictor.predict(case.image)
+        expected = case_metrics(labels, case.label, num_classes=2, spacing=case.spacing)
+        assert row["case"] == case.case_id
+        for name, value in expected.items():
+            assert row[name] == pytest.approx(value, nan_ok=True), name
+
+
+def test_eval_checkpoint_chooses_what_evaluate_uses(crln_run: Path, tmp_path: Path) -> None:
+    """eval.checkpoint=best: a plain ``crln evaluate <run>`` scores checkpoint_best.pt into <run>/eval."""
+    result = evaluate(crln_run, device="cpu", limit=1, progress=False)
+    assert Path(result["summary"]["checkpoint"]).name == "checkpoint_best.pt"
+    assert result["out_dir"] == crln_run / "eval"
+    final = evaluate(crln_run, checkpoint="final", device="cpu", limit=1, progress=False)
+    assert final["out_dir"] == crln_run / "eval_test_final"  # not the run's own evaluation
+    copy = tmp_path / "run"
+    shutil.copytree(crln_run, copy)
+    (copy / "checkpoint_best.pt").unlink()
+    with pytest.raises(CrlnError, match=r"no checkpoint_best\.pt"):
+        evaluate(copy, device="cpu", limit=1, progress=False)
+
+
+def _foreground_fraction(pair: metrics.MaskPair) -> float:
+    return float(np.count_nonzero(pair.pred)) / pair.pred.size
+
+
+def test_a_metric_added_to_the_registry_reaches_every_output(
+    crln_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    added = Metric("fg_fraction", _foreground_fraction, metrics.PERCENT, "Foreground", higher_is_better=False)
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, added))
+    result = evaluate(crln_run, device="cpu", limit=1, out_dir=tmp_path / "eval", progress=False)
+    assert "fg_fraction" in result["summary"]["metrics"]
+    with (tmp_path / "eval" / "per_case.csv").open() as handle:
+        columns = next(csv.reader(handle))
+    assert columns == ["case", "dice", "jaccard", "asd", "hd95", "fg_fraction", "seconds"]
+    assert "fg_fraction" in json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]
+    assert "| fg_fraction |" in format_summary_table(result["summary"])
+
+    from crln import bench
+    from crln.report.build import _per_case_table, _summary_rows
+
+    assert "Foreground %" in [row[0] for row in _summary_rows(result["summary"]["metrics"], "voxels")]
+    assert "Foreground %" in _per_case_table(result["per_case"], "voxels")
+    assert bench._units_sentence() == "Dice, Jaccard and Foreground in %, ASD and 95HD in the dataset's distance unit."
+
+
+def test_methods_state_their_own_report_facts_and_timeline_marks() -> None:
+    crln = load_config("demo", ["method.name=crln", "method.rectify_start=40"]).method
+    (mark,) = method_class("crln").timeline_marks(crln)
+    assert (mark.step, mark.label) == (40, "S")
+    assert method_class("crln").report_facts(crln) == [("rectification start S", "40")]
+    no_dim = load_config("demo", ["method.name=crln", "method.dim=false", "method.cps_positive=mean"]).method
+    assert method_class("crln").timeline_marks(no_dim) == ()
+    bcp = load_config("demo", ["method.name=bcp", "method.pretrain_iterations=50"]).method
+    assert [m.step for m in method_class("bcp").timeline_marks(bcp)] == [50]
+    supervised = load_config("demo", []).method
+    assert method_class(supervised.name).timeline_marks(supervised) == ()
+    assert method_class(supervised.name).report_facts(supervised) == []
+
+
+def test_evaluation_and_report_import_neither_the_training_loop_nor_each_other() -> None:
+    code = (
+        "import sys, crln.report, crln.report.bench_figures; "
+        "assert 'crln.evaluation' not in sys.modules, 'report imports evaluation'; "
+        "import crln.evaluation; "
+        "assert 'crln.engine.trainer' not in sys.modules, 'evaluation or report imports the training loop'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    sources = [SRC / "evaluation.py", SRC / "predictor.py", *sorted((SRC / "report").glob("*.py"))]
+    for path in sources:  # imports inside functions count too
+        assert "crln.engine.trainer" not in path.read_text(), path
