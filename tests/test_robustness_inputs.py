@@ -269,7 +269,7 @@ def test_bad_nifti_case(name: str, checkpoint: Path, tmp_path: Path, capsys: pyt
     [
         ("nan.nii.gz", "1 NaN and 0 Inf voxels"),
         ("corrupt.nii.gz", "corrupt gzip stream (CRC check failed)"),
-        ("scan.txt", "expected a .nii, .nii.gz or .h5 file"),
+        ("scan.txt", "expected a .nii.gz, .nii, .h5 or .hdf5 file"),
         ("two_channels.nii.gz", "2 channel(s), expected model.in_channels = 1"),
         ("absent.nii.gz", "no such file"),
     ],

@@ -23,6 +23,7 @@ from crln.config import RunConfig, build_config, load_yaml
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
 from crln.data.validate import check_channels, validate_case
+from crln.data_formats import SCAN_ENDINGS, read_scan
 from crln.engine import distributed
 from crln.engine.run_folder import RunFolder
 from crln.errors import CrlnError
@@ -262,7 +263,7 @@ def format_summary_table(summary: dict[str, Any], title: str = "") -> str:
 
 def _case_id_from_path(path: Path) -> str:
     name = path.name
-    for ext in (".nii.gz", ".nii", ".h5", ".hdf5"):
+    for ext in SCAN_ENDINGS:
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
@@ -274,11 +275,8 @@ def _case_id_from_path(path: Path) -> str:
     return name
 
 
-_SCAN_ENDINGS = (".nii.gz", ".nii", ".h5", ".hdf5")
-
-
 def _is_scan(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(_SCAN_ENDINGS) and not path.name.startswith(".")
+    return path.is_file() and path.name.endswith(SCAN_ENDINGS) and not path.name.startswith(".")
 
 
 def _case_and_channel(path: Path) -> tuple[str, int | None]:
@@ -307,7 +305,7 @@ def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
         if given.is_dir():
             scans = sorted(p for p in given.iterdir() if _is_scan(p))
             if not scans:
-                raise CrlnError(f"input {given}: folder holds no {', '.join(_SCAN_ENDINGS)} file")
+                raise CrlnError(f"input {given}: folder holds no {', '.join(SCAN_ENDINGS)} file")
         elif given.is_file():
             scans = [given]
         else:
@@ -332,16 +330,8 @@ def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
 
 
 def _read_input(paths: list[Path]) -> Case:
-    """One case from its file (NIfTI or h5), or from its nnU-Net channel files stacked ``(C, H, W, D)``."""
-    from crln.data.h5 import read_h5_case
-    from crln.data.nifti import read_nifti_volume
-
-    path = paths[0]
-    if path.suffix in (".h5", ".hdf5"):
-        return read_h5_case(path, _case_id_from_path(path), with_label=False)
-    if not path.name.endswith((".nii", ".nii.gz")):
-        raise CrlnError(f"input {path}: expected a .nii, .nii.gz or .h5 file")
-    return read_nifti_volume(paths)
+    """One case from its file (any format's scan), or from its nnU-Net channel files stacked ``(C, H, W, D)``."""
+    return read_scan(paths, _case_id_from_path(paths[0]))
 
 
 def _output_names(
