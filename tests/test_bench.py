@@ -57,6 +57,22 @@ def test_only_seeds_trains_those_and_keeps_finished_ones_in_the_table(tmp_path: 
         run_plan(plan, progress=False, only_seeds=[3])
 
 
+def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path: Path, phantom_root: Path) -> None:
+    mt = "config: demo\n    overrides: [method.name=mean_teacher, train.tag=shared"
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        f"runs:\n  - name: Student\n    {mt}]\n  - name: Teacher\n    {mt}, eval.network=teacher]\n",
+    )
+    plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
+    table = run_plan(plan, progress=False).read_text()
+    (run,) = (p.parent for p in (tmp_path / "runs").rglob("checkpoint_final.pt"))
+    student = json.loads((run / "eval" / "summary.json").read_text())
+    teacher = json.loads((run / "eval_test_final_teacher" / "summary.json").read_text())
+    assert (student["network"], teacher["network"]) == ("student", "teacher")
+    assert "| Student | final | 1 |" in table and "| Teacher | final | 1 |" in table
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [

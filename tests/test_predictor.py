@@ -149,3 +149,22 @@ def test_evaluation_and_report_import_neither_the_training_loop_nor_each_other()
     sources = [SRC / "evaluation.py", SRC / "predictor.py", *sorted((SRC / "report").glob("*.py"))]
     for path in sources:  # imports inside functions count too
         assert "crln.engine.trainer" not in path.read_text(), path
+
+
+def test_another_network_of_a_full_checkpoint_is_evaluated_beside_the_runs_own(crln_run: Path) -> None:
+    teacher = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu", network="teacher")
+    assert not isinstance(teacher.network, RectifiedNetwork)
+    assert teacher.config.eval.network == "teacher" and teacher.run_network == "teacher_rectified"
+    method = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu", with_method=True).method
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = teacher.network(x)
+        assert torch.allclose(out, method.teacher(x), atol=1e-4)
+        assert not torch.allclose(out, method.student(x), atol=1e-4)
+    result = evaluate(crln_run, checkpoint="final", network="teacher", progress=False)
+    assert result["out_dir"] == crln_run / "eval_test_final_teacher"
+    assert result["summary"]["network"] == "teacher"
+    with pytest.raises(CrlnError, match=r"model_final.pt: holds only the 'teacher_rectified' network .* not 'student'"):
+        Predictor.from_checkpoint(crln_run / "model_final.pt", device="cpu", network="student")
+    with pytest.raises(CrlnError, match=r"eval.network: 'nope' is not available for method 'crln'"):
+        Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu", network="nope")

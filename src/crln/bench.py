@@ -456,6 +456,7 @@ def _evaluation(
             checkpoint=checkpoint,
             largest_component=ev.get("largest_component"),
             progress=progress,
+            network=config.eval.network,
         )
     per_case = {
         str(r["case"]): {k: v for k, v in r.items() if k not in ("case", "seconds")}
@@ -532,5 +533,16 @@ def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any], checkpoint
         bool(ev.get("largest_component")),
         default_split=config.data.test_split,
         default_checkpoint=config.eval.checkpoint,
+        network=_other_network(folder, config),
     )
     return folder.path / name / "summary.json"
+
+
+def _other_network(folder: RunFolder, config: Any) -> str | None:
+    """The row's ``eval.network`` when the run folder's training (e.g. another row's, same ``train.tag``)
+    saved another one: a row may evaluate the teacher of a run trained and evaluated as the student."""
+    import yaml
+
+    saved = yaml.safe_load(folder.config_path.read_text()) or {}
+    trained = (saved.get("eval") or {}).get("network", "student")
+    return config.eval.network if config.eval.network != trained else None

@@ -112,7 +112,7 @@ def _is_main_process() -> bool:
 
 
 def _evaluate_and_print(
-    target, data, split, checkpoint, lcc, device, out, limit, stride=None, sw_batch_size=None
+    target, data, split, checkpoint, lcc, device, out, limit, stride=None, sw_batch_size=None, network=None
 ) -> int:
     from crln.evaluation import evaluate, format_summary_table
 
@@ -127,6 +127,7 @@ def _evaluate_and_print(
         limit=limit,
         stride=stride,
         sw_batch_size=sw_batch_size,
+        network=network,
     )
     if not _is_main_process():
         return 0
@@ -152,6 +153,12 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset folder (default: the run's data.root)")
     p.add_argument("--split", help="case list to evaluate (default: the run's data.test_split)")
     p.add_argument("--checkpoint", choices=["final", "best", "latest"], help="which checkpoint of a run folder")
+    p.add_argument(
+        "--network",
+        choices=["student", "teacher", "teacher_rectified"],
+        help="evaluate this network of the checkpoint instead of the run's eval.network "
+        "(output folder eval_<split>_<checkpoint>_<network>)",
+    )
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
@@ -175,6 +182,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.limit,
         stride=args.stride,
         sw_batch_size=args.sw_batch_size,
+        network=args.network,
     )
 
 

@@ -80,15 +80,17 @@ def eval_dir_name(
     default_split: str,
     data_name: str | None = None,
     default_checkpoint: str = "final",
+    network: str | None = None,
 ) -> str:
-    """``eval`` for the default evaluation (the run's data, test list, ``eval.checkpoint``, no post-processing),
-    else ``eval_<split>_<checkpoint>[_lcc]``, or ``eval_<data_name>_<split>_<checkpoint>[_lcc]`` for
-    another dataset than the run's (``data_name``), so that it never replaces the run's own evaluation."""
-    own = data_name is None and split == default_split and checkpoint == default_checkpoint
+    """``eval`` for the default evaluation (the run's data, test list, ``eval.checkpoint``, network and no
+    post-processing), else ``eval_<split>_<checkpoint>[_<network>][_lcc]``, or with ``eval_<data_name>_``
+    in front for another dataset than the run's (``data_name``), so that it never replaces the run's own
+    evaluation. ``network`` is given only when it is not the run's ``eval.network``."""
+    own = data_name is None and split == default_split and checkpoint == default_checkpoint and network is None
     if own and not largest_component:
         return "eval"
     prefix = f"eval_{data_name}" if data_name is not None else "eval"
-    return f"{prefix}_{split}_{checkpoint}" + ("_lcc" if largest_component else "")
+    return f"{prefix}_{split}_{checkpoint}" + (f"_{network}" if network else "") + ("_lcc" if largest_component else "")
 
 
 def _check_sw_batch_size(sw_batch_size: int | None, config: RunConfig) -> int:
@@ -126,6 +128,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     limit: int | None = None,
     progress: bool = True,
+    network: str | None = None,
 ) -> EvalResult:
     """Evaluate a run folder or checkpoint on a case list and write ``per_case.csv`` + ``summary.json``.
 
@@ -146,6 +149,8 @@ def evaluate(
             for another dataset than the run's). Checked before any inference.
         limit: evaluate only the first N cases of the list (smoke tests).
         progress: print one line per case.
+        network: evaluate this network (student, teacher, teacher_rectified) of a full checkpoint
+            instead of the run's ``eval.network``; the default folder then ends in ``_<network>``.
 
     Raises:
         CrlnError: missing checkpoint, data folder or cases, an output folder that is a file, bad options.
@@ -157,8 +162,9 @@ def evaluate(
     # Under torchrun (crln train --evaluate, or torchrun -m crln evaluate) each process scores a share of the cases.
     dev = distributed.process_device(device, "--device")
     distributed.init_from_env(dev)
-    predictor = Predictor.from_checkpoint(ckpt_path, dev)
+    predictor = Predictor.from_checkpoint(ckpt_path, dev, network=network)
     config = predictor.config
+    other_network = network if network is not None and network != predictor.run_network else None
     other_data = data_root is not None and not _same_folder(data_root, config.data.root)
     root = data_root if data_root is not None else config.data.root
     split_name = split or config.data.test_split
@@ -175,6 +181,7 @@ def evaluate(
             default_split=config.data.test_split,
             data_name=Path(root).name if other_data else None,
             default_checkpoint=config.eval.checkpoint,
+            network=other_network,
         )
         out_dir = check_output_dir(base / name, "--out")
     out_dir = Path(out_dir)

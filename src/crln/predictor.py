@@ -73,18 +73,30 @@ def method_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Method, RunConfi
     return method, config
 
 
-def network_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[nn.Module, RunConfig]:
+def network_from_checkpoint(checkpoint: dict[str, Any], network: str | None = None) -> tuple[nn.Module, RunConfig]:
     """The inference network (weights loaded) and config of a full checkpoint or of an inference-weights
-    file (``model_final.pt``, :func:`inference_weights`)."""
+    file (``model_final.pt``, :func:`inference_weights`).
+
+    ``network`` (student, teacher, teacher_rectified) overrides the run's ``eval.network``, and the config
+    returned then says so; an inference-weights file holds the run's ``eval.network`` only.
+    """
+    config = build_config(checkpoint["config"])
+    which = network or config.eval.network
     if checkpoint.get("contents") == INFERENCE_WEIGHTS:
+        if which != config.eval.network:
+            raise CrlnError(
+                f"holds only the {config.eval.network!r} network (eval.network of the run), not {which!r}; "
+                "a full checkpoint_*.pt has every network"
+            )
         # Build the method's networks (freshly initialised) only to give the eval.network its structure.
-        config = build_config(checkpoint["config"])
         method = build_method(config.method, build_network_factory(config), config.data.num_classes)
-        network = method.inference_network(config.eval.network)
-        restore_module_state(network, checkpoint["method_state"])
-        return network, config
+        module = method.inference_network(which)
+        restore_module_state(module, checkpoint["method_state"])
+        return module, config
     method, config = method_from_checkpoint(checkpoint)
-    return method.inference_network(config.eval.network), config
+    module = method.inference_network(which)
+    config.eval.network = which
+    return module, config
 
 
 def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str, Any]:
@@ -166,6 +178,8 @@ class Predictor:
         method_name: ``method.name`` of the run.
         method: the whole trained method (every network, eval mode) when the checkpoint is a full one
             and ``with_method`` was asked; ``None`` otherwise.
+        run_network: the run's own ``eval.network`` (``config.eval.network`` is the one predicting, which
+            ``from_checkpoint(network=...)`` may have changed).
     """
 
     network: nn.Module
@@ -174,6 +188,7 @@ class Predictor:
     step: int
     method_name: str
     method: Method | None = field(default=None, repr=False)
+    run_network: str = "student"
 
     @classmethod
     def from_checkpoint(
@@ -184,6 +199,7 @@ class Predictor:
         amp: str | None = None,
         channels_last: str | None = None,
         with_method: bool = False,
+        network: str | None = None,
     ) -> Predictor:
         """Load a checkpoint or ``model_final.pt`` and prepare its ``eval.network`` on ``device``.
 
@@ -193,6 +209,8 @@ class Predictor:
             amp: autocast setting (``auto``, ``none``, ``bf16``, ``fp16``); default the run's ``train.amp``.
             channels_last: memory format (``auto``, ``on``, ``off``); default the run's ``train.channels_last``.
             with_method: also keep the whole method (:attr:`method`; needs a full checkpoint).
+            network: the network to predict with (student, teacher, teacher_rectified), instead of the
+                run's ``eval.network``; a full checkpoint holds all of the method's, ``model_final.pt`` one.
 
         Raises:
             CrlnError: not a readable checkpoint, a config or weights inside that do not fit (named with
@@ -208,16 +226,18 @@ class Predictor:
                     raise CrlnError("holds the inference network only; a full checkpoint_*.pt is needed here")
                 method, config = method_from_checkpoint(state)
                 method = method.to(dev).eval()
-                network = method.inference_network(config.eval.network)
+                config.eval.network = network or config.eval.network
+                module = method.inference_network(config.eval.network)
             else:
-                network, config = network_from_checkpoint(state)
+                module, config = network_from_checkpoint(state, network)
         except CrlnError as err:  # a bad config or mismatched weights inside: name the file
             raise CrlnError(f"checkpoint {path}: {err}") from err
         perf = Performance.for_device(dev, amp or config.train.amp, channels_last or config.train.channels_last)
-        network = optimize_for_inference(network.to(dev).eval(), dev)
+        module = optimize_for_inference(module.to(dev).eval(), dev)
         if perf.channels_last:
-            network = network.to(memory_format=torch.channels_last_3d)
-        return cls(network, config, perf, int(state["step"]), str(state["method"]), method)
+            module = module.to(memory_format=torch.channels_last_3d)
+        run_network = str(state["config"].get("eval", {}).get("network", "student"))
+        return cls(module, config, perf, int(state["step"]), str(state["method"]), method, run_network)
 
     @property
     def device(self) -> torch.device:
