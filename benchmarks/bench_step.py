@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from crln.data.loader import Batch
+from crln.data.batch import Batch
 from crln.engine.allocator import ALLOCATOR_ENV, tune_cpu_allocator
 from crln.engine.device import Performance
 from crln.methods import Method, build_method, method_config_class

@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_overrides, train_interrupted
 from crln.config import load_config
-from crln.data.loader import Batch
+from crln.data.batch import Batch
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.run_folder import RunFolder, read_log
 from crln.errors import CrlnError

@@ -33,6 +33,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import tiny_overrides
+from crln.collectives import all_reduce_mean_
 from crln.config import load_config
 from crln.data.loader import TwoStreamBatchSampler
 from crln.engine import distributed
@@ -213,7 +214,7 @@ def test_rank_outside_the_world_is_refused() -> None:
 
 def test_single_process_helpers_are_no_ops() -> None:
     tensor = torch.arange(3.0)
-    distributed.all_reduce_mean_([tensor])
+    all_reduce_mean_([tensor])
     assert torch.equal(tensor, torch.arange(3.0))
     assert distributed.shard(["a", "b", "c"]) == [(0, "a"), (1, "b"), (2, "c")]
     assert distributed.gather_shards([(1, "b"), (0, "a")]) == ["a", "b"]

@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from crln.data.loader import Batch
-from crln.engine.ema import ema_decay_at, ema_update
+from crln.data.batch import Batch
 from crln.errors import CrlnError
 from crln.method_configs import METHOD_CONFIGS, MethodConfig
 from crln.method_configs import method_config_class as _config_class
+from crln.methods.ema import ema_decay_at, ema_update
 
 __all__ = [
     "Method",

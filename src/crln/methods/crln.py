@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crln.data.loader import Batch
-from crln.engine.distributed import all_reduce_mean_
-from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
+from crln.collectives import all_reduce_mean_
+from crln.data.batch import Batch
+from crln.engine.schedule import poly_lr_factor
 from crln.errors import CrlnError
 from crln.method_configs import CRLNConfig
 from crln.methods.base import ModelFactory, frozen_copy, register_method
@@ -33,6 +33,7 @@ from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
 from crln.methods.dim import DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
 from crln.methods.mean_teacher import MeanTeacher, consistency_terms, masked_nll
+from crln.methods.ramps import sigmoid_rampup
 
 __all__ = ["CRLN", "CRLNConfig", "RectifiedNetwork", "pseudo_label_dice", "saturated_fraction", "weighted_nll"]
 
