@@ -320,13 +320,13 @@ def test_short_crln_run_lowers_loss_and_logs_telemetry(phantom_root: Path, tmp_p
     assert last < first and records[-1]["loss"] < records[0]["loss"], (records[0], records[-1])
 
 
-def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
     import crln.engine.trainer as trainer_module
 
     overrides = _overrides(phantom_root, tmp_path, **{"train.iterations": 6, "method.mu_lr": 0.5})
     straight = trainer_module.train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
     config = load_config("demo", [*overrides, "train.tag=resumed"])
-    train_interrupted(config, 3, monkeypatch)
+    train_interrupted(config, 3)
     resumed = trainer_module.train(config, resume=True, progress=False).run_dir
     a = load_checkpoint(straight / "checkpoint_final.pt")["method_state"]
     b = load_checkpoint(resumed / "checkpoint_final.pt")["method_state"]
