@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_overrides, train_interrupted
 from crln.config import load_config
+from crln.engine.callbacks import Callback
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.run_folder import read_log
 from crln.engine.trainer import train
@@ -88,6 +89,43 @@ def test_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
         assert torch.equal(a[key], b[key]), key
     steps = [r["step"] for r in read_log(resumed / "log.jsonl") if "loss" in r]
     assert steps == [2, 4, 6]
+
+
+class _Recorder(Callback):
+    """Records each hook call, and at each iteration's end the steps the log already holds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def on_train_start(self, run: object) -> None:
+        self.calls.append(("train_start",))
+
+    def on_step_start(self, run: object, step: int) -> None:
+        self.calls.append(("step_start", step))
+
+    def on_step_end(self, run: object, step: int, out: dict[str, torch.Tensor]) -> None:
+        logged = [r["step"] for r in read_log(run.folder.log_path) if "loss" in r]  # type: ignore[attr-defined]
+        self.calls.append(("step_end", step, run.completed, "loss" in out, logged[-1]))  # type: ignore[attr-defined]
+
+    def on_train_end(self, run: object) -> None:
+        self.calls.append(("train_end",))
+
+
+def test_extra_callbacks_run_after_the_engines_at_each_hook_point(phantom_root: Path, tmp_path: Path) -> None:
+    values = {"train.iterations": 2, "train.log_every": 1, "data.validation": 0}
+    recorder = _Recorder()
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **values))
+    result = train(config, progress=False, callbacks=[recorder])
+    assert result.complete and result.steps == 2
+    # at each iteration's end the engine's metrics callback (first in the order) has already logged it
+    assert recorder.calls == [
+        ("train_start",),
+        ("step_start", 0),
+        ("step_end", 0, 1, True, 1),
+        ("step_start", 1),
+        ("step_end", 1, 2, True, 2),
+        ("train_end",),
+    ]
 
 
 def test_first_log_window_after_a_resume_averages_only_its_own_iterations(phantom_root: Path, tmp_path: Path) -> None:

@@ -58,10 +58,10 @@ from crln.engine.schedule import lr_factor, poly_lr_factor, schedule_window
 from crln.engine.state import NullLog, RunState, read_resume_checkpoint
 from crln.errors import CrlnError, TrainingDiverged
 from crln.methods import Method, build_method
-from crln.methods.base import StageStart
+from crln.methods.base import Optimizers, StageStart
 from crln.models import build_model
 
-__all__ = ["TrainResult", "build_network_factory", "method_from_checkpoint", "train"]
+__all__ = ["TrainResult", "build_network_factory", "method_from_checkpoint", "step_extra_optimizers", "train"]
 
 
 def build_network_factory(config: RunConfig):
@@ -234,20 +234,21 @@ def _prepare_data(config: RunConfig) -> tuple[Method, _Data]:
             f"{len(split.labeled) + len(split.validation)} training cases are labelled or held out"
         )
     validation = dataset.load_many(split.validation, with_label=True)
-    _check_cases(config, [*labeled, *validation], unlabeled)
+    _check_cases(config, labeled, unlabeled, validation)
     for case in (*labeled, *unlabeled, *validation):
         case.image = normalize_intensity(case.image, d.intensity)  # the model's input contract (data.intensity)
     return method, _Data(split, split_rule, labeled, unlabeled, validation)
 
 
-def _check_cases(config: RunConfig, labelled: list[Case], unlabeled: list[Case]) -> None:
-    """Labels, classes and channels of every case; the patch fits each (labelled first: their order)."""
+def _check_cases(config: RunConfig, labeled: list[Case], unlabeled: list[Case], validation: list[Case]) -> None:
+    """Labels, classes and channels of every case; the patch fits the volumes."""
     d = config.data
+    labelled = [*labeled, *validation]
     for index, case in enumerate([*labelled, *unlabeled]):
         # a label of an unlabelled case is for monitoring only: checked if present, never required
         validate_case(case, num_classes=d.num_classes, require_label=index < len(labelled), allow_channels=True)
         check_channels(case, config.model.in_channels)
-    check_patch_fits([*labelled, *unlabeled], d.patch_size)
+    check_patch_fits([*labeled, *unlabeled, *validation], d.patch_size)
 
 
 def _load_unlabeled(dataset: Any, ids: list[str], method: Method, split: str) -> list[Case]:
@@ -397,13 +398,22 @@ def _iteration(
     scaler.update()
     distributed.average_batchnorm_statistics_(method)  # before the EMA: same student, same teacher
     method.after_optimizer_step(step)
-    for extra in run.optimizers.extra.values():  # a method's own optimisers, on the gradients it left
+    step_extra_optimizers(run.optimizers, step)
+    return out
+
+
+def step_extra_optimizers(optimizers: Optimizers, step: int) -> None:
+    """Step a method's own optimisers (after ``Method.after_optimizer_step`` of iteration ``step`` left their
+    gradients), each at its poly-decayed rate (:class:`crln.methods.base.ExtraOptimizer`), then zero them.
+
+    Code that runs iterations by hand (benchmarks, unit tests) calls it where the engine does.
+    """
+    for extra in optimizers.extra.values():
         factor = poly_lr_factor(step, extra.poly_iterations) if extra.poly_iterations > 0 else 1.0
         for group in extra.optimizer.param_groups:
             group["lr"] = extra.lr * factor
         extra.optimizer.step()
         extra.optimizer.zero_grad(set_to_none=True)
-    return out
 
 
 def _lr_factor(config: RunConfig, step: int, total: int) -> float:

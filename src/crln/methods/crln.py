@@ -13,9 +13,10 @@ leaves open. One iteration (``train_step`` + ``after_optimizer_step``):
    the rectifier's own step on eq. 16 (μ for ``learnable_v3``), alternating with eq. 15.
 
 μ (and the ``learnable_v2`` convolution) never enter ``out["loss"]``: their gradient is taken with
-``torch.autograd.grad`` on eq. 16 alone and left in ``.grad``; the engine then steps the method's
-extra optimiser ``"mu"`` (:meth:`CRLN.configure_optimizers`, a :class:`BufferSGD` whose momentum
-buffers are module buffers, so ``state_dict`` holds them and checkpoints of every crln version resume).
+``torch.autograd.grad`` on eq. 16 alone and left in ``.grad`` by ``after_optimizer_step``; the engine
+then steps the method's extra optimiser ``"mu"`` (:meth:`CRLN.configure_optimizers`, a
+:class:`BufferSGD` whose momentum buffers are module buffers, so ``state_dict`` holds them and
+checkpoints of every crln version resume).
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ class CRLN(MeanTeacher):
         return raw, torch.softmax(self.rectifier(logits, m).float(), dim=1)
 
     def _rectifier_grads(self, pred: Tensor, m: Tensor, label: Tensor) -> None:
-        """Eq. 16 on detached inputs: the rectifier's gradient (into ``.grad``) and loss, for its own step."""
+        """Eq. 16 on detached inputs: store the rectifier's gradient and loss for its own step."""
         assert self.rectifier is not None
         params = list(self.rectifier.parameters())
         if not params:
@@ -214,8 +215,7 @@ class CRLN(MeanTeacher):
         # Data parallel: each process holds a share of the labelled batch; averaging the gradient (and the
         # logged loss) gives every process the same rectifier step, as the engine's DDP does for eq. 15.
         all_reduce_mean_([*grads, loss])
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g  # for the engine's step of the "mu" optimiser (configure_optimizers)
+        self._pending["grads"] = grads
         self.rect_loss_last.copy_(loss)
 
     def _cps_term(self, logits: Tensor, full: Tensor, label: Tensor, pseudo: Tensor, step: int) -> tuple[Tensor, float]:
@@ -328,6 +328,11 @@ class CRLN(MeanTeacher):
             finally:
                 self.student.train(modes[0])
                 self.student_dim.train(modes[1])
+        grads = self._pending.pop("grads", None)
+        if grads is not None and self.rectifier is not None:
+            # μ's gradient appears only now, for the engine's step of the "mu" optimiser (configure_optimizers).
+            for p, g in zip(self.rectifier.parameters(), grads, strict=True):
+                p.grad = g
 
 
 class BufferSGD(torch.optim.Optimizer):
