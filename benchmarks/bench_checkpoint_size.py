@@ -4,7 +4,7 @@ Usage: python benchmarks/bench_checkpoint_size.py [--config la_crln] [--checkpoi
 
 Builds the preset's method on the CPU with its SGD optimiser, takes one step on zero gradients so
 that every momentum buffer exists (as after any real iteration), and writes the checkpoint dict the
-trainer writes (``crln.engine.trainer``) to a temporary file. Prints the bytes per part (student,
+trainer writes (``crln.engine.state.RunState.checkpoint``) to a temporary file. Prints the bytes per part (student,
 EMA teacher, DIM, CPS head, optimiser momentum) and the file size, and how many 15 MiB pieces and
 64 MiB device calls it needs. With ``--checkpoint`` (a real, trained checkpoint of the same
 architecture) it also measures lossless compression of its tensors: zlib on the raw float32 bytes,
@@ -22,8 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crln.config import config_to_dict, load_config
-from crln.engine.checkpoint import save_checkpoint
+from crln.config import load_config
+from crln.engine.checkpoint import load_checkpoint
+from crln.engine.device import Performance
+from crln.engine.run_folder import RunFolder
+from crln.engine.state import RunState
 from crln.methods import build_method
 from crln.predictor import build_network_factory
 
@@ -72,33 +75,24 @@ def main() -> None:
 
     config = load_config(args.config, ["train.device=cpu"])
     method = build_method(config.method, build_network_factory(config), config.data.num_classes)
-    o = config.optim
-    optimizer = torch.optim.SGD(
-        method.trainable_parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-    )
+    optimizers = method.configure_optimizers(config.optim)
     for p in method.trainable_parameters():
         p.grad = torch.zeros_like(p)
-    optimizer.step()  # creates every momentum buffer, as the first real iteration does
-    state = {
-        "method": config.method.name,
-        "config": config_to_dict(config),
-        "step": 1,
-        "method_state": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "best": {"metric": None, "step": None},
-    }
+    optimizers.main.step()  # creates every momentum buffer, as the first real iteration does
+    with tempfile.TemporaryDirectory() as tmp:
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        perf = Performance.for_device(torch.device("cpu"))
+        run = RunState(config, RunFolder(tmp), method, optimizers, scaler, perf, world=1, main=True)
+        run.checkpoint("latest", 1)  # what the trainer writes, written by the trainer's own code
+        path = run.folder.checkpoint("latest")
+        size = path.stat().st_size
+        state = load_checkpoint(path)
     parts: Counter[str] = Counter()
     for key, value in state["method_state"].items():
         parts[key.split(".")[0]] += value.numel() * value.element_size()
     parts["optimizer momentum"] = sum(
         s["momentum_buffer"].numel() * s["momentum_buffer"].element_size() for s in state["optimizer"]["state"].values()
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "checkpoint.pt"
-        save_checkpoint(path, state)
-        size = path.stat().st_size
     student_params = sum(p.numel() for k, p in method.state_dict().items() if k.startswith("student."))
     print(f"{args.config}: method {config.method.name}, student {student_params / 1e6:.2f} M tensors' elements\n")
     print("| part | MiB |")

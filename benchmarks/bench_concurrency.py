@@ -53,8 +53,10 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     from bench_step import _batch
 
+    from crln.config import OptimConfig
     from crln.engine.allocator import tune_cpu_allocator
     from crln.engine.device import Performance
+    from crln.engine.trainer import step_extra_optimizers
     from crln.methods import build_method, method_config_class
     from crln.models import VNet
 
@@ -64,15 +66,16 @@ def _worker(args: argparse.Namespace) -> None:
     batch = _batch(tuple(args.patch), *args.batch, torch.device("cpu"))
     batch.labeled_image, batch.unlabeled_image = perf.input(batch.labeled_image), perf.input(batch.unlabeled_image)
     method = perf.place(build_method(method_config_class(args.method)(name=args.method), lambda: VNet(), 2)).train()
-    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9)
+    optimizers = method.configure_optimizers(OptimConfig(lr=1e-3, momentum=0.9, weight_decay=0.0))
     times = []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
         out = method.train_step(batch, step)
-        optimizer.zero_grad(set_to_none=True)
+        optimizers.main.zero_grad(set_to_none=True)
         out["loss"].backward()
-        optimizer.step()
+        optimizers.main.step()
         method.after_optimizer_step(step)
+        step_extra_optimizers(optimizers, step)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     print(json.dumps({"threads": torch.get_num_threads(), "times": times}))

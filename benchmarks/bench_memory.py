@@ -49,7 +49,9 @@ def _child_train(method_name: str, patch: tuple[int, int, int], batch: list[int]
     sys.path.insert(0, str(BENCH_DIR))
     from bench_step import _batch
 
+    from crln.config import OptimConfig
     from crln.engine.device import Performance
+    from crln.engine.trainer import step_extra_optimizers
     from crln.methods import build_method, method_config_class
     from crln.models import VNet
 
@@ -57,16 +59,17 @@ def _child_train(method_name: str, patch: tuple[int, int, int], batch: list[int]
     perf = Performance.for_device(device)
     torch.manual_seed(0)
     method = perf.place(build_method(method_config_class(method_name)(name=method_name), lambda: VNet(), 2)).train()
-    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9)
+    optimizers = method.configure_optimizers(OptimConfig(lr=1e-3, momentum=0.9, weight_decay=0.0))
     data = _batch(patch, batch[0], batch[1] if method.uses_unlabeled else 0, device)
     baseline = _peak_rss_mib()
     start = time.perf_counter()
     for step in range(steps):
         out = method.train_step(data, step + 1000)  # past CRLN's S = 800: the full CRLN step
-        optimizer.zero_grad(set_to_none=True)
+        optimizers.main.zero_grad(set_to_none=True)
         out["loss"].backward()
-        optimizer.step()
+        optimizers.main.step()
         method.after_optimizer_step(step + 1000)
+        step_extra_optimizers(optimizers, step + 1000)
     return {"baseline_mib": baseline, "peak_mib": _peak_rss_mib(), "seconds": time.perf_counter() - start}
 
 

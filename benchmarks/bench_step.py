@@ -5,13 +5,13 @@ Usage: python benchmarks/bench_step.py [--methods supervised mean_teacher crln] 
        [--channels-last auto|on|off ...] [--compile] [--set METHOD.key=value ...]
        [--allocator tuned|system] [--profile N]
 
-One step = the method's ``train_step`` (forward passes and losses), backward, SGD step and
-``after_optimizer_step`` (EMA, CRLN's μ step), exactly as the engine runs it, on random tensors of
-the given patch (no data loading). Prints the median seconds per step of each method and its ratio
-to mean_teacher in the same layout (the reference of the CRLN step-time target); with several
-``--channels-last`` layouts, also each method's speed-up over the first layout. ``--profile N`` then runs one more
-step of each method under ``torch.profiler`` and prints its N most expensive operators (self time),
-to see where a method's extra time goes.
+One step = the method's ``train_step`` (forward passes and losses), backward, SGD step,
+``after_optimizer_step`` (EMA, CRLN's μ gradient) and the method's own optimisers (μ), exactly as
+the engine runs it, on random tensors of the given patch (no data loading). Prints the median seconds
+per step of each method and its ratio to mean_teacher in the same layout (the reference of the CRLN
+step-time target); with several ``--channels-last`` layouts, also each method's speed-up over the
+first layout. ``--profile N`` then runs one more step of each method under ``torch.profiler`` and
+prints its N most expensive operators (self time), to see where a method's extra time goes.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from typing import Any
 import torch
 import yaml
 
-from crln.data.loader import Batch
+from crln.config import OptimConfig
+from crln.data.batch import Batch
 from crln.engine.allocator import ALLOCATOR_ENV, tune_cpu_allocator
 from crln.engine.device import Performance
+from crln.engine.trainer import step_extra_optimizers
 from crln.methods import Method, build_method, method_config_class
 from crln.models import VNet
 
@@ -122,15 +124,16 @@ def time_steps(
             method = perf.place(build_method(config, lambda: VNet(n_filters=n_filters), 2)).train()
             if variant.compile:
                 _compile_networks(method, compile_backend)
-            optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9)
+            optimizers = method.configure_optimizers(OptimConfig(lr=1e-3, momentum=0.9, weight_decay=0.0))
             scaler = torch.amp.GradScaler(device.type, enabled=perf.amp_dtype == torch.float16)
-            runs[name, variant.name] = {"method": method, "optimizer": optimizer, "scaler": scaler, "perf": perf}
+            runs[name, variant.name] = {"method": method, "optimizers": optimizers, "scaler": scaler, "perf": perf}
             runs[name, variant.name]["batch"] = data
             results[name, variant.name] = StepTimes(name, variant.name)
 
     def one_step(key: tuple[str, str], step: int) -> float:
         run = runs[key]
-        method, optimizer, scaler = run["method"], run["optimizer"], run["scaler"]
+        method, optimizers, scaler = run["method"], run["optimizers"], run["scaler"]
+        optimizer = optimizers.main
         if device.type == "cuda":
             torch.cuda.synchronize()
             resting = torch.cuda.memory_allocated(device)
@@ -143,6 +146,7 @@ def time_steps(
         scaler.step(optimizer)
         scaler.update()
         method.after_optimizer_step(step)
+        step_extra_optimizers(optimizers, step)
         if device.type == "cuda":
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated(device) - resting) / MIB
@@ -163,7 +167,7 @@ def time_steps(
             if step >= warmup:
                 result.seconds.append(elapsed)
     for key, result in results.items():
-        result.resident_mib = _resident_mib(runs[key]["method"], runs[key]["optimizer"])
+        result.resident_mib = _resident_mib(runs[key]["method"], runs[key]["optimizers"].main)
         if profile_rows and result.error is None:
             result.profile = _profile(lambda key=key: one_step(key, warmup + steps + 1000), device, profile_rows)
     return list(results.values())

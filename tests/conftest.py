@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from crln.engine.callbacks import Callback
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LA_ROOT = REPO_ROOT.parent / "shared" / "data" / "LA"
 
@@ -53,27 +55,28 @@ def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[s
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def train_interrupted(config: object, after: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run ``train(config)`` and kill it (KeyboardInterrupt) when iteration ``after`` + 1 starts.
+class InterruptAt(Callback):
+    """A training callback that raises KeyboardInterrupt when iteration ``after`` + 1 of this call starts.
 
-    The loop is killed from inside (through the LR schedule call at the start of each iteration),
-    so the last checkpoint written by the checkpoint cadence is what a resume continues from.
+    The loop is killed from inside, before that iteration fetches its batch, so the last checkpoint
+    written by the checkpoint cadence is what a resume continues from.
     """
-    import crln.engine.trainer as trainer_module
 
-    original = trainer_module._lr_factor
-    calls = {"n": 0}
+    def __init__(self, after: int) -> None:
+        self.after, self.started = after, 0
 
-    def interrupting(optim: object, step: int, total: int) -> float:
-        calls["n"] += 1
-        if calls["n"] == after + 1:
+    def on_step_start(self, run: object, step: int) -> None:
+        self.started += 1
+        if self.started == self.after + 1:
             raise KeyboardInterrupt
-        return original(optim, step, total)
 
-    monkeypatch.setattr(trainer_module, "_lr_factor", interrupting)
+
+def train_interrupted(config: object, after: int) -> None:
+    """Run ``train(config)`` and kill it (KeyboardInterrupt) when iteration ``after`` + 1 starts."""
+    from crln.engine.trainer import train
+
     with pytest.raises(KeyboardInterrupt):
-        trainer_module.train(config, progress=False)
-    monkeypatch.setattr(trainer_module, "_lr_factor", original)
+        train(config, progress=False, callbacks=[InterruptAt(after)])  # type: ignore[arg-type]
 
 
 def assert_user_error(

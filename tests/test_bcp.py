@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_overrides, train_interrupted
 from crln.config import load_config
-from crln.data.loader import Batch
+from crln.data.batch import Batch
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.run_folder import RunFolder, read_log
 from crln.errors import CrlnError
@@ -192,14 +192,14 @@ def test_engine_switches_stage_once_with_fresh_optimizer_and_lr(straight_run: di
 
 @pytest.mark.parametrize(("checkpoint_every", "interrupt_after"), [(2, 3), (3, 4)])
 def test_bcp_resume_across_the_stage_boundary_is_exact(
-    phantom_root: Path, straight_run: dict, monkeypatch: pytest.MonkeyPatch, checkpoint_every: int, interrupt_after: int
+    phantom_root: Path, straight_run: dict, checkpoint_every: int, interrupt_after: int
 ) -> None:
     """Resumed before the boundary (checkpoint 2) or at it (checkpoint 3): bit-identical to a straight run."""
     import crln.engine.trainer as trainer_module
 
     overrides = _overrides(phantom_root, straight_run["out"], **{"train.checkpoint_every": checkpoint_every})
     config = load_config("demo", [*overrides, f"train.tag=resumed{checkpoint_every}"])
-    train_interrupted(config, interrupt_after, monkeypatch)
+    train_interrupted(config, interrupt_after)
     assert load_checkpoint(RunFolder.for_config(config).checkpoint("latest"))["step"] == checkpoint_every
     resumed = trainer_module.train(config, resume=True, progress=False).run_dir
     a = load_checkpoint(straight_run["run_dir"] / "checkpoint_final.pt")

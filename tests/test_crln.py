@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_overrides, train_interrupted
-from crln.config import load_config
-from crln.data.loader import Batch
-from crln.engine.checkpoint import load_checkpoint
-from crln.engine.run_folder import read_log
+from crln.config import OptimConfig, load_config
+from crln.data.batch import Batch
+from crln.engine.checkpoint import load_checkpoint, save_checkpoint
+from crln.engine.run_folder import RunFolder, read_log
+from crln.engine.trainer import step_extra_optimizers
 from crln.errors import CrlnError
 from crln.methods import build_method
 from crln.methods.cps import cps_loss, gather_voxels, positive_prototypes, sample_cps
@@ -44,6 +45,12 @@ def _crln(num_classes: int = 2, **overrides: object) -> CRLN:
     method = build_method(CRLNConfig(**overrides), lambda: VNet(num_classes=num_classes, n_filters=4), num_classes)
     assert isinstance(method, CRLN)
     return method
+
+
+def _after_step(method: CRLN, step: int) -> None:
+    """What the engine runs after the main optimiser step: the method's hook, then its own optimisers (μ)."""
+    method.after_optimizer_step(step)
+    step_extra_optimizers(method.configure_optimizers(OptimConfig()), step)
 
 
 @pytest.mark.parametrize(("num_classes", "shape"), [(2, (32, 32, 16)), (3, (48, 32, 16))])
@@ -134,7 +141,7 @@ def test_mu_moves_only_through_its_own_step_and_stays_in_unit_interval(mu_step_i
     assert torch.autograd.grad(out["loss"], mu_raw, retain_graph=True, allow_unused=True)[0] is None
     out["loss"].backward()
     assert mu_raw.grad is None and float(mu_raw.detach()) == 0.5
-    method.after_optimizer_step(0)  # the alternating eq. 16 step
+    _after_step(method, 0)  # the alternating eq. 16 step
     assert float(mu_raw.detach()) != 0.5 and 0.0 <= float(method.rectifier.mu()) <= 1.0  # type: ignore[union-attr]
     assert float(method.rect_momentum_0) != 0.0  # optimiser state lives in the state_dict
     assert "rect_momentum_0" in method.state_dict()
@@ -320,13 +327,18 @@ def test_short_crln_run_lowers_loss_and_logs_telemetry(phantom_root: Path, tmp_p
     assert last < first and records[-1]["loss"] < records[0]["loss"], (records[0], records[-1])
 
 
-def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crln_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
     import crln.engine.trainer as trainer_module
 
     overrides = _overrides(phantom_root, tmp_path, **{"train.iterations": 6, "method.mu_lr": 0.5})
     straight = trainer_module.train(load_config("demo", [*overrides, "train.tag=straight"]), progress=False).run_dir
     config = load_config("demo", [*overrides, "train.tag=resumed"])
-    train_interrupted(config, 3, monkeypatch)
+    train_interrupted(config, 3)
+    # As a checkpoint written before μ's optimiser came from configure_optimizers: no "extra_optimizers".
+    latest = RunFolder.for_config(config).checkpoint("latest")
+    state = load_checkpoint(latest)
+    assert state["step"] == 3 and set(state.pop("extra_optimizers")) == {"mu"}
+    save_checkpoint(latest, state)
     resumed = trainer_module.train(config, resume=True, progress=False).run_dir
     a = load_checkpoint(straight / "checkpoint_final.pt")["method_state"]
     b = load_checkpoint(resumed / "checkpoint_final.pt")["method_state"]
@@ -371,7 +383,7 @@ def test_mu_sigmoid_starts_where_it_can_move() -> None:
     assert rectifier is not None and float(rectifier.mu().detach()) == pytest.approx(0.05)  # type: ignore[union-attr]
     for step in range(3):
         method.train_step(_batch(), step)
-        method.after_optimizer_step(step)
+        _after_step(method, step)
     assert abs(float(rectifier.mu().detach()) - 0.05) > 1e-4  # type: ignore[union-attr]
 
 

@@ -20,6 +20,7 @@ identical-weights check runs also with everything random and batch-dependent swi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -32,7 +33,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import tiny_overrides
+from conftest import InterruptAt, tiny_overrides
+from crln.collectives import all_reduce_mean_
 from crln.config import load_config
 from crln.data.loader import TwoStreamBatchSampler
 from crln.engine import distributed
@@ -90,30 +92,12 @@ def _overrides(root: Path, out: Path, tag: str, values: dict[str, object]) -> li
     return tiny_overrides(root, out, **{**values, "train.tag": tag})
 
 
-def _interrupt_at(step: int) -> object:
-    """Patch the trainer so that iteration ``step`` + 1 raises KeyboardInterrupt when it starts."""
-    import crln.engine.trainer as trainer_module
-
-    original = trainer_module._lr_factor
-    calls = {"n": 0}
-
-    def interrupting(optim: object, s: int, total: int) -> float:
-        calls["n"] += 1
-        if calls["n"] == step + 1:
-            raise KeyboardInterrupt
-        return original(optim, s, total)
-
-    trainer_module._lr_factor = interrupting
-    return original
-
-
 def _worker(rank: int, port: int, root: Path, out: Path) -> None:
     """One of the WORLD processes, as torchrun would start it (same environment variables)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
     )
     torch.set_num_threads(1)
-    import crln.engine.trainer as trainer_module
 
     def save(name: str, method: torch.nn.Module) -> None:
         torch.save({k: v.detach().cpu() for k, v in method.state_dict().items()}, out / f"{name}.rank{rank}.pt")
@@ -126,13 +110,8 @@ def _worker(rank: int, port: int, root: Path, out: Path) -> None:
         straight = load_config("demo", _overrides(root, out, "straight", {**PER_PROCESS, **RESUME}))
         save("straight", train(straight, progress=False).method)
         resumed = load_config("demo", _overrides(root, out, "resumed", {**PER_PROCESS, **RESUME}))
-        original = _interrupt_at(2)
-        try:
-            train(resumed, progress=False)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            trainer_module._lr_factor = original
+        with contextlib.suppress(KeyboardInterrupt):
+            train(resumed, progress=False, callbacks=[InterruptAt(2)])  # killed when iteration 3 starts
         save("resumed", train(resumed, resume=True, progress=False).method)
         # The weight check itself must be able to fail.
         try:
@@ -213,7 +192,7 @@ def test_rank_outside_the_world_is_refused() -> None:
 
 def test_single_process_helpers_are_no_ops() -> None:
     tensor = torch.arange(3.0)
-    distributed.all_reduce_mean_([tensor])
+    all_reduce_mean_([tensor])
     assert torch.equal(tensor, torch.arange(3.0))
     assert distributed.shard(["a", "b", "c"]) == [(0, "a"), (1, "b"), (2, "c")]
     assert distributed.gather_shards([(1, "b"), (0, "a")]) == ["a", "b"]

@@ -11,9 +11,10 @@ from torch import nn
 
 from crln.atomic import atomic_write_text
 from crln.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from crln.engine.ema import ema_decay_at, ema_update
-from crln.engine.schedule import lr_factor, poly_lr_factor, sigmoid_rampup
+from crln.engine.schedule import lr_factor, poly_lr_factor
 from crln.errors import CrlnError
+from crln.methods.ema import ema_decay_at, ema_update
+from crln.methods.ramps import sigmoid_rampup
 
 
 def test_ema_update_moves_teacher_towards_student() -> None:

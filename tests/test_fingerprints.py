@@ -59,9 +59,9 @@ def _run(phantom_root: Path, out: Path, name: str) -> dict[str, object]:
     return _fingerprint(train(load_config("demo", _overrides(phantom_root, out, name)), progress=False).run_dir)
 
 
-def _resumed(phantom_root: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+def _resumed(phantom_root: Path, out: Path) -> dict[str, object]:
     config = load_config("demo", _overrides(phantom_root, out, "crln"))
-    train_interrupted(config, after=3, monkeypatch=monkeypatch)
+    train_interrupted(config, after=3)
     return _fingerprint(train(config, resume=True, progress=False).run_dir)
 
 
@@ -71,11 +71,9 @@ def test_training_fingerprint_is_unchanged(phantom_root: Path, tmp_path: Path, n
     assert _run(phantom_root, tmp_path, name) == expected
 
 
-def test_resumed_crln_fingerprint_is_unchanged(
-    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resumed_crln_fingerprint_is_unchanged(phantom_root: Path, tmp_path: Path) -> None:
     expected = json.loads(EXPECTED_PATH.read_text())["crln_resumed"]
-    assert _resumed(phantom_root, tmp_path, monkeypatch) == expected
+    assert _resumed(phantom_root, tmp_path) == expected
 
 
 if __name__ == "__main__":  # record the expected fingerprints (only after a deliberate change of behaviour)
@@ -87,7 +85,6 @@ if __name__ == "__main__":  # record the expected fingerprints (only after a del
     with tempfile.TemporaryDirectory() as tmp:
         root = write_phantom_h5_dataset(Path(tmp) / "phantom", n_train=8, n_test=2, shape=(48, 48, 32), seed=0)
         found = {name: _run(root, Path(tmp) / "runs", name) for name in sorted(METHOD_OVERRIDES)}
-        with pytest.MonkeyPatch.context() as patch:
-            found["crln_resumed"] = _resumed(root, Path(tmp) / "resumed", patch)
+        found["crln_resumed"] = _resumed(root, Path(tmp) / "resumed")
     EXPECTED_PATH.write_text(json.dumps(found, indent=1) + "\n")
     sys.stdout.write(json.dumps(found, indent=1) + "\n")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from crln.data.loader import Batch
+from crln.data.batch import Batch
 from crln.methods import build_method, method_config_class, method_names
 from crln.methods.mean_teacher import cutmix_box_mask, masked_nll
 from crln.models import VNet

@@ -18,7 +18,7 @@ import torch
 
 from conftest import tiny_overrides
 from crln.config import load_config
-from crln.data.loader import Batch
+from crln.data.batch import Batch
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import read_log

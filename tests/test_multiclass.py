@@ -15,7 +15,7 @@ from conftest import tiny_overrides
 from crln.cli import main
 from crln.config import load_config
 from crln.data import H5Dataset
-from crln.data.loader import Batch
+from crln.data.batch import Batch
 from crln.evaluation import format_summary_table
 from crln.methods import build_method
 from crln.metrics import per_class_metric_names

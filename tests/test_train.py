@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_overrides, train_interrupted
 from crln.config import load_config
+from crln.engine.callbacks import Callback
 from crln.engine.checkpoint import load_checkpoint
 from crln.engine.run_folder import read_log
 from crln.engine.trainer import train
@@ -58,7 +59,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoint_final.pt")["method_state"]
 
 
-def test_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_is_exact(phantom_root: Path, tmp_path: Path) -> None:
     overrides = tiny_overrides(
         phantom_root,
         tmp_path,
@@ -74,7 +75,7 @@ def test_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest
 
     # Interrupted run: killed when iteration 4 starts (the checkpoint cadence saved iteration 3), then resumed.
     config = load_config("demo", [*overrides, "train.tag=resumed"])
-    train_interrupted(config, 3, monkeypatch)
+    train_interrupted(config, 3)
     run = straight.parent.parent / "supervised__vnet__resumed" / "seed1337"
     assert load_checkpoint(run / "checkpoint_latest.pt")["step"] == 3
     assert not (run / "checkpoint_final.pt").exists()
@@ -90,9 +91,44 @@ def test_resume_is_exact(phantom_root: Path, tmp_path: Path, monkeypatch: pytest
     assert steps == [2, 4, 6]
 
 
-def test_first_log_window_after_a_resume_averages_only_its_own_iterations(
-    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class _Recorder(Callback):
+    """Records each hook call, and at each iteration's end the steps the log already holds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def on_train_start(self, run: object) -> None:
+        self.calls.append(("train_start",))
+
+    def on_step_start(self, run: object, step: int) -> None:
+        self.calls.append(("step_start", step))
+
+    def on_step_end(self, run: object, step: int, out: dict[str, torch.Tensor]) -> None:
+        logged = [r["step"] for r in read_log(run.folder.log_path) if "loss" in r]  # type: ignore[attr-defined]
+        self.calls.append(("step_end", step, run.completed, "loss" in out, logged[-1]))  # type: ignore[attr-defined]
+
+    def on_train_end(self, run: object) -> None:
+        self.calls.append(("train_end",))
+
+
+def test_extra_callbacks_run_after_the_engines_at_each_hook_point(phantom_root: Path, tmp_path: Path) -> None:
+    values = {"train.iterations": 2, "train.log_every": 1, "data.validation": 0}
+    recorder = _Recorder()
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **values))
+    result = train(config, progress=False, callbacks=[recorder])
+    assert result.complete and result.steps == 2
+    # at each iteration's end the engine's metrics callback (first in the order) has already logged it
+    assert recorder.calls == [
+        ("train_start",),
+        ("step_start", 0),
+        ("step_end", 0, 1, True, 1),
+        ("step_start", 1),
+        ("step_end", 1, 2, True, 2),
+        ("train_end",),
+    ]
+
+
+def test_first_log_window_after_a_resume_averages_only_its_own_iterations(phantom_root: Path, tmp_path: Path) -> None:
     common = {"train.iterations": 8, "train.checkpoint_every": 3, "data.validation": 0}
     per_step = train(
         load_config(
@@ -103,7 +139,7 @@ def test_first_log_window_after_a_resume_averages_only_its_own_iterations(
     config = load_config(
         "demo", tiny_overrides(phantom_root, tmp_path, **common, **{"train.log_every": 4, "train.tag": "b"})
     )
-    train_interrupted(config, 3, monkeypatch)  # checkpoint at 3: the window 1–4 is cut after its first 3 iterations
+    train_interrupted(config, 3)  # checkpoint at 3: the window 1–4 is cut after its first 3 iterations
     resumed = train(config, resume=True, progress=False).run_dir
     loss = {r["step"]: r["loss"] for r in read_log(per_step / "log.jsonl") if "loss" in r}
     windows = {r["step"]: r["loss"] for r in read_log(resumed / "log.jsonl") if "loss" in r}
@@ -111,13 +147,11 @@ def test_first_log_window_after_a_resume_averages_only_its_own_iterations(
     assert windows[8] == pytest.approx(sum(loss[k] for k in range(5, 9)) / 4, rel=1e-5)
 
 
-def test_a_fresh_start_drops_the_log_of_an_abandoned_attempt(
-    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_fresh_start_drops_the_log_of_an_abandoned_attempt(phantom_root: Path, tmp_path: Path) -> None:
     # Killed before its first checkpoint: the next run starts from scratch in the same folder.
     common = {"train.iterations": 6, "train.checkpoint_every": 100, "train.log_every": 1, "data.validation": 0}
     config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **common))
-    train_interrupted(config, 4, monkeypatch)
+    train_interrupted(config, 4)
     run = train(config, progress=False).run_dir
     steps = [r["step"] for r in read_log(run / "log.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -15,7 +15,7 @@ from crln.engine.checkpoint import load_checkpoint
 
 ITERATIONS = 4
 CLOCK_TICK_S = 1.0
-# With a clock that advances one tick per reading, the loop reads it twice per iteration (start, check):
+# With a clock that advances one tick per reading (the budget's start, then each iteration's start and check):
 # iteration 1 ends at t=2 (warm-up, not counted as the slowest), iteration 2 at t=4 with slowest = 1 tick,
 # so the check 5 + 1 > 4.5 stops the run after iteration 2.
 BUDGET_S = 4.5
@@ -23,7 +23,7 @@ STOPPED_AFTER = 2
 
 
 class _TickingClock:
-    """Stands in for the trainer's ``time`` module: ``monotonic`` advances one tick per call."""
+    """Stands in for the ``time`` module of the time-budget callback: ``monotonic`` advances one tick per call."""
 
     def __init__(self) -> None:
         self.now = -CLOCK_TICK_S
@@ -42,6 +42,7 @@ def _config(data_root: Path, output_dir: Path):
 def test_budget_stops_on_a_checkpoint_and_resume_matches_a_straight_run(
     phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import crln.engine.callbacks as callbacks_module
     import crln.engine.trainer as trainer_module
 
     straight = trainer_module.train(_config(phantom_root, tmp_path / "straight"), progress=False)
@@ -49,7 +50,7 @@ def test_budget_stops_on_a_checkpoint_and_resume_matches_a_straight_run(
 
     config = _config(phantom_root, tmp_path / "chunked")
     with monkeypatch.context() as patch:
-        patch.setattr(trainer_module, "time", _TickingClock())
+        patch.setattr(callbacks_module, "time", _TickingClock())
         first = trainer_module.train(config, progress=False, time_budget_s=BUDGET_S)
     assert not first.complete and first.steps == STOPPED_AFTER
     assert load_checkpoint(first.run_dir / "checkpoint_latest.pt")["step"] == STOPPED_AFTER
@@ -66,10 +67,10 @@ def test_budget_stops_on_a_checkpoint_and_resume_matches_a_straight_run(
 def test_cli_reports_an_incomplete_run_and_exits_0(
     phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import crln.engine.trainer as trainer_module
+    import crln.engine.callbacks as callbacks_module
 
     overrides = tiny_overrides(phantom_root, tmp_path, **{"train.iterations": ITERATIONS, "data.validation": 0})
-    monkeypatch.setattr(trainer_module, "time", _TickingClock())
+    monkeypatch.setattr(callbacks_module, "time", _TickingClock())
     code = main(["train", "demo", *overrides, "--no-progress", "--evaluate", "--time-budget-s", str(BUDGET_S)])
     out = capsys.readouterr().out
     assert code == 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from crln.data.batch import Batch
 from crln.data.case import Case
 from crln.data.compact import CompactDataset, compact_h5_dataset, merge_compact
 from crln.data.h5 import H5Dataset, clear_h5_cache, locate_case, read_case_list, read_h5_case, write_h5_case
-from crln.data.loader import Batch, PatchDataset, TwoStreamBatchSampler, collate_two_stream, make_train_loader
+from crln.data.loader import PatchDataset, TwoStreamBatchSampler, collate_two_stream, make_train_loader
 from crln.data.nifti import NiftiDataset, read_nifti_volume, write_nifti
 from crln.data.phantom import make_phantom, write_phantom_h5_dataset, write_phantom_nifti_dataset
 from crln.data.prepare import prepare_h5_dataset, resample_image, resample_label

@@ -11,7 +11,7 @@ Conventions (see ``docs/distributed.md``):
 - each process trains on its own disjoint share of the *global* batch (``N × per-process batch``);
 - gradients of ``Method.trainable_parameters()`` are averaged by :class:`DistributedDataParallel`
   (:func:`wrap_for_data_parallel`); a method's extra optimiser steps average their own gradients
-  with :func:`all_reduce_mean_`;
+  with :func:`crln.collectives.all_reduce_mean_`;
 - the EMA teacher is not broadcast: it is updated from identical student weights, and
   :func:`verify_identical` checks that at every checkpoint;
 - only rank 0 writes files.
@@ -30,14 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from crln.collectives import all_reduce_mean_, is_distributed
 from crln.errors import CrlnError
 
 __all__ = [
     "BACKENDS",
     "MAIN_RANK",
     "all_gather_objects",
-    "all_reduce_mean_",
-    "all_reduce_sum_",
     "any_process",
     "average_batchnorm_statistics_",
     "barrier",
@@ -46,7 +45,6 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "init_from_env",
-    "is_distributed",
     "is_main_process",
     "launched_world_size",
     "local_rank",
@@ -88,11 +86,6 @@ def _env_int(name: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise CrlnError(f"environment variable {name}={text!r}: expected an integer (set by torchrun)") from None
-
-
-def is_distributed() -> bool:
-    """True inside a process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def get_rank() -> int:
@@ -196,35 +189,6 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 # --- collectives ------------------------------------------------------------------------------
-def _reduce_(tensors: Sequence[Tensor], op: Any, divide: bool) -> None:
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault((t.dtype, t.device), []).append(t)
-    world = get_world_size()
-    for group in by_dtype.values():
-        # One collective per dtype and device: many small tensors (gradients of μ, BN statistics).
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        dist.all_reduce(flat, op=op)
-        if divide:
-            flat.div_(world)
-        offset = 0
-        for t in group:
-            t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
-    """Replace each tensor, in place, by its mean over the processes (a no-op in a single process)."""
-    if is_distributed() and tensors:
-        _reduce_(tensors, dist.ReduceOp.SUM, divide=True)
-
-
-def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
-    """Replace each tensor, in place, by its sum over the processes (a no-op in a single process)."""
-    if is_distributed() and tensors:
-        _reduce_(tensors, dist.ReduceOp.SUM, divide=False)
-
-
 def _collective_device() -> torch.device:
     # NCCL reduces CUDA tensors only; Gloo reduces CPU tensors.
     if dist.get_backend() == "nccl":

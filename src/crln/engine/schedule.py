@@ -1,11 +1,10 @@
-"""Learning-rate and loss-weight schedules."""
+"""Learning-rate schedules of the engine (loss-weight ramps belong to the methods: :mod:`crln.methods.ramps`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "poly_lr_factor", "schedule_window", "sigmoid_rampup", "step_lr_factor"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "poly_lr_factor", "schedule_window", "step_lr_factor"]
 
 LR_SCHEDULES = ("poly", "step")
 
@@ -42,11 +41,3 @@ def schedule_window(step: int, total: int, restarts: Sequence[int]) -> tuple[int
     begin = max((r for r in restarts if r <= step), default=0)
     end = min((r for r in restarts if r > step), default=total)
     return step - begin, end - begin
-
-
-def sigmoid_rampup(step: float, length: float) -> float:
-    """``exp(-5 (1 - t)^2)`` with ``t = clip(step / length, 0, 1)`` (Laine & Aila, 2017); 1 if length is 0."""
-    if length <= 0:
-        return 1.0
-    t = min(max(step / length, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)

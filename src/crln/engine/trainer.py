@@ -1,16 +1,25 @@
-"""The training loop shared by every method.
+"""The training loop shared by every method, as a short sequence of named phases.
 
-Order of work after each ``Method.train_step`` (fixed and documented):
-backward → gradient clipping → optimiser step → LR schedule → ``method.after_optimizer_step``
-(EMA, extra optimiser steps) → metrics log → validation → checkpoint.
+:func:`train` runs: prepare the run (run folder, processes, seeds; split, load and check the data;
+build the method) → build the optimisers (:meth:`Method.configure_optimizers`) → restore on
+``--resume`` → write the run files → the loop → finish (final validation and checkpoints).
+
+One iteration (:func:`_iteration`), in this fixed order: batch → stage start if one begins here →
+learning rate (the engine's schedule, ``optim.lr_schedule``) → ``Method.train_step`` → finite check →
+backward → gradient clipping → main optimiser step → BatchNorm statistics averaged over processes →
+``Method.after_optimizer_step`` (EMA, gradients of a method's own parameters) → the method's extra
+optimisers (:class:`crln.methods.base.ExtraOptimizer`). Around the iterations the callbacks of
+:mod:`crln.engine.callbacks` run in their documented order (log, progress, validation, checkpoint,
+signal stop, time budget), then any the caller passes.
 
 Multi-stage methods (BCP) declare stage boundaries (``Method.stage_starts``); before the first
 iteration of a stage the engine calls ``method.start_stage`` and, as the stage asks, clears the
 optimiser state and restarts the LR schedule over the stage (:class:`crln.methods.base.StageStart`).
 
 The loop is resumable exactly: the batches of iteration ``k`` are a pure function of
-``(seed, k)`` (see :mod:`crln.data.loader`), and the checkpoint holds the method, optimiser,
-grad-scaler and torch RNG states, so ``N`` iterations straight equal ``N/2`` + resume + ``N/2``.
+``(seed, k)`` (see :mod:`crln.data.loader`), and the checkpoint (:mod:`crln.engine.state`) holds the
+method, optimiser, grad-scaler and torch RNG states, so ``N`` iterations straight equal ``N/2`` +
+resume + ``N/2``.
 
 Under ``torchrun`` (:mod:`crln.engine.distributed`, ``docs/distributed.md``) every process runs
 this loop on its share of the global batch: ``method.train_step`` runs inside
@@ -21,38 +30,37 @@ the EMA), validation cases are split between the processes, and rank 0 alone wri
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
-from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from crln.atomic import check_output_dir
-from crln.config import OptimConfig, RunConfig, config_to_dict
+from crln.config import RunConfig
+from crln.data.batch import Batch
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
-from crln.data.splits import plan_split
+from crln.data.splits import Split, plan_split
 from crln.data.transforms import AugmentConfig, normalize_intensity
 from crln.data.validate import check_channels, check_patch_fits, validate_case
 from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
-from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
+from crln.engine.callbacks import Callback, TimeBudget, default_callbacks, validate
+from crln.engine.checkpoint import save_checkpoint
 from crln.engine.device import Performance, seed_everything
-from crln.engine.progress import progress_bar
 from crln.engine.run_folder import MetricsLog, RunFolder
-from crln.engine.schedule import lr_factor, schedule_window
-from crln.errors import CrlnError, RunInterrupted, TrainingDiverged
+from crln.engine.schedule import lr_factor, poly_lr_factor, schedule_window
+from crln.engine.state import NullLog, RunState, read_resume_checkpoint
+from crln.errors import CrlnError, TrainingDiverged
 from crln.methods import Method, build_method
-from crln.methods.base import StageStart
+from crln.methods.base import Optimizers, StageStart
 from crln.predictor import build_network_factory, inference_weights
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "step_extra_optimizers", "train"]
 
 
 @dataclass
@@ -68,96 +76,122 @@ class TrainResult:
     complete: bool = True  # False when the time budget stopped the run early (resume it with --resume)
 
 
-def _validate(method: Method, cases: list[Case], config: RunConfig, perf: Performance) -> float:
-    """Mean foreground Dice of the inference network on held-out training cases."""
-    from crln.inference import optimize_for_inference, sliding_window_predict
-    from crln.metrics import mean_foreground_dice
+@dataclass
+class _Data:
+    """The run's cases, decoded, checked and normalised, with the split that chose them."""
 
-    network = method.inference_network(config.eval.network)
-    was_training = network.training
-    network.eval()
-    scores = []
-    try:
-        fast = optimize_for_inference(network, perf.device)  # a forward-only copy (CPU: BN folded, channels-last)
-        # Each process scores its share of the cases; the mean is taken over all of them, in case order.
-        for index, case in distributed.shard(cases):
-            probs = sliding_window_predict(
-                lambda x: fast(perf.input(x)),
-                case.image,
-                patch_size=config.data.patch_size,
-                stride=config.eval.stride,
-                num_classes=config.data.num_classes,
-                sw_batch_size=config.eval.sw_batch_size,
-                device=perf.device,
-                amp_dtype=perf.amp_dtype,
-            )
-            scores.append((index, mean_foreground_dice(probs.argmax(0).numpy(), case.label, config.data.num_classes)))
-    finally:
-        network.train(was_training)
-    return float(np.mean(distributed.gather_shards(scores)))
+    split: Split
+    split_rule: str
+    labeled: list[Case]
+    unlabeled: list[Case]
+    validation: list[Case]
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the iteration and stops."""
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Train ``config.method`` and write the run folder.
 
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
+    Args:
+        config: resolved run configuration.
+        resume: continue from ``checkpoint_latest.pt`` of the run folder (error if there is none).
+        run_dir: run folder; default ``RunFolder.for_config(config)``.
+        progress: show a progress bar with loss and ETA.
+        time_budget_s: wall-clock seconds this call may take, counted from its start (data loading
+            included). Before an iteration that would end past it, the loop saves
+            ``checkpoint_latest.pt`` and returns with ``complete=False``; ``--resume`` continues exactly.
+        callbacks: more :class:`crln.engine.callbacks.Callback` objects, called after the engine's own
+            (e.g. one that raises to stop the run at a chosen iteration).
 
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signal_name = signal.Signals(signum).name
+    Returns:
+        A :class:`TrainResult` with the run folder.
 
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+    Raises:
+        CrlnError: bad data or config, an existing run folder without ``resume``.
+        TrainingDiverged: a non-finite loss or weight (a :class:`CrlnError`; the CLI exits 3).
+        RunInterrupted: SIGINT or SIGTERM; ``checkpoint_latest.pt`` holds the last finished iteration.
+    """
+    budget = TimeBudget(time_budget_s) if time_budget_s is not None else None  # counts from here
+    tune_cpu_allocator()  # activation maps reuse heap memory instead of fresh page-faulted mmaps
+    folder = RunFolder(run_dir) if run_dir is not None else RunFolder.for_config(config)
+    # Under torchrun: join the process group (cuda:LOCAL_RANK on GPUs); rank 0 alone reads and writes the folder.
+    device = distributed.process_device(config.train.device)
+    distributed.init_from_env(device, config.distributed.backend, config.distributed.timeout_minutes)
+    distributed.run_on_main(lambda: _check_run_folder(folder, resume, option=run_dir is not None))
+    perf = _seed(config, device)
 
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+    method, data = _prepare_data(config)
+    run = _build_run(config, folder, method, perf, data)
+    saved = read_resume_checkpoint(folder.checkpoint("latest"), config, run.world, device) if resume else None
+    if saved is not None:
+        run.restore(saved, folder.checkpoint("latest"))
+    _write_run_files(run, data, resume)
+    batches = _batches(run, data)
+    if saved is not None:  # creating the iterator may draw from torch's RNG: restore the resumed state after it
+        run.restore_rng(saved, distributed.get_rank())
 
-
-# Settings a resumed run may change: where and how fast it runs, and how long.
-_RESUMABLE_CHANGES = {
-    "train.iterations",
-    "train.device",
-    "train.threads",
-    "train.log_every",
-    "train.val_every",
-    "train.checkpoint_every",
-    "train.output_dir",
-    "distributed.backend",
-    "distributed.timeout_minutes",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.root",
-}
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    started = time.perf_counter()
+    _loop(run, batches, (*default_callbacks(progress, budget), *callbacks))
+    return _finish(run, progress, started)
 
 
-def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint under a config that changes what is being trained."""
-    old, new = _flatten(saved), _flatten(current)
-    # Keys the saved config lacks are fields added to crln since: they hold their defaults.
-    changed = sorted(k for k in old if old[k] != new.get(k) and k not in _RESUMABLE_CHANGES)
-    if changed:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+def _check_run_folder(folder: RunFolder, resume: bool, option: bool) -> None:
+    """The run folder is writable and holds a run exactly when ``resume`` asks for one."""
+    check_output_dir(folder.path, "--run-dir" if option else "run folder (train.output_dir)")
+    latest = folder.checkpoint("latest")
+    if resume and not latest.exists():
+        raise CrlnError(f"--resume: no checkpoint at {latest}")
+    if not resume and (latest.exists() or folder.checkpoint("final").exists()):
+        raise CrlnError(f"run folder {folder.path} already holds a run; pass --resume or change train.tag")
+
+
+def _seed(config: RunConfig, device: torch.device) -> Performance:
+    """Seed every RNG, set the CPU threads; the device's performance settings (AMP, channels-last)."""
+    seed_everything(config.train.seed, config.train.deterministic)
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+    return Performance.for_device(device, config.train.amp, config.train.channels_last, config.train.deterministic)
+
+
+def _prepare_data(config: RunConfig) -> tuple[Method, _Data]:
+    """Split the training list, build the method (it says which cases it needs), decode every case once
+    into memory, check the cases and the patch size against them, and normalise the images."""
+    d = config.data
+    dataset = open_dataset(d)
+    split, split_rule = plan_split(dataset, d)
+    method = build_method(config.method, build_network_factory(config), d.num_classes)
+    if distributed.is_main_process():  # the user sees which cases train how before the (long) decoding starts
+        unused = "" if method.uses_unlabeled else f" (method {config.method.name!r} does not use unlabelled cases)"
+        print(split_rule + unused, flush=True)
+    labeled = dataset.load_many(split.labeled, with_label=True)
+    unlabeled = _load_unlabeled(dataset, split.unlabeled, method, d.train_split) if method.uses_unlabeled else []
+    if method.uses_unlabeled and not unlabeled:
         raise CrlnError(
-            f"--resume: {path} was trained with a different config ({shown}{more}); "
-            "start a new run (train.tag=...) instead"
+            f"data.labeled={d.labeled}: method {config.method.name!r} needs unlabelled cases but all "
+            f"{len(split.labeled) + len(split.validation)} training cases are labelled or held out"
         )
+    validation = dataset.load_many(split.validation, with_label=True)
+    _check_cases(config, labeled, unlabeled, validation)
+    for case in (*labeled, *unlabeled, *validation):
+        case.image = normalize_intensity(case.image, d.intensity)  # the model's input contract (data.intensity)
+    return method, _Data(split, split_rule, labeled, unlabeled, validation)
+
+
+def _check_cases(config: RunConfig, labeled: list[Case], unlabeled: list[Case], validation: list[Case]) -> None:
+    """Labels, classes and channels of every case; the patch fits the volumes."""
+    d = config.data
+    labelled = [*labeled, *validation]
+    for index, case in enumerate([*labelled, *unlabeled]):
+        # a label of an unlabelled case is for monitoring only: checked if present, never required
+        validate_case(case, num_classes=d.num_classes, require_label=index < len(labelled), allow_channels=True)
+        check_channels(case, config.model.in_channels)
+    check_patch_fits([*labeled, *unlabeled, *validation], d.patch_size)
 
 
 def _load_unlabeled(dataset: Any, ids: list[str], method: Method, split: str) -> list[Case]:
@@ -172,11 +206,163 @@ def _load_unlabeled(dataset: Any, ids: list[str], method: Method, split: str) ->
     return dataset.load_many(ids, with_label=False)
 
 
-def _lr_factor(optim: OptimConfig, step: int, total: int) -> float:
-    """The configured schedule's multiplier of ``optim.lr`` at 0-based ``step`` of ``total``."""
-    return lr_factor(
-        step, total, optim.lr_schedule, power=optim.poly_power, step_size=optim.lr_step_size, gamma=optim.lr_step_gamma
+def _build_run(config: RunConfig, folder: RunFolder, method: Method, perf: Performance, data: _Data) -> RunState:
+    """Place the method on its device and build its optimisers and the grad scaler."""
+    device, world = perf.device, distributed.get_world_size()
+    method = perf.place(method)
+    if world > 1 and config.distributed.sync_batchnorm:
+        method = distributed.convert_sync_batchnorm(method, device)
+    optimizers = method.configure_optimizers(config.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=perf.amp_dtype == torch.float16)
+    main = distributed.is_main_process()
+    return RunState(config, folder, method, optimizers, scaler, perf, world, main, validation_cases=data.validation)
+
+
+def _write_run_files(run: RunState, data: _Data, resume: bool) -> None:
+    """Rank 0: the run folder, its config, on a fresh start ``meta.json``, and the metrics log."""
+    folder, config = run.folder, run.config
+    if not run.main:
+        run.log = NullLog()
+        return
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.remove_stale_temp_files()
+    folder.write_config(config)
+    if not resume:
+        from crln.data.prepare import recorded_scale
+
+        split = data.split
+        meta: dict[str, Any] = {
+            "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation},
+            "data_scale": recorded_scale(config.data.root),  # inference adapts eval.stride to data at other scales
+            "split_rule": data.split_rule,
+        }
+        if run.world > 1:
+            meta["distributed"] = _distributed_meta(config, run.world)
+        folder.write_meta(meta)
+    run.log = MetricsLog(
+        folder.log_path,
+        # A fresh start (start_step 0) empties the log: records of an abandoned attempt are stale.
+        truncate_after_step=run.start_step,
+        tensorboard_dir=folder.path / "tensorboard" if config.logging.tensorboard else None,
     )
+
+
+def _distributed_meta(config: RunConfig, world: int) -> dict[str, Any]:
+    """What ``meta.json`` records of a data-parallel run: processes and global batch sizes."""
+    import torch.distributed as dist
+
+    d = config.data
+    return {
+        "world_size": world,
+        "backend": dist.get_backend(),
+        "global_labeled_batch_size": d.labeled_batch_size * world,
+        "global_unlabeled_batch_size": d.unlabeled_batch_size * world,
+    }
+
+
+def _batches(run: RunState, data: _Data) -> Iterator[Batch]:
+    """The batches of iterations ``run.start_step`` … end: a pure function of (seed, step), this process's share."""
+    d, rank = run.config.data, distributed.get_rank()
+    loader = make_train_loader(
+        data.labeled,
+        data.unlabeled,
+        patch_size=d.patch_size,
+        labeled_batch_size=d.labeled_batch_size,
+        unlabeled_batch_size=d.unlabeled_batch_size if run.method.uses_unlabeled else 0,
+        augment=AugmentConfig(
+            rot_flip=d.rot_flip, brightness=d.brightness, noise_sigma=d.noise_sigma, noise_clip=d.noise_clip
+        ),
+        seed=run.config.train.seed,
+        start_step=run.start_step,
+        num_steps=run.total,
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory and run.perf.device.type == "cuda",
+        rank=rank,
+        world_size=run.world,
+    )
+    if rank != distributed.MAIN_RANK:
+        torch.manual_seed(distributed.rank_seed(run.config.train.seed, rank))  # own dropout/noise; weights built alike
+    return iter(loader)
+
+
+def _loop(run: RunState, batches: Iterator[Batch], callbacks: Sequence[Callback]) -> None:
+    """Iterations ``run.start_step`` … ``run.total - 1`` with the callbacks around each (or until one stops it)."""
+    method, total = run.method, run.total
+    stage_at = {stage.step: stage for stage in method.stage_starts() if 0 < stage.step < total}
+    restarts = [stage.step for stage in stage_at.values() if stage.restart_lr_schedule]
+    # DDP averages the gradients of method.trainable_parameters() (student, CRLN's DIM, prototypes, CPS head).
+    step_fn = distributed.wrap_for_data_parallel(method, run.perf.device) if run.world > 1 else method.train_step
+    method.train()
+    run.completed = run.start_step
+    try:
+        for callback in callbacks:
+            callback.on_train_start(run)
+        for step in range(run.start_step, total):
+            for callback in callbacks:
+                callback.on_step_start(run, step)
+            wait_start = time.perf_counter()
+            batch = next(batches).to(run.perf.device, non_blocking=True)
+            run.data_wait = time.perf_counter() - wait_start
+            if step in stage_at:  # a multi-stage method's boundary (BCP): see Method.stage_starts
+                _start_stage(method, stage_at[step], run.optimizers.main)
+            out = _iteration(run, batch, step, step_fn, schedule_window(step, total, restarts))
+            run.completed = step + 1
+            for callback in callbacks:
+                callback.on_step_end(run, step, out)
+            if run.stop_early:
+                break
+    finally:
+        for callback in callbacks:
+            callback.on_train_end(run)
+
+
+def _iteration(
+    run: RunState, batch: Batch, step: int, step_fn: Callable[..., dict[str, torch.Tensor]], window: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """One iteration on ``batch``: the method's loss, backward, the optimiser steps (module docstring).
+
+    ``window`` is ``(step within its stage, stage length)`` for the main learning-rate schedule.
+    """
+    config, perf, method, optimizer, scaler = run.config, run.perf, run.method, run.optimizers.main, run.scaler
+    batch.labeled_image = perf.input(batch.labeled_image)
+    if batch.unlabeled_image is not None:
+        batch.unlabeled_image = perf.input(batch.unlabeled_image)
+    for group in optimizer.param_groups:
+        group["lr"] = config.optim.lr * _lr_factor(config, *window)
+    with perf.autocast():
+        out = step_fn(batch, step)
+    _check_finite(out, step)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()
+    if config.optim.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), config.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    distributed.average_batchnorm_statistics_(method)  # before the EMA: same student, same teacher
+    method.after_optimizer_step(step)
+    step_extra_optimizers(run.optimizers, step)
+    return out
+
+
+def step_extra_optimizers(optimizers: Optimizers, step: int) -> None:
+    """Step a method's own optimisers (after ``Method.after_optimizer_step`` of iteration ``step`` left their
+    gradients), each at its poly-decayed rate (:class:`crln.methods.base.ExtraOptimizer`), then zero them.
+
+    Code that runs iterations by hand (benchmarks, unit tests) calls it where the engine does.
+    """
+    for extra in optimizers.extra.values():
+        factor = poly_lr_factor(step, extra.poly_iterations) if extra.poly_iterations > 0 else 1.0
+        for group in extra.optimizer.param_groups:
+            group["lr"] = extra.lr * factor
+        extra.optimizer.step()
+        extra.optimizer.zero_grad(set_to_none=True)
+
+
+def _lr_factor(config: RunConfig, step: int, total: int) -> float:
+    """The configured schedule's multiplier of ``optim.lr`` at 0-based ``step`` of ``total``."""
+    o = config.optim
+    return lr_factor(step, total, o.lr_schedule, power=o.poly_power, step_size=o.lr_step_size, gamma=o.lr_step_gamma)
 
 
 def _start_stage(method: Method, stage: StageStart, optimizer: torch.optim.Optimizer) -> None:
@@ -197,348 +383,31 @@ def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
         )
 
 
-def _check_finite_weights(method: Method, step: int) -> None:
-    """Refuse to checkpoint non-finite weights, so that the last checkpoint on disk stays a good one."""
-    for name, value in method.state_dict().items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise TrainingDiverged(
-                f"training diverged: weight {name!r} is not finite after iteration {step}; "
-                "the last good checkpoint is kept (lower optim.lr or check the data)"
-            )
+def _finish(run: RunState, progress: bool, started: float) -> TrainResult:
+    """After the loop: an incomplete run (time budget) just closes its log; a complete one validates a
+    last time, writes its final checkpoints and the inference weights. Every process returns together.
 
-
-class _NullLog:
-    """The metrics log of processes other than rank 0: they compute every record but write none."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        del record
-
-    def close(self) -> None:
-        pass
-
-
-def _distributed_meta(config: RunConfig, world: int) -> dict[str, Any]:
-    """What ``meta.json`` records of a data-parallel run: processes and global batch sizes."""
-    import torch.distributed as dist
-
-    d = config.data
-    return {
-        "world_size": world,
-        "backend": dist.get_backend(),
-        "global_labeled_batch_size": d.labeled_batch_size * world,
-        "global_unlabeled_batch_size": d.unlabeled_batch_size * world,
-    }
-
-
-def _check_resume_world_size(state: dict[str, Any], world: int, path: Path) -> None:
-    """The global batch is per-process batch × processes: resuming on another number would change it."""
-    saved = int(state.get("world_size", 1))
-    if saved != world:
-        raise CrlnError(
-            f"--resume: {path} was trained by {saved} process(es), this run has {world}; resume with "
-            f"torchrun --nproc_per_node=... giving {saved} processes in all (the global batch would change)"
-        )
-
-
-def train(
-    config: RunConfig,
-    *,
-    resume: bool = False,
-    run_dir: str | Path | None = None,
-    progress: bool = True,
-    time_budget_s: float | None = None,
-) -> TrainResult:
-    """Train ``config.method`` and write the run folder.
-
-    Args:
-        config: resolved run configuration.
-        resume: continue from ``checkpoint_latest.pt`` of the run folder (error if there is none).
-        run_dir: run folder; default ``RunFolder.for_config(config)``.
-        progress: show a progress bar with loss and ETA.
-        time_budget_s: wall-clock seconds this call may take, counted from its start (data loading
-            included). Before an iteration that would end past it, the loop saves
-            ``checkpoint_latest.pt`` and returns with ``complete=False``; ``--resume`` continues exactly.
-
-    Returns:
-        A :class:`TrainResult` with the run folder.
-
-    Raises:
-        CrlnError: bad data or config, an existing run folder without ``resume``.
-        TrainingDiverged: a non-finite loss or weight (a :class:`CrlnError`; the CLI exits 3).
-        RunInterrupted: SIGINT or SIGTERM; ``checkpoint_latest.pt`` holds the last finished iteration.
+    ``started``: ``time.perf_counter()`` when the loop began (``TrainResult.seconds`` counts from it).
     """
-    started = time.monotonic()  # the time budget counts from here
-    tune_cpu_allocator()  # activation maps reuse heap memory instead of fresh page-faulted mmaps
-    folder = RunFolder(run_dir) if run_dir is not None else RunFolder.for_config(config)
-    latest = folder.checkpoint("latest")
-    # Under torchrun: join the process group (cuda:LOCAL_RANK on GPUs); rank 0 alone reads and writes the folder.
-    device = distributed.process_device(config.train.device)
-    distributed.init_from_env(device, config.distributed.backend, config.distributed.timeout_minutes)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    main = distributed.is_main_process()
-
-    def check_run_folder() -> None:
-        check_output_dir(folder.path, "--run-dir" if run_dir is not None else "run folder (train.output_dir)")
-        if resume and not latest.exists():
-            raise CrlnError(f"--resume: no checkpoint at {latest}")
-        if not resume and (latest.exists() or folder.checkpoint("final").exists()):
-            raise CrlnError(f"run folder {folder.path} already holds a run; pass --resume or change train.tag")
-
-    distributed.run_on_main(check_run_folder)
-
-    seed_everything(config.train.seed, config.train.deterministic)
-    if config.train.threads > 0:
-        torch.set_num_threads(config.train.threads)
-    perf = Performance.for_device(device, config.train.amp, config.train.channels_last, config.train.deterministic)
-
-    # Data: split the training list, decode every case once into memory.
-    d = config.data
-    dataset = open_dataset(d)
-    split, split_rule = plan_split(dataset, d)
-    method = build_method(config.method, build_network_factory(config), d.num_classes)
-    if main:  # the user sees which cases train how before the (long) decoding starts
-        unused = "" if method.uses_unlabeled else f" (method {config.method.name!r} does not use unlabelled cases)"
-        print(split_rule + unused, flush=True)
-    labeled_cases = dataset.load_many(split.labeled, with_label=True)
-    unlabeled_cases = _load_unlabeled(dataset, split.unlabeled, method, d.train_split) if method.uses_unlabeled else []
-    if method.uses_unlabeled and not unlabeled_cases:
-        raise CrlnError(
-            f"data.labeled={d.labeled}: method {config.method.name!r} needs unlabelled cases but all "
-            f"{len(split.labeled) + len(split.validation)} training cases are labelled or held out"
-        )
-    validation_cases = dataset.load_many(split.validation, with_label=True)
-    channels = config.model.in_channels
-    labeled_streams = [*labeled_cases, *validation_cases]
-    for index, case in enumerate([*labeled_streams, *unlabeled_cases]):
-        # a label of an unlabelled case is for monitoring only: checked if present, never required
-        required = index < len(labeled_streams)
-        validate_case(case, num_classes=d.num_classes, require_label=required, allow_channels=True)
-        check_channels(case, channels)
-    check_patch_fits([*labeled_cases, *unlabeled_cases, *validation_cases], d.patch_size)
-    for case in (*labeled_cases, *unlabeled_cases, *validation_cases):
-        case.image = normalize_intensity(case.image, d.intensity)  # the model's input contract (data.intensity)
-
-    method = perf.place(method)
-    if world > 1 and config.distributed.sync_batchnorm:
-        method = distributed.convert_sync_batchnorm(method, device)
-    optimizer = torch.optim.SGD(
-        method.trainable_parameters(),
-        lr=config.optim.lr,
-        momentum=config.optim.momentum,
-        nesterov=config.optim.nesterov,
-        weight_decay=config.optim.weight_decay,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=perf.amp_dtype == torch.float16)
-
-    start_step, best = 0, {"metric": None, "step": None}
-    if resume:
-
-        def load_resume_state() -> dict[str, Any]:
-            # Several processes: rank 0 reads the file on CPU and hands it to the others (no shared disk needed).
-            loaded = load_checkpoint(latest, map_location=device if world == 1 else "cpu")
-            _check_resume_config(loaded["config"], config_to_dict(config), latest)
-            _check_resume_world_size(loaded, world, latest)
-            return loaded
-
-        state = distributed.run_on_main(load_resume_state)
-        restore_module_state(method, state["method_state"], latest)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, best = int(state["step"]), dict(state["best"])
-    if main:
-        folder.path.mkdir(parents=True, exist_ok=True)
-        folder.remove_stale_temp_files()
-        folder.write_config(config)
-    if main and not resume:
-        from crln.data.prepare import recorded_scale
-
-        meta: dict[str, Any] = {
-            "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation},
-            "data_scale": recorded_scale(d.root),  # inference adapts eval.stride to data at other scales
-            "split_rule": split_rule,
-        }
-        if world > 1:
-            meta["distributed"] = _distributed_meta(config, world)
-        folder.write_meta(meta)
-    log: MetricsLog | _NullLog = (
-        MetricsLog(
-            folder.log_path,
-            # A fresh start (start_step 0) empties the log: records of an abandoned attempt are stale.
-            truncate_after_step=start_step,
-            tensorboard_dir=folder.path / "tensorboard" if config.logging.tensorboard else None,
-        )
-        if main
-        else _NullLog()
-    )
-
-    total = config.train.iterations
-    stage_at = {stage.step: stage for stage in method.stage_starts() if 0 < stage.step < total}
-    restarts = [stage.step for stage in stage_at.values() if stage.restart_lr_schedule]
-
-    def checkpoint(which: str, step: int) -> None:
-        _check_finite_weights(method, step)
-        rng = torch.get_rng_state()
-        extra: dict[str, Any] = {}
-        if world > 1:
-            # Every process draws its own dropout/noise stream: keep each one for an exact resume.
-            extra = {"world_size": world, "torch_rng_per_rank": distributed.all_gather_objects(rng)}
-            distributed.verify_identical(method.state_dict().items(), f"checkpoint at iteration {step}")
-        if not main:
-            return
-        save_checkpoint(
-            folder.checkpoint(which),
-            {
-                "method": config.method.name,
-                "config": config_to_dict(config),
-                "step": step,
-                "method_state": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "torch_rng": rng,
-                "best": best,
-                **extra,
-            },
-        )
-
-    def validate(step: int) -> None:
-        if not validation_cases:
-            return
-        score = _validate(method, validation_cases, config, perf)
-        log.write({"step": step, "val_dice": score})
-        if best["metric"] is None or score > best["metric"]:
-            best.update(metric=score, step=step)
-            checkpoint("best", step)
-
-    loader = make_train_loader(
-        labeled_cases,
-        unlabeled_cases,
-        patch_size=d.patch_size,
-        labeled_batch_size=d.labeled_batch_size,
-        unlabeled_batch_size=d.unlabeled_batch_size if method.uses_unlabeled else 0,
-        augment=AugmentConfig(
-            rot_flip=d.rot_flip, brightness=d.brightness, noise_sigma=d.noise_sigma, noise_clip=d.noise_clip
-        ),
-        seed=config.train.seed,
-        start_step=start_step,
-        num_steps=total,
-        num_workers=d.num_workers,
-        pin_memory=d.pin_memory and device.type == "cuda",
-        rank=rank,
-        world_size=world,
-    )
-    # A live bar on a terminal, a plain line every few percent in a log file.
-    bar = progress_bar(total, start_step, config.method.name) if progress and main else None
-
-    # Creating the iterator may draw from torch's RNG: restore the resumed RNG state after it.
-    if rank != distributed.MAIN_RANK:
-        torch.manual_seed(distributed.rank_seed(config.train.seed, rank))  # own dropout/noise; weights built alike
-    batches = iter(loader)
-    if resume:
-        torch.set_rng_state(state["torch_rng"] if world == 1 else state["torch_rng_per_rank"][rank])
-    # DDP averages the gradients of method.trainable_parameters() (student, CRLN's DIM, prototypes, CPS head).
-    step_fn = distributed.wrap_for_data_parallel(method, device) if world > 1 else method.train_step
-    stop = _StopRequest()
-    method.train()
-    sums: dict[str, float] = defaultdict(float)
-    window_steps = 0  # iterations summed since the last record (fewer than log_every after a resume)
-    window_start, data_wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
-    completed = start_step
-    slowest_iteration, stopped_on_budget = 0.0, False
-    try:
-        stop.install()
-        for step in range(start_step, total):
-            iteration_start = time.monotonic()
-            wait_start = time.perf_counter()
-            batch = next(batches).to(device, non_blocking=True)
-            data_wait += time.perf_counter() - wait_start
-            batch.labeled_image = perf.input(batch.labeled_image)
-            if batch.unlabeled_image is not None:
-                batch.unlabeled_image = perf.input(batch.unlabeled_image)
-            if step in stage_at:  # a multi-stage method's boundary (BCP): see Method.stage_starts
-                _start_stage(method, stage_at[step], optimizer)
-            for group in optimizer.param_groups:
-                group["lr"] = config.optim.lr * _lr_factor(config.optim, *schedule_window(step, total, restarts))
-
-            with perf.autocast():
-                out = step_fn(batch, step)
-            _check_finite(out, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            if config.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), config.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            distributed.average_batchnorm_statistics_(method)  # before the EMA: same student, same teacher
-            method.after_optimizer_step(step)
-            completed = step + 1
-
-            for name, value in out.items():
-                sums[name] += float(value.detach())
-            window_steps += 1
-            done = step + 1
-            if done % config.train.log_every == 0 or done == total:
-                n = window_steps
-                elapsed = time.perf_counter() - window_start
-                record = {"step": done, "lr": optimizer.param_groups[0]["lr"]}
-                record.update(distributed.mean_across_processes({k: v / n for k, v in sums.items()}))
-                record.update(seconds_per_iteration=elapsed / n, data_wait_fraction=data_wait / max(elapsed, 1e-9))
-                log.write(record)
-                sums.clear()
-                window_steps = 0
-                window_start, data_wait = time.perf_counter(), 0.0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}", refresh=False)
-            if config.train.val_every and done % config.train.val_every == 0 and done < total:
-                validate(done)
-            if done % config.train.checkpoint_every == 0 and done < total:
-                checkpoint("latest", done)
-            # torchrun forwards the signal to every process, not always within the same iteration: agree.
-            if distributed.any_process(stop.signal_name is not None):
-                checkpoint("latest", completed)
-                raise RunInterrupted(
-                    f"stopped by {stop.signal_name or 'a signal to another process'} after iteration {completed}; "
-                    f"checkpoint saved in {folder.path}; continue with the same command and --resume",
-                    stop.signal_name,
-                )
-            if time_budget_s is not None and done < total:
-                if step > start_step:  # the first iteration of a process pays warm-up costs
-                    slowest_iteration = max(slowest_iteration, time.monotonic() - iteration_start)
-                # every process must stop at the same iteration
-                if distributed.any_process(time.monotonic() - started + slowest_iteration > time_budget_s):
-                    checkpoint("latest", completed)
-                    stopped_on_budget = True
-                    break
-    finally:
-        stop.uninstall()
-        if bar is not None:
-            bar.close()
-
-    if stopped_on_budget:  # no final validation, no checkpoint_final.pt: the run is not finished
-        log.close()
-        distributed.barrier()
-        best_metric = None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"]
-        return TrainResult(folder.path, completed, time.perf_counter() - t0, best_metric, method, complete=False)
-
-    if config.train.val_every:  # train.val_every=0: no validation at all
-        final_start = time.perf_counter()
-        if progress and main and validation_cases:
-            print(f"final validation on {len(validation_cases)} held-out case(s) ...", flush=True)
-        validate(total)
-        if progress and main and validation_cases:
-            print(f"final validation done ({time.perf_counter() - final_start:.1f} s)", flush=True)
-    checkpoint("latest", total)
-    checkpoint("final", total)
-    if main:
-        save_checkpoint(folder.inference_weights, inference_weights(method, config, total))
-        folder.write_checkpoint_notes()
-    log.close()  # every record was flushed as written; this only releases the TensorBoard writer
+    config, total = run.config, run.total
+    if not run.stop_early:  # stopped early (time budget): no final validation, no checkpoint_final.pt
+        if config.train.val_every:  # train.val_every=0: no validation at all
+            announce = progress and run.main and bool(run.validation_cases)
+            final_start = time.perf_counter()
+            if announce:
+                print(f"final validation on {len(run.validation_cases)} held-out case(s) ...", flush=True)
+            validate(run, total)
+            if announce:
+                print(f"final validation done ({time.perf_counter() - final_start:.1f} s)", flush=True)
+        run.checkpoint("latest", total)
+        run.checkpoint("final", total)
+        if run.main:
+            save_checkpoint(run.folder.inference_weights, inference_weights(run.method, config, total))
+            run.folder.write_checkpoint_notes()
+    if run.log is not None:
+        run.log.close()  # every record was flushed as written; this only releases the TensorBoard writer
     distributed.barrier()  # the final checkpoint exists for every process once train() returns (--evaluate)
-    return TrainResult(
-        folder.path,
-        total,
-        time.perf_counter() - t0,
-        None if best["metric"] is None or math.isnan(best["metric"]) else best["metric"],
-        method,
-    )
+    metric = run.best["metric"]
+    best = None if metric is None or math.isnan(metric) else metric
+    seconds = time.perf_counter() - started
+    return TrainResult(run.folder.path, run.completed, seconds, best, run.method, complete=not run.stop_early)

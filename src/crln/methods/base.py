@@ -2,30 +2,47 @@
 
 A method is a small :class:`torch.nn.Module` that owns its networks (student, teacher, extra
 modules) and turns one two-stream batch into named loss terms. The engine owns the loop: it calls
-:meth:`Method.train_step`, back-propagates ``out["loss"]``, steps the optimiser, then calls
-:meth:`Method.after_optimizer_step` (EMA updates, CRLN's μ step). A method never moves devices,
-steps the main optimiser, logs or writes files.
+:meth:`Method.train_step`, back-propagates ``out["loss"]``, steps the main optimiser, calls
+:meth:`Method.after_optimizer_step` (EMA updates, the gradients of CRLN's μ), then steps the
+method's extra optimisers. A method never moves devices, steps an optimiser, logs or writes files.
+
+Hooks the engine calls, in this order (``crln.engine.trainer``):
+
+- :meth:`Method.configure_optimizers` once, after the method is placed on its device: the main
+  optimiser (default: SGD over :meth:`Method.trainable_parameters`) and any extra ones;
+- :meth:`Method.stage_starts` once, then :meth:`Method.start_stage` before the first iteration of
+  each later stage (multi-stage methods such as BCP);
+- every iteration: :meth:`Method.train_step`, then :meth:`Method.after_optimizer_step`.
+
+Methods never import :mod:`crln.engine` (the engine imports them): the EMA helpers are
+:mod:`crln.methods.ema`, loss ramps :mod:`crln.methods.ramps`, collectives :mod:`crln.collectives`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
-from crln.data.loader import Batch
-from crln.engine.ema import ema_decay_at, ema_update
+from crln.data.batch import Batch
 from crln.errors import CrlnError
 from crln.method_configs import METHOD_CONFIGS, MethodConfig
 from crln.method_configs import method_config_class as _config_class
+from crln.methods.ema import ema_decay_at, ema_update
+
+if TYPE_CHECKING:
+    from crln.config import OptimConfig
 
 __all__ = [
+    "ExtraOptimizer",
     "Method",
     "MethodConfig",
+    "Optimizers",
     "RectificationViews",
     "StageStart",
     "TeacherStudentMethod",
@@ -79,6 +96,32 @@ class RectificationViews:
     weight: float | None  # the learned mixing weight μ, if the method learns one
 
 
+@dataclass
+class ExtraOptimizer:
+    """A method's own optimiser beside the main one (CRLN's μ), with its learning-rate schedule.
+
+    The engine sets every group's ``lr`` to ``lr × poly(step, poly_iterations)`` (``lr`` itself when
+    ``poly_iterations`` is 0), steps it after :meth:`Method.after_optimizer_step`, which leaves the
+    gradients in ``.grad``, then zeroes them; its state is saved and restored with the checkpoint.
+    """
+
+    optimizer: torch.optim.Optimizer
+    lr: float
+    poly_iterations: int = 0
+
+
+@dataclass
+class Optimizers:
+    """What :meth:`Method.configure_optimizers` returns: the main optimiser and the method's extra ones.
+
+    The main one minimises ``out["loss"]`` under the engine's learning-rate schedule (``optim.lr_schedule``);
+    ``extra`` maps a name (the checkpoint's key) to an :class:`ExtraOptimizer`.
+    """
+
+    main: torch.optim.Optimizer
+    extra: dict[str, ExtraOptimizer] = field(default_factory=dict)
+
+
 class Method(nn.Module):
     """Base class of training methods.
 
@@ -128,6 +171,21 @@ class Method(nn.Module):
         """Parameters the engine's main optimiser updates (the student's by default)."""
         return self.student.parameters()
 
+    def configure_optimizers(self, optim: OptimConfig) -> Optimizers:
+        """The main optimiser (SGD over :meth:`trainable_parameters` with ``optim``'s settings) and none extra.
+
+        Called once, after the method is on its device. Override to add optimisers of the method's own
+        (CRLN's μ); the learning rate of the main one is set by the engine's schedule every iteration.
+        """
+        main = torch.optim.SGD(
+            self.trainable_parameters(),
+            lr=optim.lr,
+            momentum=optim.momentum,
+            nesterov=optim.nesterov,
+            weight_decay=optim.weight_decay,
+        )
+        return Optimizers(main)
+
     def inference_network(self, which: str = "student") -> nn.Module:
         """The network used for validation, evaluation and prediction (``eval.network``)."""
         if which == "student":
@@ -136,10 +194,6 @@ class Method(nn.Module):
             f"config key eval.network: {which!r} is not available for method {self.name!r} "
             f"(available: {', '.join(self.config_class.inference_networks)})"
         )
-
-    def networks(self) -> dict[str, nn.Module]:
-        """Named networks, for device/memory-format placement and compilation."""
-        return {"student": self.student}
 
     # --- What crln report and crln bench show of a method. The class methods read the config alone, so a
     # report or a bench table needs no network for them; a method overrides them instead of the report
@@ -188,9 +242,6 @@ class TeacherStudentMethod(Method):
     def inference_network(self, which: str = "student") -> nn.Module:
         """The student, or the EMA teacher (``which="teacher"``; its BatchNorm buffers are the EMA of the student's)."""
         return self.teacher if which == "teacher" else super().inference_network(which)
-
-    def networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(teacher module, student module)`` pairs that the EMA updates."""

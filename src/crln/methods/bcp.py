@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crln.data.loader import Batch
-from crln.engine.ema import ema_update
+from crln.data.batch import Batch
 from crln.method_configs import BCPConfig, MethodConfig
 from crln.methods.base import StageStart, TeacherStudentMethod, TimelineMark, register_method
+from crln.methods.ema import ema_update
 from crln.methods.mean_teacher import consistency_terms, cutmix_box_mask
 from crln.metrics import keep_largest_component
 

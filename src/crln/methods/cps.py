@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crln.engine.distributed import all_reduce_sum_
+from crln.collectives import all_reduce_sum_
 
 __all__ = ["CPSHead", "CPSSample", "cps_loss", "gather_voxels", "positive_prototypes", "sample_cps"]
 

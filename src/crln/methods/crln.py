@@ -13,24 +13,29 @@ leaves open. One iteration (``train_step`` + ``after_optimizer_step``):
    the rectifier's own step on eq. 16 (μ for ``learnable_v3``), alternating with eq. 15.
 
 μ (and the ``learnable_v2`` convolution) never enter ``out["loss"]``: their gradient is taken with
-``torch.autograd.grad`` on eq. 16 alone and applied by a small SGD owned by the method, whose
-momentum buffers are module buffers, so ``state_dict`` holds them and resume is exact.
+``torch.autograd.grad`` on eq. 16 alone and left in ``.grad`` by ``after_optimizer_step``; the engine
+then steps the method's extra optimiser ``"mu"`` (:meth:`CRLN.configure_optimizers`, a
+:class:`BufferSGD` whose momentum buffers are module buffers, so ``state_dict`` holds them and
+checkpoints of every crln version resume).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crln.data.loader import Batch
-from crln.engine.distributed import all_reduce_mean_
-from crln.engine.schedule import poly_lr_factor, sigmoid_rampup
+from crln.collectives import all_reduce_mean_
+from crln.data.batch import Batch
 from crln.errors import CrlnError
 from crln.method_configs import CRLNConfig, MethodConfig
 from crln.methods.base import (
+    ExtraOptimizer,
     ModelFactory,
+    Optimizers,
     RectificationViews,
     TimelineMark,
     frozen_copy,
@@ -40,8 +45,20 @@ from crln.methods.cps import CPSHead, cps_loss, positive_prototypes, sample_cps
 from crln.methods.dim import DynamicInteractionModule, Rectifier
 from crln.methods.losses import DiceCELoss
 from crln.methods.mean_teacher import MeanTeacher, consistency_terms, masked_nll
+from crln.methods.ramps import sigmoid_rampup
 
-__all__ = ["CRLN", "CRLNConfig", "RectifiedNetwork", "pseudo_label_dice", "saturated_fraction", "weighted_nll"]
+if TYPE_CHECKING:
+    from crln.config import OptimConfig
+
+__all__ = [
+    "CRLN",
+    "BufferSGD",
+    "CRLNConfig",
+    "RectifiedNetwork",
+    "pseudo_label_dice",
+    "saturated_fraction",
+    "weighted_nll",
+]
 
 
 UNSUP_LOSSES = ("weighted", "weighted_nonzero", "masked")
@@ -142,14 +159,6 @@ class CRLN(MeanTeacher):
         self._pending: dict[str, object] = {}
 
     # --- engine interface -------------------------------------------------------------------
-    def networks(self) -> dict[str, nn.Module]:
-        nets: dict[str, nn.Module] = {"student": self.student, "teacher": self.teacher}
-        for name in ("student_dim", "teacher_dim", "rectifier", "cps_head"):
-            module = getattr(self, name)
-            if module is not None:
-                nets[name] = module
-        return nets
-
     def inference_network(self, which: str = "student") -> nn.Module:
         """``"teacher_rectified"``: the authors' test-time network (their ``validate.py``), the EMA teacher
         with its DIM and the learned rectification, ``ȳ + (1 − μ)·M(x)``; else as the mean teacher."""
@@ -206,6 +215,24 @@ class CRLN(MeanTeacher):
             weight=None if mu is None else float(mu.detach()),
         )
 
+    def configure_optimizers(self, optim: OptimConfig) -> Optimizers:
+        """The engine's SGD for eq. 15 and, with a learnable rectifier, ``"mu"``: SGD on eq. 16 alone.
+
+        μ's learning rate is ``mu_lr``, poly-decayed over ``mu_lr_iterations`` (constant when 0); after
+        each of its steps the rectifier projects μ back into its range (``mu_param="clamp"``).
+        """
+        optimizers = super().configure_optimizers(optim)
+        if self.rectifier is None or not list(self.rectifier.parameters()):
+            return optimizers
+        cfg: CRLNConfig = self.config  # type: ignore[assignment]
+        params = list(self.rectifier.parameters())
+        buffers = [getattr(self, f"rect_momentum_{i}") for i in range(len(params))]
+        mu = BufferSGD(params, buffers, cfg.mu_lr, cfg.mu_momentum, cfg.mu_weight_decay, cfg.mu_nesterov)
+        rectifier = self.rectifier
+        mu.register_step_post_hook(lambda *_: rectifier.project_())
+        optimizers.extra["mu"] = ExtraOptimizer(mu, lr=cfg.mu_lr, poly_iterations=cfg.mu_lr_iterations)
+        return optimizers
+
     # --- pieces -----------------------------------------------------------------------------
     def rectification_active(self, step: int) -> bool:
         cfg: CRLNConfig = self.config  # type: ignore[assignment]
@@ -237,20 +264,6 @@ class CRLN(MeanTeacher):
         all_reduce_mean_([*grads, loss])
         self._pending["grads"] = grads
         self.rect_loss_last.copy_(loss)
-
-    @torch.no_grad()
-    def _rectifier_step(self, step: int) -> None:
-        cfg: CRLNConfig = self.config  # type: ignore[assignment]
-        grads = self._pending.pop("grads", None)
-        if self.rectifier is None or grads is None:
-            return
-        lr = cfg.mu_lr * (poly_lr_factor(step, cfg.mu_lr_iterations) if cfg.mu_lr_iterations > 0 else 1.0)
-        for i, (p, g) in enumerate(zip(self.rectifier.parameters(), grads)):
-            buf = getattr(self, f"rect_momentum_{i}")
-            d = g + cfg.mu_weight_decay * p
-            buf.mul_(cfg.mu_momentum).add_(d)  # torch SGD: first step buf = d (buffers start at 0)
-            p.sub_(lr * (d + cfg.mu_momentum * buf if cfg.mu_nesterov else buf))
-        self.rectifier.project_()
 
     def _cps_term(self, logits: Tensor, full: Tensor, label: Tensor, pseudo: Tensor, step: int) -> tuple[Tensor, float]:
         cfg: CRLNConfig = self.config  # type: ignore[assignment]
@@ -362,7 +375,49 @@ class CRLN(MeanTeacher):
             finally:
                 self.student.train(modes[0])
                 self.student_dim.train(modes[1])
-        self._rectifier_step(step)
+        grads = self._pending.pop("grads", None)
+        if grads is not None and self.rectifier is not None:
+            # μ's gradient appears only now, for the engine's step of the "mu" optimiser (configure_optimizers).
+            for p, g in zip(self.rectifier.parameters(), grads, strict=True):
+                p.grad = g
+
+
+class BufferSGD(torch.optim.Optimizer):
+    """SGD (momentum, weight decay, Nesterov) whose momentum buffers are given tensors (module buffers).
+
+    Per parameter ``p`` with gradient ``g`` and buffer ``b`` (zero at start):
+    ``d = g + weight_decay·p``, ``b ← momentum·b + d``, ``p ← p − lr·(d + momentum·b if nesterov else b)``,
+    what ``torch.optim.SGD`` computes (its first step sets ``b = d``, as a zero buffer gives). The
+    buffers belong to the method, so its ``state_dict`` keeps them; this optimiser's own state is empty.
+    Parameters without a gradient are skipped.
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        buffers: list[Tensor],
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        nesterov: bool,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov})
+        self._buffers = buffers  # in the order of ``params``
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        del closure
+        index = 0
+        for group in self.param_groups:
+            lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+            for p in group["params"]:
+                buf = self._buffers[index]
+                index += 1
+                if p.grad is None:
+                    continue
+                d = p.grad + group["weight_decay"] * p
+                buf.mul_(momentum).add_(d)
+                p.sub_(lr * (d + momentum * buf if nesterov else buf))
 
 
 class RectifiedNetwork(nn.Module):

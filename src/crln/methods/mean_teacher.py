@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crln.data.loader import Batch
-from crln.engine.schedule import sigmoid_rampup
+from crln.data.batch import Batch
 from crln.method_configs import MeanTeacherConfig
 from crln.methods.base import ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
+from crln.methods.ramps import sigmoid_rampup
 from crln.methods.strong_view import authors_strong_view
 
 __all__ = ["MeanTeacher", "MeanTeacherConfig", "consistency_terms", "cutmix_box_mask", "masked_nll"]

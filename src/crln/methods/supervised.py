@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from crln.data.loader import Batch
+from crln.data.batch import Batch
 from crln.method_configs import SupervisedConfig
 from crln.methods.base import Method, ModelFactory, register_method
 from crln.methods.losses import DiceCELoss

@@ -20,11 +20,11 @@ import math
 import torch
 from torch import Tensor
 
-from crln.data.loader import Batch
-from crln.engine.schedule import sigmoid_rampup
+from crln.data.batch import Batch
 from crln.method_configs import UAMTConfig
 from crln.methods.base import ModelFactory, TeacherStudentMethod, register_method
 from crln.methods.losses import DiceCELoss
+from crln.methods.ramps import sigmoid_rampup
 
 __all__ = ["UAMT", "UAMTConfig", "uncertainty_masked_mse"]
 
