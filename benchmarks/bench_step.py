@@ -80,13 +80,6 @@ def _resident_mib(method: Method, optimizer: torch.optim.Optimizer) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / MIB
 
 
-def _compile_networks(method: Method, backend: str) -> None:
-    """``torch.compile`` every network the method owns (its direct children with weights), in place."""
-    for child in method.children():
-        if any(True for _ in child.parameters()):
-            child.compile(backend=backend)
-
-
 def time_steps(
     methods: list[str],
     variants: list[Variant],
@@ -123,7 +116,7 @@ def time_steps(
             config = method_config_class(name)(name=name, **overrides.get(name, {}))
             method = perf.place(build_method(config, lambda: VNet(n_filters=n_filters), 2)).train()
             if variant.compile:
-                _compile_networks(method, compile_backend)
+                perf.compile_networks(method, compile_backend)
             optimizers = method.configure_optimizers(OptimConfig(lr=1e-3, momentum=0.9, weight_decay=0.0))
             scaler = torch.amp.GradScaler(device.type, enabled=perf.amp_dtype == torch.float16)
             runs[name, variant.name] = {"method": method, "optimizers": optimizers, "scaler": scaler, "perf": perf}

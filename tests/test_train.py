@@ -218,3 +218,30 @@ def test_tensorboard_logging_writes_the_same_scalars(phantom_root: Path, tmp_pat
     tags = set(events.Tags()["scalars"])
     assert {"loss", "lr", "loss_dice", "val_dice"} <= tags
     assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in read_log(run / "log.jsonl") if "loss" in r]
+
+
+@pytest.mark.slow
+def test_train_compile_runs_the_networks_compiled_with_the_same_losses(
+    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.compile=true compiles every network in place (dynamo's eager backend here: the same tracing,
+    no C++ build), and the run logs the losses of the uncompiled one; weights keep their checkpoint names."""
+    from crln.engine.device import Performance
+
+    compiled: list[str] = []
+    original = Performance.compile_networks
+
+    def eager(module: torch.nn.Module, backend: str = "inductor") -> None:
+        original(module, backend="eager")
+        compiled.extend(name for name, child in module.named_children() if child._compiled_call_impl is not None)
+
+    monkeypatch.setattr(Performance, "compile_networks", staticmethod(eager))
+    overrides = tiny_overrides(phantom_root, tmp_path, **{"train.iterations": 2, "train.log_every": 1})
+    runs = [
+        train(load_config("demo", [*overrides, f"train.compile={c}", f"train.tag=c{c}"]), progress=False)
+        for c in ("false", "true")
+    ]
+    assert compiled == ["student"]
+    plain, fast = ([r["loss"] for r in read_log(run.run_dir / "log.jsonl") if "loss" in r] for run in runs)
+    assert plain == pytest.approx(fast, rel=1e-4)
+    assert _weights(runs[0].run_dir).keys() == _weights(runs[1].run_dir).keys()

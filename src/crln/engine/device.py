@@ -82,6 +82,17 @@ class Performance:
             module = module.to(memory_format=torch.channels_last_3d)
         return module
 
+    @staticmethod
+    def compile_networks(module: nn.Module, backend: str = "inductor") -> None:
+        """``torch.compile`` each network ``module`` owns (its direct children with weights), in place.
+
+        In place (``nn.Module.compile``) so the weights, their names in checkpoints and the EMA's view of
+        them stay as they are; only the forward passes run compiled (``train.compile``).
+        """
+        for child in module.children():
+            if any(True for _ in child.parameters()):
+                child.compile(backend=backend)
+
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """Match an input batch ``(B, C, H, W, D)`` to the networks' memory format."""
         if self.channels_last and x.ndim == 5:

@@ -207,12 +207,14 @@ def _load_unlabeled(dataset: Any, ids: list[str], method: Method, split: str) ->
 
 
 def _build_run(config: RunConfig, folder: RunFolder, method: Method, perf: Performance, data: _Data) -> RunState:
-    """Place the method on its device and build its optimisers and the grad scaler."""
+    """Place the method on its device (compiled with ``train.compile``), build its optimisers and the grad scaler."""
     device, world = perf.device, distributed.get_world_size()
     method = perf.place(method)
     if world > 1 and config.distributed.sync_batchnorm:
         method = distributed.convert_sync_batchnorm(method, device)
     optimizers = method.configure_optimizers(config.optim)
+    if config.train.compile:
+        perf.compile_networks(method)
     scaler = torch.amp.GradScaler(device.type, enabled=perf.amp_dtype == torch.float16)
     main = distributed.is_main_process()
     return RunState(config, folder, method, optimizers, scaler, perf, world, main, validation_cases=data.validation)
