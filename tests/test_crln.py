@@ -142,7 +142,7 @@ def test_mu_moves_only_through_its_own_step_and_stays_in_unit_interval(mu_step_i
     out["loss"].backward()
     assert mu_raw.grad is None and float(mu_raw.detach()) == 0.5
     _after_step(method, 0)  # the alternating eq. 16 step
-    assert float(mu_raw.detach()) != 0.5 and 0.0 <= float(method.rectifier.mu()) <= 1.0  # type: ignore[union-attr]
+    assert float(mu_raw.detach()) != 0.5 and 0.0 <= float(method.rectifier.mu().detach()) <= 1.0  # type: ignore[union-attr]
     assert float(method.rect_momentum_0) != 0.0  # optimiser state lives in the state_dict
     assert "rect_momentum_0" in method.state_dict()
     sig = Rectifier("learnable_v3", 2, mu_param="sigmoid", mu_init=0.25)

@@ -543,6 +543,8 @@ def _other_network(folder: RunFolder, config: Any) -> str | None:
     saved another one: a row may evaluate the teacher of a run trained and evaluated as the student."""
     import yaml
 
+    if not folder.config_path.is_file():  # a run folder of checkpoints and evaluations only
+        return None
     saved = yaml.safe_load(folder.config_path.read_text()) or {}
     trained = (saved.get("eval") or {}).get("network", "student")
     return config.eval.network if config.eval.network != trained else None
