@@ -27,8 +27,7 @@ from crln.engine.checkpoint import load_checkpoint
 from crln.engine.device import Performance
 from crln.engine.run_folder import RunFolder
 from crln.engine.state import RunState
-from crln.methods import build_method
-from crln.predictor import build_network_factory
+from crln.methods import method_for_run
 
 MIB = 2**20
 PIECE_MIB = 15  # the device returns files of at most 16 MiB
@@ -74,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config, ["train.device=cpu"])
-    method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+    method = method_for_run(config)
     optimizers = method.configure_optimizers(config.optim)
     for p in method.trainable_parameters():
         p.grad = torch.zeros_like(p)

@@ -17,9 +17,8 @@ from crln.config import load_config
 from crln.data import H5Dataset
 from crln.data.batch import Batch
 from crln.evaluation import format_summary_table
-from crln.methods import build_method
+from crln.methods import method_for_run
 from crln.metrics import per_class_metric_names
-from crln.predictor import build_network_factory
 from crln.report import build_report
 
 C = 3
@@ -61,7 +60,7 @@ def test_phantoms_hold_two_structures(two_structure_root: Path) -> None:
 
 def test_crln_step_is_per_class_on_the_3d_unet(two_structure_root: Path, tmp_path: Path) -> None:
     config = load_config("demo", _overrides(two_structure_root, tmp_path, **{"model.name": "unet3d"}))
-    method = build_method(config.method, build_network_factory(config), C)
+    method = method_for_run(config)
     torch.manual_seed(0)
     assert method.student_dim.prototypes.shape[0] == C
     dataset = H5Dataset(two_structure_root)

@@ -22,8 +22,7 @@ from crln.cli import main
 from crln.config import config_to_dict, load_config
 from crln.data.h5 import write_h5_case
 from crln.engine.checkpoint import save_checkpoint
-from crln.methods import build_method
-from crln.predictor import build_network_factory
+from crln.methods import method_for_run
 
 SHAPE = (32, 32, 32)  # one tiny-config patch: evaluation is a single window
 CASE = "bad"
@@ -62,7 +61,7 @@ def checkpoint(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """An untrained tiny supervised checkpoint (2 classes, 1 input channel, patch 32³)."""
     folder = tmp_path_factory.mktemp("model")
     config = load_config("demo", tiny_overrides(phantom_root, folder / "runs"))
-    method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+    method = method_for_run(config)
     path = folder / "model.pt"
     state = {"method": config.method.name, "config": config_to_dict(config), "step": 0}
     save_checkpoint(path, {**state, "method_state": method.state_dict()})

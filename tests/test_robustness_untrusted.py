@@ -17,8 +17,7 @@ from conftest import assert_user_error, tiny_overrides
 from crln.config import config_to_dict, load_config
 from crln.engine.checkpoint import save_checkpoint
 from crln.engine.run_folder import RunFolder
-from crln.methods import build_method
-from crln.predictor import build_network_factory
+from crln.methods import method_for_run
 
 
 class _RunsCommand:
@@ -33,7 +32,7 @@ class _RunsCommand:
 
 def _config_and_state(phantom_root: Path, out: Path, **overrides: object) -> tuple[Any, dict[str, Any]]:
     config = load_config("demo", tiny_overrides(phantom_root, out, **overrides))
-    method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+    method = method_for_run(config)
     state = {"method": config.method.name, "config": config_to_dict(config), "step": 0}
     return config, {**state, "method_state": method.state_dict()}
 

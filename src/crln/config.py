@@ -28,6 +28,7 @@ from crln.method_configs import method_config_class
 __all__ = [
     "DOWNSAMPLING_FACTOR",
     "INTENSITY_MODES",
+    "LR_SCHEDULES",
     "MODEL_NAMES",
     "NORMALIZATIONS",
     "DataConfig",
@@ -60,6 +61,7 @@ NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
 DOWNSAMPLING_FACTOR = 16
 # Whole-volume intensity normalisation (crln.data.transforms.normalize_intensity): "as_stored" | "minmax".
 INTENSITY_MODES = ("as_stored", "minmax")
+LR_SCHEDULES = ("poly", "step")  # optim.lr_schedule; crln.engine.schedule computes them
 
 
 @dataclass
@@ -109,7 +111,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False  # the CRLN authors' code uses Nesterov momentum
     weight_decay: float = 5e-4
-    lr_schedule: str = "poly"  # {"poly", "step"} (crln.engine.schedule.LR_SCHEDULES)
+    lr_schedule: str = "poly"  # one of LR_SCHEDULES (crln.engine.schedule)
     poly_power: float = 0.9  # poly: lr · (1 − step/iterations) ** poly_power
     lr_step_size: int = 2500  # step: lr · lr_step_gamma ** (step // lr_step_size) (UA-MT's code: ÷10 every 2,500)
     lr_step_gamma: float = 0.1
@@ -283,8 +285,6 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 def validate_config(config: RunConfig) -> None:
     """Range checks that span fields; raises :class:`CrlnError` naming the key."""
-    from crln.engine.schedule import LR_SCHEDULES  # torch-free, like everything this check reads
-
     networks = type(config.method).inference_networks
     d = config.data
     if d.format not in DATA_FORMAT_VALUES:

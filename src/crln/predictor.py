@@ -3,7 +3,7 @@
 Every path from a checkpoint to a prediction goes through here: ``crln evaluate`` and ``crln predict``
 (:mod:`crln.evaluation`), ``crln report`` and ``benchmarks/bench_inference.py``. A checkpoint is either
 a full training checkpoint (``checkpoint_{final,best,latest}.pt``: every network of the method) or an
-inference-weights file (``model_final.pt``, written by :func:`inference_weights`: the config and the
+inference-weights file (``model_final.pt``, written by :func:`crln.engine.state.inference_weights`: the config and the
 network of ``eval.network`` only); both give the network the run's ``eval.network`` names (student,
 EMA teacher, or CRLN's rectified teacher). A :class:`Predictor` applies the run's own input contract
 (``data.intensity``) and sliding-window protocol (``data.patch_size``, ``eval.stride``,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,53 +29,33 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from crln.config import RunConfig, build_config, config_to_dict
+from crln.config import RunConfig, build_config
 from crln.data.transforms import normalize_intensity
 from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state
 from crln.engine.device import Performance, resolve_device
 from crln.errors import CrlnError
 from crln.inference import optimize_for_inference, predict_case, scaled_stride
-from crln.methods import Method, build_method
-from crln.models import build_model
+from crln.methods import Method, method_for_run
 
 __all__ = [
     "Predictor",
-    "build_network_factory",
     "inference_stride",
-    "inference_weights",
     "method_from_checkpoint",
     "network_from_checkpoint",
 ]
 
 
-def build_network_factory(config: RunConfig) -> Callable[[], nn.Module]:
-    """A zero-argument callable building the configured segmentation network (``model.name``)."""
-    m, num_classes = config.model, config.data.num_classes
-
-    def factory() -> nn.Module:
-        return build_model(
-            m.name,
-            in_channels=m.in_channels,
-            num_classes=num_classes,
-            n_filters=m.n_filters,
-            normalization=m.normalization,
-            dropout=m.dropout,
-        )
-
-    return factory
-
-
 def method_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Method, RunConfig]:
     """Rebuild a method (all its networks, weights loaded) and its config from a full checkpoint dict."""
     config = build_config(checkpoint["config"])
-    method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+    method = method_for_run(config)
     restore_module_state(method, checkpoint["method_state"])
     return method, config
 
 
 def network_from_checkpoint(checkpoint: dict[str, Any], network: str | None = None) -> tuple[nn.Module, RunConfig]:
     """The inference network (weights loaded) and config of a full checkpoint or of an inference-weights
-    file (``model_final.pt``, :func:`inference_weights`).
+    file (``model_final.pt``, :func:`crln.engine.state.inference_weights`).
 
     ``network`` (student, teacher, teacher_rectified) overrides the run's ``eval.network``, and the config
     returned then says so; an inference-weights file holds the run's ``eval.network`` only.
@@ -89,7 +69,7 @@ def network_from_checkpoint(checkpoint: dict[str, Any], network: str | None = No
                 "a full checkpoint_*.pt has every network"
             )
         # Build the method's networks (freshly initialised) only to give the eval.network its structure.
-        method = build_method(config.method, build_network_factory(config), config.data.num_classes)
+        method = method_for_run(config)
         module = method.inference_network(which)
         restore_module_state(module, checkpoint["method_state"])
         return module, config
@@ -97,23 +77,6 @@ def network_from_checkpoint(checkpoint: dict[str, Any], network: str | None = No
     module = method.inference_network(which)
     config.eval.network = which
     return module, config
-
-
-def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str, Any]:
-    """The checkpoint dict of ``model_final.pt``: the config and the inference network's weights only
-    (no teacher, optimiser or RNG state), small enough to share; :func:`network_from_checkpoint` reads it.
-
-    The network is :meth:`Method.inference_network` of ``eval.network`` (student, teacher or CRLN's
-    rectified teacher, which brings its DIM and μ along).
-    """
-    network = method.inference_network(config.eval.network)
-    return {
-        "method": config.method.name,
-        "config": config_to_dict(config),
-        "step": step,
-        "contents": INFERENCE_WEIGHTS,
-        "method_state": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-    }
 
 
 def _training_scale(config: RunConfig, run_dir: Path | None) -> float:

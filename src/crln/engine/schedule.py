@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "poly_lr_factor", "schedule_window", "step_lr_factor"]
+from crln.config import LR_SCHEDULES
 
-LR_SCHEDULES = ("poly", "step")
+__all__ = ["LR_SCHEDULES", "lr_factor", "poly_lr_factor", "schedule_window", "step_lr_factor"]
 
 
 def poly_lr_factor(step: int, total_steps: int, power: float = 0.9) -> float:

@@ -23,7 +23,7 @@ import torch
 from crln.config import RunConfig, config_to_dict
 from crln.data.case import Case
 from crln.engine import distributed
-from crln.engine.checkpoint import load_checkpoint, restore_module_state, save_checkpoint
+from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state, save_checkpoint
 from crln.engine.device import Performance
 from crln.engine.run_folder import MetricsLog, RunFolder
 from crln.errors import CrlnError, TrainingDiverged
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the engine names methods' types here; only the trainer buil
     from crln.methods import Method
     from crln.methods.base import Optimizers
 
-__all__ = ["NullLog", "RunState", "read_resume_checkpoint"]
+__all__ = ["NullLog", "RunState", "inference_weights", "read_resume_checkpoint"]
 
 
 class NullLog:
@@ -199,3 +199,21 @@ def _check_resume_world_size(state: dict[str, Any], world: int, path: Path) -> N
             f"--resume: {path} was trained by {saved} process(es), this run has {world}; resume with "
             f"torchrun --nproc_per_node=... giving {saved} processes in all (the global batch would change)"
         )
+
+
+def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str, Any]:
+    """The checkpoint dict of ``model_final.pt``: the config and the inference network's weights only
+    (no teacher, optimiser or RNG state), small enough to share; :func:`crln.predictor.network_from_checkpoint`
+    reads it.
+
+    The network is :meth:`Method.inference_network` of ``eval.network`` (student, teacher or CRLN's
+    rectified teacher, which brings its DIM and μ along).
+    """
+    network = method.inference_network(config.eval.network)
+    return {
+        "method": config.method.name,
+        "config": config_to_dict(config),
+        "step": step,
+        "contents": INFERENCE_WEIGHTS,
+        "method_state": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+    }

@@ -54,11 +54,10 @@ from crln.engine.checkpoint import save_checkpoint
 from crln.engine.device import Performance, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
 from crln.engine.schedule import lr_factor, poly_lr_factor, schedule_window
-from crln.engine.state import NullLog, RunState, read_resume_checkpoint
+from crln.engine.state import NullLog, RunState, inference_weights, read_resume_checkpoint
 from crln.errors import CrlnError, TrainingDiverged
-from crln.methods import Method, build_method
+from crln.methods import Method, method_for_run
 from crln.methods.base import Optimizers, StageStart
-from crln.predictor import build_network_factory, inference_weights
 
 __all__ = ["TrainResult", "step_extra_optimizers", "train"]
 
@@ -165,7 +164,7 @@ def _prepare_data(config: RunConfig) -> tuple[Method, _Data]:
     d = config.data
     dataset = open_dataset(d)
     split, split_rule = plan_split(dataset, d)
-    method = build_method(config.method, build_network_factory(config), d.num_classes)
+    method = method_for_run(config)
     if distributed.is_main_process():  # the user sees which cases train how before the (long) decoding starts
         unused = "" if method.uses_unlabeled else f" (method {config.method.name!r} does not use unlabelled cases)"
         print(split_rule + unused, flush=True)

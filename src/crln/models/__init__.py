@@ -5,6 +5,9 @@ Networks are chosen by name (config key ``model.name``) through :func:`build_mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from crln.errors import CrlnError
@@ -12,7 +15,10 @@ from crln.models.layers import DOWNSAMPLING_FACTOR, NORMALIZATIONS
 from crln.models.unet3d import UNet3D
 from crln.models.vnet import VNet
 
-__all__ = ["DOWNSAMPLING_FACTOR", "MODELS", "NORMALIZATIONS", "UNet3D", "VNet", "build_model"]
+if TYPE_CHECKING:
+    from crln.config import RunConfig
+
+__all__ = ["DOWNSAMPLING_FACTOR", "MODELS", "NORMALIZATIONS", "UNet3D", "VNet", "build_model", "network_factory"]
 
 #: ``model.name`` → network class; every class takes
 #: ``(in_channels, num_classes, n_filters, normalization, dropout)``.
@@ -30,3 +36,20 @@ def build_model(
     if name not in MODELS:
         raise CrlnError(f"config key model.name: expected one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](in_channels, num_classes, n_filters, normalization, dropout)
+
+
+def network_factory(config: RunConfig) -> Callable[[], nn.Module]:
+    """A zero-argument callable building the configured segmentation network (``model.name``)."""
+    m, num_classes = config.model, config.data.num_classes
+
+    def factory() -> nn.Module:
+        return build_model(
+            m.name,
+            in_channels=m.in_channels,
+            num_classes=num_classes,
+            n_filters=m.n_filters,
+            normalization=m.normalization,
+            dropout=m.dropout,
+        )
+
+    return factory
