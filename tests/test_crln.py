@@ -146,7 +146,7 @@ def test_mu_moves_only_through_its_own_step_and_stays_in_unit_interval(mu_step_i
     assert float(method.rect_momentum_0) != 0.0  # optimiser state lives in the state_dict
     assert "rect_momentum_0" in method.state_dict()
     sig = Rectifier("learnable_v3", 2, mu_param="sigmoid", mu_init=0.25)
-    assert float(sig.mu()) == pytest.approx(0.25)  # type: ignore[arg-type]
+    assert float(sig.mu().detach()) == pytest.approx(0.25)  # type: ignore[arg-type]
 
 
 def test_ema_updates_teacher_backbone_dim_and_prototypes_without_gradients() -> None:
