@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from crln.data_formats import DATA_FORMAT_VALUES, one_of
+from crln.dataset_json import DatasetJson
 from crln.errors import CrlnError
 from crln.method_configs import method_config_class
 
@@ -482,9 +483,7 @@ def resolve_from_dataset_json(config: RunConfig, raw: dict[str, Any]) -> None:
     meta_path = Path(d.root) / "dataset.json"
     if d.format != "nifti" or not d.root or not meta_path.is_file():
         return
-    from crln.data.nifti import NiftiDataset
-
-    dataset = NiftiDataset(d.root)
+    dataset = DatasetJson.read(d.root)
     channels = ", ".join(map(str, dataset.channel_names.values()))
     declared = {
         ("data", "num_classes"): (dataset.num_classes, f"'labels' ({', '.join(dataset.labels)})"),

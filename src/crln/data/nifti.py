@@ -13,7 +13,6 @@ Layout::
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import zlib
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from crln.atomic import atomic_path
 from crln.data.case import Case
 from crln.data.transforms import zscore_channels
 from crln.data.validate import check_image_values
+from crln.dataset_json import DatasetJson
 from crln.errors import CrlnError
 
 __all__ = ["NiftiDataset", "load_nifti", "nifti_header", "read_nifti_volume", "write_nifti"]
@@ -238,8 +238,9 @@ class NiftiDataset:
         self.root = Path(root)
         if not self.root.is_dir():
             raise CrlnError(f"{self.root}: dataset folder not found")
-        self.meta: dict[str, Any] = self._read_meta()
-        self.file_ending: str = str(self.meta.get("file_ending", ".nii.gz"))
+        self.dataset_json = DatasetJson.read(self.root)
+        self.meta: dict[str, Any] = self.dataset_json.meta
+        self.file_ending: str = self.dataset_json.file_ending
         if not (self.root / "imagesTr").is_dir() and not (self.root / "imagesTs").is_dir():
             raise CrlnError(f"{self.root}: no imagesTr/ or imagesTs/ folder, expected an nnU-Net/MSD dataset")
         self._files: dict[str, dict[str, list[Path]]] = {}
@@ -247,49 +248,25 @@ class NiftiDataset:
     def __repr__(self) -> str:
         return f"NiftiDataset(root={str(self.root)!r})"
 
-    def _read_meta(self) -> dict[str, Any]:
-        path = self.root / "dataset.json"
-        if not path.is_file():
-            return {}
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CrlnError(f"{path}: unreadable dataset.json: {str(exc).splitlines()[0]}") from None
-        if not isinstance(meta, dict):
-            raise CrlnError(f"{path}: top level is {type(meta).__name__}, expected a JSON object")
-        return meta
-
     @property
     def labels(self) -> dict[str, int]:
-        """Class name -> index (nnU-Net v2 ``{"background": 0}`` or MSD ``{"0": "background"}``)."""
-        raw = self.meta.get("labels", {})
-        out: dict[str, int] = {}
-        for k, v in raw.items():
-            if isinstance(v, int):
-                out[str(k)] = v
-            elif str(k).isdigit():
-                out[str(v)] = int(k)
-            elif isinstance(v, list) and v:  # nnU-Net region labels: take the first index
-                out[str(k)] = int(v[0])
-            else:
-                raise CrlnError(f"{self.root / 'dataset.json'}: key 'labels' entry {k!r}: {v!r} is not a class index")
-        return out
+        """Class name -> index from ``dataset.json`` (:class:`crln.dataset_json.DatasetJson`)."""
+        return self.dataset_json.labels
 
     @property
     def num_classes(self) -> int | None:
         """Number of classes from ``dataset.json`` (``None`` when unknown)."""
-        labels = self.labels
-        return max(labels.values()) + 1 if labels else None
+        return self.dataset_json.num_classes
 
     @property
     def channel_names(self) -> dict[str, str]:
         """Channel index -> name (``channel_names`` or MSD ``modality``)."""
-        return dict(self.meta.get("channel_names", self.meta.get("modality", {})))
+        return self.dataset_json.channel_names
 
     @property
     def num_channels(self) -> int | None:
         """Number of input channels from ``dataset.json`` (``None`` when unknown)."""
-        return len(self.channel_names) or None
+        return self.dataset_json.num_channels
 
     def _scan(self, split: str) -> dict[str, list[Path]]:
         if split not in _SPLIT_DIRS:
