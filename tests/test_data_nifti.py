@@ -50,7 +50,7 @@ def test_nnunet_dataset_multichannel(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     ds = NiftiDataset(tmp_path)
     assert ds.ids("train") == ["c1", "c2"] and ds.ids("test") == ["t1"]
-    assert ds.num_classes == 3 and ds.channel_names == {"0": "T1", "1": "T2"}
+    assert ds.dataset_json.num_classes == 3 and ds.dataset_json.channel_names == {"0": "T1", "1": "T2"}
     case = ds.load("c2", normalize=False)
     img, lab = _vol(seed=1)
     assert case.image.shape == (2, 10, 9, 6)
@@ -69,7 +69,7 @@ def test_msd_layout(tmp_path: Path) -> None:
     (tmp_path / "imagesTr" / "._brats_001.nii.gz").write_bytes(b"\0mac")  # macOS junk in MSD tarballs
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "x", "2": "y"}}))
     ds = NiftiDataset(tmp_path)
-    assert ds.ids() == ["brats_001"] and ds.labels == {"bg": 0, "x": 1, "y": 2}
+    assert ds.ids() == ["brats_001"] and ds.dataset_json.labels == {"bg": 0, "x": 1, "y": 2}
     case = ds.load("brats_001", normalize=False)
     assert case.image.shape == (2, 10, 9, 6)
     np.testing.assert_array_equal(case.image[1], image + 1)
@@ -202,7 +202,7 @@ def test_labelled_ids_and_orphan_labels(tmp_path: Path) -> None:
 def test_phantom_folder_with_channels_and_unlabelled_images(tmp_path: Path) -> None:
     write_phantom_nifti_dataset(tmp_path, n_train=4, n_test=1, shape=(16, 16, 12), channels=2, n_unlabeled=1)
     ds = NiftiDataset(tmp_path)
-    assert ds.num_channels == 2 and ds.num_classes == 2
+    assert ds.dataset_json.num_channels == 2 and ds.dataset_json.num_classes == 2
     assert ds.ids() == ["case_000", "case_001", "case_002", "case_003"] and ds.labeled_ids() == ds.ids()[:3]
     case = ds.load("case_000")
     assert case.image.shape == (2, 16, 16, 12)

@@ -50,7 +50,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a method from a YAML preset with key=value overrides",
-        description="Train a method. CONFIG is a YAML file or a preset name from configs/ "
+        description="Train a method. CONFIG is a YAML file or a preset name shipped with crln "
         "(la, la_cpu, pancreas, brats, demo). Overrides use dotted keys, e.g. "
         "optim.lr=0.01 data.patch_size=[64,64,48] method.name=supervised.",
     )

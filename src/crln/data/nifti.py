@@ -238,8 +238,7 @@ class NiftiDataset:
         self.root = Path(root)
         if not self.root.is_dir():
             raise CrlnError(f"{self.root}: dataset folder not found")
-        self.dataset_json = DatasetJson.read(self.root)
-        self.meta: dict[str, Any] = self.dataset_json.meta
+        self.dataset_json = DatasetJson.read(self.root)  # classes, channels, file ending
         self.file_ending: str = self.dataset_json.file_ending
         if not (self.root / "imagesTr").is_dir() and not (self.root / "imagesTs").is_dir():
             raise CrlnError(f"{self.root}: no imagesTr/ or imagesTs/ folder, expected an nnU-Net/MSD dataset")
@@ -247,26 +246,6 @@ class NiftiDataset:
 
     def __repr__(self) -> str:
         return f"NiftiDataset(root={str(self.root)!r})"
-
-    @property
-    def labels(self) -> dict[str, int]:
-        """Class name -> index from ``dataset.json`` (:class:`crln.dataset_json.DatasetJson`)."""
-        return self.dataset_json.labels
-
-    @property
-    def num_classes(self) -> int | None:
-        """Number of classes from ``dataset.json`` (``None`` when unknown)."""
-        return self.dataset_json.num_classes
-
-    @property
-    def channel_names(self) -> dict[str, str]:
-        """Channel index -> name (``channel_names`` or MSD ``modality``)."""
-        return self.dataset_json.channel_names
-
-    @property
-    def num_channels(self) -> int | None:
-        """Number of input channels from ``dataset.json`` (``None`` when unknown)."""
-        return self.dataset_json.num_channels
 
     def _scan(self, split: str) -> dict[str, list[Path]]:
         if split not in _SPLIT_DIRS:
