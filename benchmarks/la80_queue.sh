@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The LA evidence of issues 16, 18 and 19 on a CPU, in the order its decisions need it: one seed of every
+# 8-labelled row, the fidelity ladder on that seed (it chooses the CPU presets' defaults on the validation
+# split), the other seeds, then the 16-labelled plan, the ablations and the 3x-longer check.
+#
+# Usage: benchmarks/la80_queue.sh [PYTHON]     (from the repository root; PYTHON defaults to .venv/bin/python)
+# Needs data/LA_0.5 with all 80 training cases:
+#   crln data prepare --src ../shared/data/LA --dst data/LA_0.5 --scale 0.5
+# Resumable: run it again after an interruption. Finished runs are skipped; a cut-off run resumes from its
+# latest checkpoint (every 50 iterations), and the result is the same as an uninterrupted run. It runs at
+# nice 10 so that interactive work on the machine keeps priority. The tables and figures are rewritten in
+# benchmarks/plans/ after every run.
+set -euo pipefail
+python=${1:-.venv/bin/python}
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}  # this checkout's code, also from a worktree that shares a venv
+bench() { nice -n 10 "$python" -m crln bench "$@" --no-progress; }
+
+bench benchmarks/plans/la80_cpu_8labels_3seeds.yaml --seed 1337
+bench benchmarks/plans/la80_cpu_fidelity.yaml --seed 1337
+bench benchmarks/plans/la80_cpu_8labels_3seeds.yaml --seed 2024
+bench benchmarks/plans/la80_cpu_fidelity.yaml --seed 2024
+bench benchmarks/plans/la80_cpu_8labels_3seeds.yaml --seed 7
+bench benchmarks/plans/la80_cpu_16labels_3seeds.yaml
+bench benchmarks/plans/la80_cpu_8labels_ablations.yaml
+bench benchmarks/plans/la80_cpu_8labels_3x.yaml
