@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -37,6 +38,10 @@ def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) 
     assert table.count("| Sup | final | 1, 2 |") == 1 and table.count("| MT | val-best | 1, 2 |") == 2
     assert "| MT | final | 1, 2 | 2 |" in table  # paired: the shared seeds, the 2 cases of the phantom test list
     assert "crln train demo" in table and "train.seed=2" in table
+    # Each checkpoint also scored on the run's held-out validation case: the val Dice column.
+    validation = json.loads(next((tmp_path / "runs").rglob("eval_validation_final/summary.json")).read_text())
+    assert validation["split"] == "validation" and validation["n_cases"] == 1
+    assert re.search(r"^\| Sup \| final \| 1, 2 \| \d+\.\d\d ± \d+\.\d\d \| ", table, re.M)
     assert (tmp_path / "plan_paired.png").is_file()
     meta = json.loads(next((tmp_path / "runs").rglob("meta.json")).read_text())
     assert meta["split_sha256"] == case_lists_sha256(meta["split"])
@@ -55,6 +60,13 @@ def test_only_seeds_trains_those_and_keeps_finished_ones_in_the_table(tmp_path: 
     assert "| Sup | final | 1, 2 |" in run_plan(plan, progress=False, only_seeds=[1]).read_text()
     with pytest.raises(CrlnError, match=r"seed\(s\) \[3\] are not in its seeds \[1, 2\]"):
         run_plan(plan, progress=False, only_seeds=[3])
+    # Nothing trained: a run without checkpoint_final.pt is left out; a finished one gains what it lacks.
+    for lacking in (tmp_path / "runs").rglob("eval_validation_final"):
+        shutil.rmtree(lacking)
+    plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1, 2, 3]"))
+    table = run_plan(plan, progress=False, train_missing=False).read_text()
+    assert "| Sup | final | 1, 2 |" in table and len(list((tmp_path / "runs").rglob("checkpoint_final.pt"))) == 2
+    assert len(list((tmp_path / "runs").rglob("eval_validation_final"))) == 2
 
 
 def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path: Path, phantom_root: Path) -> None:
@@ -88,6 +100,7 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
         ),
         ("runs:\n  - config: demo\nevaluate: {splitt: test}\n", "evaluate.splitt: .*did you mean 'split'"),
         ("runs:\n  - config: demo\nseedz: [1]\n", "did you mean 'seeds'"),
+        ("evaluate: {validation: 1}\nruns:\n  - config: demo\n", "evaluate.validation: expected true or false"),
     ],
 )
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:
@@ -115,8 +128,9 @@ def test_plan_figures(tmp_path: Path, phantom_root: Path) -> None:
     )
     plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
     table = run_plan(plan, progress=False).read_text()
-    assert re.search(r"\| Sup \| final \| 1 \| [\d.]+ ± [\d.]+ \|", table)  # one seed: the bootstrap alone
-    assert re.search(r"\| CRLN \| val-best \| 1 \| [\d.]+ ± [\d.]+ \|", table)
+    # One seed: the validation case's Dice alone, then the bootstrap alone.
+    assert re.search(r"\| Sup \| final \| 1 \| [\d.]+ \| [\d.]+ ± [\d.]+ \|", table)
+    assert re.search(r"\| CRLN \| val-best \| 1 \| [\d.]+ \| [\d.]+ ± [\d.]+ \|", table)
     assert "Paired differences" not in table  # no reference in the plan
     for suffix in ("dice", "pseudo_labels", "mu"):
         png = tmp_path / f"plan_{suffix}.png"
@@ -154,10 +168,27 @@ FAKE = {
     ("New", 1, "best"): [(0.74, 9.0), (0.84, 7.0), (0.62, float("nan"))],
     ("New", 2, "best"): [(0.76, 8.0), (0.82, 7.0), (0.66, 11.0)],
 }
+# The same checkpoints on the run's one held-out validation case: Dice.
+FAKE_VALIDATION = {
+    ("Ref", 1, "final"): 0.50,
+    ("Ref", 2, "final"): 0.70,
+    ("New", 1, "final"): 0.60,
+    ("New", 2, "final"): 0.80,
+    ("New", 1, "best"): 0.90,
+    ("New", 2, "best"): 0.85,
+}
+
+
+def _fake_evaluation(folder: Path, rows: list[tuple[float, float]], step: int) -> None:
+    folder.mkdir()
+    csv_lines = ["case,dice,jaccard,asd,hd95,seconds"]
+    csv_lines += [f"c{i},{d:.6f},{d / 2:.6f},1.0,{h:.6f},0.1" for i, (d, h) in enumerate(rows)]
+    (folder / "per_case.csv").write_text("\n".join(csv_lines) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"n_cases": len(rows), "checkpoint_step": step}))
 
 
 def _fake_run(folder: RunFolder, seed: int, name: str) -> None:
-    """A finished run folder: checkpoints, a log, meta.json and the evaluations of FAKE."""
+    """A finished run folder: checkpoints, a log, meta.json and the evaluations of FAKE and FAKE_VALIDATION."""
     folder.path.mkdir(parents=True)
     folder.write_meta({"split": {"labeled": ["t1"], "unlabeled": ["t2"], "validation": ["t3"]}})
     folder.log_path.write_text("".join(json.dumps({"step": s, "seconds_per_iteration": 0.5}) + "\n" for s in (5, 10)))
@@ -166,14 +197,10 @@ def _fake_run(folder: RunFolder, seed: int, name: str) -> None:
         if rows is None:
             continue
         folder.checkpoint(checkpoint).write_bytes(b"")
-        csv_lines = ["case,dice,jaccard,asd,hd95,seconds"]
-        csv_lines += [f"c{i},{d:.6f},{d / 2:.6f},1.0,{h:.6f},0.1" for i, (d, h) in enumerate(rows)]
-        (folder.path / eval_dir).mkdir()
-        (folder.path / eval_dir / "per_case.csv").write_text("\n".join(csv_lines) + "\n")
         step = 10 if checkpoint == "final" else 5 + seed
-        (folder.path / eval_dir / "summary.json").write_text(
-            json.dumps({"n_cases": len(rows), "checkpoint_step": step})
-        )
+        _fake_evaluation(folder.path / eval_dir, rows, step)
+        dice = FAKE_VALIDATION[(name, seed, checkpoint)]
+        _fake_evaluation(folder.path / f"eval_validation_{checkpoint}", [(dice, 5.0)], step)
 
 
 def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None:
@@ -199,9 +226,12 @@ def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None
 
     # Ref, final: per-seed Dice means 70 and 70.667 -> 70.33 ± 0.47 (sample std); one iteration count.
     assert "| 70.33 ± 0.47 (" in line("| Ref | final |") and "| 3 | 10 | 0.500 |" in line("| Ref | final |")
+    # val Dice: the validation case's Dice over seeds, 50 and 70 -> 60.00 ± 14.14; New's val-best 90, 85.
+    assert line("| Ref | final |").startswith("| Ref | final | 1, 2 | 60.00 ± 14.14 | 70.33 ± 0.47 (")
+    assert line("| New | val-best |").startswith("| New | val-best | 1, 2 | 87.50 ± 3.54 | ")
     assert "val-best: none (no checkpoint_best.pt" in line("| Ref | val-best")
     # New, final 95HD: seed means 8.667 and 8.333 -> 8.50 ± 0.24.
-    assert "| 8.50 ± 0.24 (" in line("| New | final | 1, 2 | 74.67 ± 0.00 (")
+    assert "| 8.50 ± 0.24 (" in line("| New | final | 1, 2 | 70.00 ± 14.14 | 74.67 ± 0.00 (")
     # New, val-best: seed 1's 95HD mean skips its undefined case (8.0), seed 2's is 8.667.
     best = line("| New | val-best |")
     assert "| 8.33 ± 0.47 (" in best and "(1 undef.)" in best and "| 3 | 6, 7 |" in best

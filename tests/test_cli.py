@@ -140,6 +140,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "| supervised | final | 1337 |" in out and "| crln | final | 1337 |" in out
     assert "| crln | val-best" not in out  # the demo reports its final checkpoint
+    assert "val Dice" not in out and not list((tmp_path / "demo").rglob("eval_validation_*"))  # plan: validation off
     assert "method.rectify_start=1" in out  # CRLN's S scaled to the short run
     # A second demo starts afresh in its own folder instead of refusing an existing run.
     assert main([*args, "--no-progress", "--methods", "mean_teacher", *tiny]) == 0

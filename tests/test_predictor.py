@@ -98,6 +98,29 @@ def test_eval_checkpoint_chooses_what_evaluate_uses(crln_run: Path, tmp_path: Pa
         evaluate(copy, device="cpu", limit=1, progress=False)
 
 
+def test_evaluate_on_the_runs_held_out_validation_cases(
+    crln_run: Path, phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """split="validation" scores the cases the run validated on, as its training validation scored them."""
+    result = evaluate(crln_run, split="validation", checkpoint="best", device="cpu", progress=False)
+    held_out = json.loads((crln_run / "meta.json").read_text())["split"]["validation"]
+    assert [row["case"] for row in result["per_case"]] == held_out and held_out
+    assert result["out_dir"] == crln_run / "eval_validation_best" and result["summary"]["split"] == "validation"
+    logged = [r for r in map(json.loads, (crln_run / "log.jsonl").read_text().splitlines()) if "val_dice" in r]
+    (at_best,) = [r["val_dice"] for r in logged if r["step"] == result["summary"]["checkpoint_step"]]
+    assert result["summary"]["metrics"]["dice"]["mean"] == pytest.approx(at_best, abs=1e-3)
+    other = tmp_path / "other"
+    shutil.copytree(phantom_root, other)
+    with pytest.raises(CrlnError, match=r"--split validation: the run's held-out cases are in its own data"):
+        evaluate(crln_run, split="validation", data_root=other, device="cpu", progress=False)
+    import crln.evaluation
+    from crln.data.splits import Split
+
+    monkeypatch.setattr(crln.evaluation, "plan_split", lambda dataset, data: (Split(["a"], [], []), ""))
+    with pytest.raises(CrlnError, match=r"--split validation: the run held out no validation cases"):
+        evaluate(crln_run, split="validation", device="cpu", out_dir=tmp_path / "none", progress=False)
+
+
 def _foreground_fraction(pair: metrics.MaskPair) -> float:
     return float(np.count_nonzero(pair.pred)) / pair.pred.size
 

@@ -5,7 +5,8 @@ A plan is a YAML file::
     title: LA at 0.5 scale, 8 labelled cases
     seeds: [1337, 2024, 7]
     overrides: [train.output_dir=runs/bench]     # applied to every run
-    evaluate: {split: test}                      # checkpoint: final | best | [final, best] (default both)
+    evaluate: {split: test}                      # checkpoint: final | best | [final, best] (default both);
+                                                 # validation: false skips the held-out cases' val Dice
     reference: Mean teacher (CutMix + noise)     # optional: paired comparison of every row with this one
     runs:
       - name: Supervised
@@ -16,7 +17,8 @@ A plan is a YAML file::
 
 Each (run, seed) trains unless its ``checkpoint_final.pt`` exists (an interrupted one resumes
 from ``checkpoint_latest.pt``), then its final checkpoint and the one chosen on the validation split
-(``checkpoint_best.pt``, when validation ran) are evaluated unless their summaries exist. A table
+(``checkpoint_best.pt``, when validation ran) are evaluated unless their summaries exist, on the plan's
+test list and on the run's held-out validation cases (the ``val Dice`` column). A table
 row gathers a run's seeds: the mean ± std over seeds of the per-seed means beside the bootstrap
 over cases × seeds pooled, and, with a ``reference``, the paired difference per case
 (:mod:`crln.comparison`). The table is rewritten after every (run, seed), so partial results are
@@ -127,8 +129,15 @@ def load_plan(path: str | Path) -> BenchPlan:
         raise CrlnError(f"bench plan {path}: key seeds must be a non-empty list of integers, got {seeds!r}")
     evaluate = raw.get("evaluate") or {}
     if not isinstance(evaluate, dict):
-        raise CrlnError(f"bench plan {path}: key evaluate must be a mapping (split, checkpoint, largest_component)")
-    check_known_keys(evaluate, ["split", "checkpoint", "largest_component"], source=source, prefix="evaluate.")
+        raise CrlnError(
+            f"bench plan {path}: key evaluate must be a mapping (split, checkpoint, largest_component, validation)"
+        )
+    check_known_keys(
+        evaluate, ["split", "checkpoint", "largest_component", "validation"], source=source, prefix="evaluate."
+    )
+    if not isinstance(evaluate.get("validation", True), bool):
+        got = evaluate["validation"]
+        raise CrlnError(f"bench plan {path}: key evaluate.validation: expected true or false, got {got!r}")
     plan = BenchPlan(
         str(raw.get("title", path.stem)), runs, seeds, _strings(raw.get("overrides"), "overrides"), evaluate, path
     )
@@ -145,6 +154,11 @@ def _reference(value: Any, plan: BenchPlan) -> str | None:
     if value is not None and value not in names:
         raise CrlnError(f"bench plan {plan.path}: key reference: {value!r} is not the name of a run ({names})")
     return value
+
+
+def _with_validation(plan: BenchPlan) -> bool:
+    """Whether checkpoints are also scored on the runs' held-out validation cases (``evaluate.validation``)."""
+    return plan.evaluate.get("validation", True)
 
 
 def _checkpoints(plan: BenchPlan) -> list[str]:
@@ -195,6 +209,7 @@ class SeedResult:
     training: dict[str, float] = field(default_factory=dict)
     split_sha256: str | None = None
     evals: dict[str, Evaluation] = field(default_factory=dict)
+    validation: dict[str, Evaluation] = field(default_factory=dict)  # the same checkpoints on the held-out cases
 
 
 @dataclass
@@ -233,23 +248,34 @@ def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric
     return f"{mean * scale:.2f} ± {std * scale:.2f} ({_fmt(pooled.get(metric), scale)})"
 
 
+def _validation_cell(done: list[tuple[SeedResult, Evaluation]], checkpoint: str) -> str:
+    """Mean Dice on the run's held-out validation cases: mean ± std over seeds (one seed: its mean), in %."""
+    means = [_seed_mean(s.validation[checkpoint], "dice") for s, _ in done if checkpoint in s.validation]
+    if not means:
+        return "—"
+    mean, std = _stats().seed_spread(means)
+    scale = _scale("dice")
+    return f"{mean * scale:.2f}" + ("" if math.isnan(std) else f" ± {std * scale:.2f}")
+
+
 def _joined(values: list[Any]) -> str:
     """One value when every seed agrees, else the per-seed values in seed order."""
     return str(values[0]) if len(set(values)) == 1 else ", ".join(str(v) for v in values)
 
 
-def _row_line(row: RowResult, checkpoint: str) -> str:
+def _row_line(row: RowResult, checkpoint: str, with_validation: bool) -> str:
     label = CHECKPOINT_LABELS[checkpoint]
     done = row.evaluated(checkpoint)
     seeds = ", ".join(str(s.seed) for s, _ in done) or ", ".join(str(s.seed) for s in row.seeds)
     if not done:
         why = "none (no checkpoint_best.pt: data.validation = 0?)" if checkpoint == "best" else "not evaluated"
-        return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(_metrics()) + 4)
+        return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(_metrics()) + 4 + with_validation)
     pooled = _stats().pooled_summary(row.per_case(checkpoint), n_resamples=POOLED_RESAMPLES)
     per_it = [s.training["seconds_per_iteration"] for s, _ in done if "seconds_per_iteration" in s.training]
     minutes = [s.training["train_minutes"] for s, _ in done if "train_minutes" in s.training]
+    validation = f"{_validation_cell(done, checkpoint)} | " if with_validation else ""
     return (
-        f"| {row.name} | {label} | {seeds} | "
+        f"| {row.name} | {label} | {seeds} | {validation}"
         + " | ".join(_metric_cell(row, checkpoint, pooled, m.name) for m in _metrics())
         + f" | {_joined([e.summary['n_cases'] for _, e in done])} | "
         f"{_joined([e.summary['checkpoint_step'] for _, e in done])} | "
@@ -409,6 +435,13 @@ def _units_sentence() -> str:
 def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
     import torch
 
+    validation = _with_validation(plan)
+    val_sentence = (
+        " val Dice: the same checkpoint's mean Dice (%) on the run's validation cases (held out of its training "
+        "list), mean ± std over seeds: the column settings may be chosen on; the test columns may not. The "
+        "val-best line's val Dice is the best of several validations, so it is biased upwards; compare settings "
+        "on the final line's."
+    )
     lines = [
         f"# {plan.title}",
         "",
@@ -418,13 +451,15 @@ def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
         f"bootstrap alone) "
         f"({POOLED_RESAMPLES} resamples). {_units_sentence()} "
         "Checkpoints: final (the last iteration) and val-best (best Dice on the validation split, never the test "
-        "cases); iterations: the checkpoint's, per seed when they differ.",
+        "cases); iterations: the checkpoint's, per seed when they differ." + (val_sentence if validation else ""),
         "",
-        "| method | checkpoint | seeds | " + " | ".join(m.label for m in _metrics()) + " | cases | iterations | s/it | "
-        "train min |",
-        "|---|---|---|" + "---|" * len(_metrics()) + "---|---|---|---|",
+        "| method | checkpoint | seeds | "
+        + ("val Dice | " if validation else "")
+        + " | ".join(m.label for m in _metrics())
+        + " | cases | iterations | s/it | train min |",
+        "|---|---|---|" + "---|" * (len(_metrics()) + validation) + "---|---|---|---|",
     ]
-    lines += [_row_line(row, ck) for row in rows for ck in _checkpoints(plan)]
+    lines += [_row_line(row, ck, validation) for row in rows for ck in _checkpoints(plan)]
     lines += _paired_lines(plan, rows)
     lines += ["", *_data_lines(rows), "", "Commands (training split: sha256 of the labelled, unlabelled and validation "
               "case lists in the run's meta.json):", ""]  # fmt: skip
@@ -438,21 +473,22 @@ def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
 
 
 def _evaluation(
-    plan: BenchPlan, config: Any, folder: RunFolder, checkpoint: str, label: str, progress: bool
+    plan: BenchPlan, config: Any, folder: RunFolder, checkpoint: str, label: str, progress: bool, split: str | None
 ) -> Evaluation | None:
-    """The evaluation of one checkpoint (run now unless its summary exists); None without that checkpoint."""
+    """The evaluation of one checkpoint on case list ``split`` (run now unless its summary exists); None
+    without that checkpoint."""
     from crln.evaluation import evaluate
     from crln.results import read_per_case
 
     if not folder.checkpoint(checkpoint).exists():
         return None
     ev = plan.evaluate
-    summary_path = _summary_path(folder, config, ev, checkpoint)
+    summary_path = _summary_path(folder, config, ev, checkpoint, split)
     if not summary_path.exists():
-        print(f"[bench] evaluating {label}, {checkpoint} checkpoint", flush=True)
+        print(f"[bench] evaluating {label}, {checkpoint} checkpoint on {split or 'the test list'}", flush=True)
         evaluate(
             folder.path,
-            split=ev.get("split"),
+            split=split,
             checkpoint=checkpoint,
             largest_component=ev.get("largest_component"),
             progress=progress,
@@ -479,10 +515,13 @@ def run_plan(
     dry_run: bool = False,
     progress: bool = True,
     only_seeds: list[int] | None = None,
+    train_missing: bool = True,
 ) -> Path:
     """Train and evaluate every (run, seed) of a plan; returns the Markdown table's path.
 
-    With ``only_seeds``, the other seeds are not trained, but those already finished stay in the table.
+    With ``only_seeds``, the other seeds are not trained, but those already finished stay in the table;
+    with ``train_missing=False`` nothing is trained: the finished runs are evaluated (what they lack) and
+    tabled.
     """
     plan = load_plan(plan_path)  # checked before torch loads
     unknown = sorted(set(only_seeds or []) - set(plan.seeds))
@@ -499,7 +538,8 @@ def run_plan(
         for seed in plan.seeds:
             config = load_config(run.config, _run_overrides(plan, run, seed))
             folder = RunFolder.for_config(config)
-            if only_seeds and seed not in only_seeds and not folder.checkpoint("final").exists():
+            skipped = not train_missing or (only_seeds and seed not in only_seeds)
+            if skipped and not folder.checkpoint("final").exists():
                 continue
             if dry_run:
                 print(_command(plan, run, seed))
@@ -515,18 +555,32 @@ def run_plan(
             result = SeedResult(seed, _command(plan, run, seed), folder.path, _training_stats(folder.path))
             result.split_sha256 = _split_sha256(folder)
             for checkpoint in _checkpoints(plan):
-                evaluation = _evaluation(plan, config, folder, checkpoint, label, progress)
+                evaluation = _evaluation(plan, config, folder, checkpoint, label, progress, plan.evaluate.get("split"))
                 if evaluation is not None:
                     result.evals[checkpoint] = evaluation
+                validation = _validation(plan, config, folder, checkpoint, label, progress)
+                if validation is not None:
+                    result.validation[checkpoint] = validation
             row.seeds.append(result)
             _write_table(plan, rows, out_path)
     return out_path
 
 
-def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any], checkpoint: str) -> Path:
+def _validation(
+    plan: BenchPlan, config: Any, folder: RunFolder, checkpoint: str, label: str, progress: bool
+) -> Evaluation | None:
+    """The checkpoint's evaluation on the run's held-out validation cases; None when it holds out none."""
+    from crln.evaluation import VALIDATION_SPLIT
+
+    if not _with_validation(plan) or (config.data.validation == 0 and not config.data.val_split):
+        return None
+    return _evaluation(plan, config, folder, checkpoint, label, progress, VALIDATION_SPLIT)
+
+
+def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any], checkpoint: str, split: str | None) -> Path:
     from crln.evaluation import eval_dir_name
 
-    split = ev.get("split") or config.data.test_split
+    split = split or config.data.test_split
     name = eval_dir_name(
         split,
         checkpoint,

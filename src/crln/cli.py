@@ -151,7 +151,11 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target", help="run folder or checkpoint file")
     p.add_argument("--data", help="dataset folder (default: the run's data.root)")
-    p.add_argument("--split", help="case list to evaluate (default: the run's data.test_split)")
+    p.add_argument(
+        "--split",
+        help="case list to evaluate (default: the run's data.test_split); 'validation': the cases the run held out "
+        "of training for validation",
+    )
     p.add_argument("--checkpoint", choices=["final", "best", "latest"], help="which checkpoint of a run folder")
     p.add_argument(
         "--network",
@@ -464,6 +468,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="train only this seed of the plan (repeatable), e.g. one seed of every row first; "
         "the table still shows every seed already finished",
     )
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: evaluate the finished runs (what they lack) and rewrite the table, e.g. beside a "
+        "bench still running or after an upgrade",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
@@ -472,7 +482,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from crln.bench import run_plan
 
     only = args.seed or None
-    out = run_plan(args.plan, out=args.out, dry_run=args.dry_run, progress=not args.no_progress, only_seeds=only)
+    out = run_plan(
+        args.plan,
+        out=args.out,
+        dry_run=args.dry_run,
+        progress=not args.no_progress,
+        only_seeds=only,
+        train_missing=not args.no_train,
+    )
     if not args.dry_run:
         print(f"table written: {out}")
     return 0

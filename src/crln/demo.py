@@ -61,7 +61,8 @@ def demo_plan(methods: Sequence[str], overrides: Sequence[str], seeds: Sequence[
             extra += [f"method.pretrain_iterations={max(1, round(iterations * 2 / 17))}"]
         load_config("demo", [*overrides, *extra])  # fail early on a bad method or override
         runs.append({"name": name, "config": "demo", "overrides": extra})
-    evaluate = {"checkpoint": "final"}  # the demo's validation cases are few: its last checkpoint is the result
+    # The demo's validation cases are few: its last checkpoint is the result, and no val Dice column.
+    evaluate = {"checkpoint": "final", "validation": False}
     return {"title": TITLE, "seeds": list(seeds), "overrides": list(overrides), "evaluate": evaluate, "runs": runs}
 
 

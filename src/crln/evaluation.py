@@ -22,6 +22,7 @@ from crln.atomic import atomic_path, check_output_dir
 from crln.config import RunConfig, build_config, load_yaml
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
+from crln.data.splits import plan_split
 from crln.data.validate import check_channels, validate_case
 from crln.data_formats import SCAN_ENDINGS, read_scan
 from crln.engine import distributed
@@ -32,7 +33,12 @@ from crln.metrics import case_metrics, per_class_metric_names, summarize
 from crln.predictor import Predictor, inference_stride
 from crln.results import write_per_case, write_summary
 
-__all__ = ["EvalResult", "eval_dir_name", "evaluate", "format_summary_table", "predict_files"]
+__all__ = ["VALIDATION_SPLIT", "EvalResult", "eval_dir_name", "evaluate", "format_summary_table", "predict_files"]
+
+# ``split=VALIDATION_SPLIT`` evaluates the cases the run held out of training for validation (the last
+# ``data.validation`` ids of its training list, or its ``data.val_split`` list): the split on which settings
+# may be chosen, where the test list may not.
+VALIDATION_SPLIT = "validation"
 
 
 def _configured_checkpoint(folder: RunFolder) -> str:
@@ -111,6 +117,21 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def _case_ids(dataset: Any, config: RunConfig, split: str, other_data: bool) -> list[str]:
+    """The ids of case list ``split``, or for :data:`VALIDATION_SPLIT` the run's own held-out validation cases."""
+    if split != VALIDATION_SPLIT:
+        return list(dataset.ids(split))
+    if other_data:
+        raise CrlnError(f"--split {VALIDATION_SPLIT}: the run's held-out cases are in its own data, not in --data")
+    ids = plan_split(dataset, config.data)[0].validation
+    if not ids:
+        raise CrlnError(
+            f"--split {VALIDATION_SPLIT}: the run held out no validation cases "
+            "(config keys data.validation = 0, data.val_split empty)"
+        )
+    return ids
+
+
 class EvalResult(dict):
     """``{"summary": ..., "per_case": [...], "out_dir": Path}``."""
 
@@ -136,7 +157,8 @@ def evaluate(
         target: run folder (uses the checkpoint of the run's ``eval.checkpoint``, by default
             ``checkpoint_final.pt``, unless ``checkpoint`` says otherwise) or a checkpoint file.
         data_root: dataset folder; default the run's ``data.root``.
-        split: case list to evaluate; default the run's ``data.test_split``.
+        split: case list to evaluate; default the run's ``data.test_split``. ``"validation"``
+            (:data:`VALIDATION_SPLIT`): the cases the run held out of training for validation.
         checkpoint: {``"final"``, ``"best"``, ``"latest"``} when ``target`` is a run folder; default the
             run's ``eval.checkpoint``.
         largest_component: keep only the largest connected component of each foreground class.
@@ -186,7 +208,7 @@ def evaluate(
         out_dir = check_output_dir(base / name, "--out")
     out_dir = Path(out_dir)
     dataset = open_dataset_root(root, config.data.format if data_root is None else "auto")
-    ids = dataset.ids(split_name)[:limit]
+    ids = _case_ids(dataset, config, split_name, other_data)[:limit]
     if not ids:
         raise CrlnError(f"case list {split_name!r} in {root} is empty")
     if progress and stride_note and distributed.is_main_process():
