@@ -121,6 +121,18 @@ def test_evaluate_on_the_runs_held_out_validation_cases(
         evaluate(crln_run, split="validation", device="cpu", out_dir=tmp_path / "none", progress=False)
 
 
+def test_bn_mode_check_scores_as_evaluate_with_running_statistics(crln_run: Path) -> None:
+    """benchmarks/bn_mode_check.py: its running-statistics column is the evaluation's Dice of the student."""
+    sys.path.insert(0, str(SRC.parents[1] / "benchmarks"))
+    from bn_mode_check import dice_by_bn_mode
+
+    scores = dice_by_bn_mode(crln_run, "final", "validation")
+    result = evaluate(crln_run, split="validation", checkpoint="final", network="student", progress=False)
+    assert scores["case"] == [row["case"] for row in result["per_case"]]
+    assert scores["running"] == pytest.approx([row["dice"] for row in result["per_case"]], abs=1e-4)
+    assert len(scores["batch"]) == len(scores["case"]) and all(0.0 <= d <= 1.0 for d in scores["batch"])
+
+
 def _foreground_fraction(pair: metrics.MaskPair) -> float:
     return float(np.count_nonzero(pair.pred)) / pair.pred.size
 
