@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from crln.data.sources import open_dataset_root  # noqa: E402
-from crln.data.splits import plan_split  # noqa: E402
+from crln.evaluation import case_ids  # noqa: E402
 from crln.inference import sliding_window_predict  # noqa: E402
 from crln.metrics import mean_foreground_dice  # noqa: E402
 from crln.predictor import Predictor  # noqa: E402
@@ -36,7 +36,7 @@ def dice_by_bn_mode(run_dir: Path, checkpoint: str = "final", split: str = "vali
     predictor = Predictor.from_checkpoint(run_dir / f"checkpoint_{checkpoint}.pt", "cpu", with_method=True)
     config, student = predictor.config, predictor.method.student
     dataset = open_dataset_root(config.data.root, config.data.format)
-    ids = plan_split(dataset, config.data)[0].validation if split == "validation" else dataset.ids(split)
+    ids = case_ids(dataset, config, split)
     cases = dataset.load_many(ids, with_label=True)
     scores: dict[str, list[float]] = {"case": list(ids)}
     for mode in ("running", "batch"):

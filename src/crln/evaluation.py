@@ -33,7 +33,15 @@ from crln.metrics import case_metrics, per_class_metric_names, summarize
 from crln.predictor import Predictor, inference_stride
 from crln.results import write_per_case, write_summary
 
-__all__ = ["VALIDATION_SPLIT", "EvalResult", "eval_dir_name", "evaluate", "format_summary_table", "predict_files"]
+__all__ = [
+    "VALIDATION_SPLIT",
+    "EvalResult",
+    "case_ids",
+    "eval_dir_name",
+    "evaluate",
+    "format_summary_table",
+    "predict_files",
+]
 
 # ``split=VALIDATION_SPLIT`` evaluates the cases the run held out of training for validation (the last
 # ``data.validation`` ids of its training list, or its ``data.val_split`` list): the split on which settings
@@ -117,7 +125,7 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def _case_ids(dataset: Any, config: RunConfig, split: str, other_data: bool) -> list[str]:
+def case_ids(dataset: Any, config: RunConfig, split: str, other_data: bool = False) -> list[str]:
     """The ids of case list ``split``, or for :data:`VALIDATION_SPLIT` the run's own held-out validation cases."""
     if split != VALIDATION_SPLIT:
         return list(dataset.ids(split))
@@ -208,7 +216,7 @@ def evaluate(
         out_dir = check_output_dir(base / name, "--out")
     out_dir = Path(out_dir)
     dataset = open_dataset_root(root, config.data.format if data_root is None else "auto")
-    ids = _case_ids(dataset, config, split_name, other_data)[:limit]
+    ids = case_ids(dataset, config, split_name, other_data)[:limit]
     if not ids:
         raise CrlnError(f"case list {split_name!r} in {root} is empty")
     if progress and stride_note and distributed.is_main_process():
