@@ -69,6 +69,25 @@ def test_only_seeds_trains_those_and_keeps_finished_ones_in_the_table(tmp_path: 
     assert len(list((tmp_path / "runs").rglob("eval_validation_final"))) == 2
 
 
+def test_only_rows_trains_the_rows_named_by_number_or_part_of_the_name(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "runs:\n  - name: Supervised\n    config: demo\n"
+        "  - name: Mean teacher\n    config: demo\n    overrides: [method.name=mean_teacher]\n",
+    )
+    plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
+    listed = r"\(1: Supervised; 2: Mean teacher\)"
+    for bad, why in (("3", "no row"), ("e", "2 rows"), ("crln", "no row")):
+        with pytest.raises(CrlnError, match=rf"row '{bad}' names {why}; give a number .*{listed}"):
+            run_plan(plan, progress=False, only_rows=[bad])
+    table = run_plan(plan, progress=False, only_rows=["TEACHER"]).read_text()
+    assert "| Mean teacher | final | 1 |" in table and "| Supervised |" not in table
+    table = run_plan(plan, progress=False, only_rows=["1"]).read_text()
+    assert "| Mean teacher | final | 1 |" in table and "| Supervised | final | 1 |" in table
+    assert len(list((tmp_path / "runs").rglob("checkpoint_final.pt"))) == 2
+
+
 def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path: Path, phantom_root: Path) -> None:
     mt = "config: demo\n    overrides: [method.name=mean_teacher, train.tag=shared"
     plan = _plan(

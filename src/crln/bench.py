@@ -515,30 +515,32 @@ def run_plan(
     dry_run: bool = False,
     progress: bool = True,
     only_seeds: list[int] | None = None,
+    only_rows: list[str] | None = None,
     train_missing: bool = True,
 ) -> Path:
     """Train and evaluate every (run, seed) of a plan; returns the Markdown table's path.
 
-    With ``only_seeds``, the other seeds are not trained, but those already finished stay in the table;
-    with ``train_missing=False`` nothing is trained: the finished runs are evaluated (what they lack) and
-    tabled.
+    With ``only_seeds`` or ``only_rows`` (see :func:`select_rows`), the other seeds or rows are not trained,
+    but those already finished stay in the table; with ``train_missing=False`` nothing is trained: the
+    finished runs are evaluated (what they lack) and tabled.
     """
     plan = load_plan(plan_path)  # checked before torch loads
     unknown = sorted(set(only_seeds or []) - set(plan.seeds))
     if unknown:
         raise CrlnError(f"bench plan {plan_path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
+    rows_to_train = select_rows(plan, only_rows) if only_rows else set(range(len(plan.runs)))
     from crln.engine.run_folder import RunFolder
     from crln.engine.trainer import train
     from crln.methods import method_class
 
     out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
     rows: list[RowResult] = []
-    for run in plan.runs:
+    for index, run in enumerate(plan.runs):
         row: RowResult | None = None
         for seed in plan.seeds:
             config = load_config(run.config, _run_overrides(plan, run, seed))
             folder = RunFolder.for_config(config)
-            skipped = not train_missing or (only_seeds and seed not in only_seeds)
+            skipped = not train_missing or index not in rows_to_train or (only_seeds and seed not in only_seeds)
             if skipped and not folder.checkpoint("final").exists():
                 continue
             if dry_run:
@@ -564,6 +566,25 @@ def run_plan(
             row.seeds.append(result)
             _write_table(plan, rows, out_path)
     return out_path
+
+
+def select_rows(plan: BenchPlan, selectors: list[str]) -> set[int]:
+    """The 0-based indices of the plan rows that ``selectors`` name: each a 1-based row number or a
+    case-insensitive part of exactly one row's name (e.g. to train the rows a decision needs first)."""
+    chosen = set()
+    for selector in selectors:
+        if selector.isdigit() and 1 <= int(selector) <= len(plan.runs):
+            chosen.add(int(selector) - 1)
+            continue
+        matches = [i for i, run in enumerate(plan.runs) if selector.casefold() in run.name.casefold()]
+        if len(matches) != 1:
+            listed = "; ".join(f"{i + 1}: {run.name}" for i, run in enumerate(plan.runs))
+            found = "no row" if not matches else f"{len(matches)} rows"
+            raise CrlnError(
+                f"bench plan {plan.path}: row {selector!r} names {found}; give a number or part of one name ({listed})"
+            )
+        chosen.add(matches[0])
+    return chosen
 
 
 def _validation(

@@ -469,6 +469,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "the table still shows every seed already finished",
     )
     p.add_argument(
+        "--row",
+        action="append",
+        help="train only this row of the plan (repeatable): its number (1 = the first run listed) or part of "
+        "its name, e.g. the rows a decision needs first; the table still shows every row already finished",
+    )
+    p.add_argument(
         "--no-train",
         action="store_true",
         help="train nothing: evaluate the finished runs (what they lack) and rewrite the table, e.g. beside a "
@@ -488,6 +494,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         progress=not args.no_progress,
         only_seeds=only,
+        only_rows=args.row,
         train_missing=not args.no_train,
     )
     if not args.dry_run:
