@@ -85,6 +85,9 @@ def test_minmax_intensity_and_brightness() -> None:
     assert np.allclose(two_channels[0], two_channels[1])  # per channel
     assert normalize_intensity(np.ones((2, 2, 2), np.float32), "minmax").max() == 0.0
     assert normalize_intensity(volume, "as_stored") is volume
+    z = normalize_intensity(np.stack([volume, 10 * volume + 3]), "zscore")
+    assert np.allclose(z.mean(axis=(1, 2, 3)), 0, atol=1e-6) and np.allclose(z.std(axis=(1, 2, 3)), 1, atol=1e-5)
+    assert np.allclose(z[0], z[1], atol=1e-5) and volume.min() == -5.0  # per channel; input untouched
     bright = random_brightness(scaled, np.random.default_rng(0), 0.75, 1.25)
     assert bright.min() >= 0.0 and bright.max() <= 1.0 and not np.array_equal(bright, scaled)
     assert random_brightness(scaled, np.random.default_rng(0), 1.0, 1.0) is scaled
@@ -100,17 +103,21 @@ def test_config_guards_name_the_keys(phantom_root: Path, tmp_path: Path) -> None
     assert config.data.intensity == "minmax" and config.method.strong_view == "authors"  # type: ignore[attr-defined]
 
 
-def test_minmax_run_trains_and_predicts_raw_input_identically(phantom_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("intensity", ["minmax", "zscore"])
+def test_normalised_run_trains_and_predicts_raw_input_identically(
+    intensity: str, phantom_root: Path, tmp_path: Path
+) -> None:
     """The normalisation is stored in the run: predicting on a raw (rescaled) scan needs no flag."""
     from crln.engine.trainer import train
     from crln.predictor import Predictor
 
-    extra = {"method.name": "mean_teacher", "data.intensity": "minmax", "data.brightness": "[0.8,1.2]"}
-    extra |= {"method.strong_view": "authors", "train.iterations": 2, "data.patch_size": "[32,32,16]"}
-    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **extra))
+    extra = {"method.name": "mean_teacher", "data.intensity": intensity, "train.iterations": 2}
+    if intensity == "minmax":
+        extra |= {"data.brightness": "[0.8,1.2]", "method.strong_view": "authors"}
+    config = load_config("demo", tiny_overrides(phantom_root, tmp_path, **extra, **{"data.patch_size": "[32,32,16]"}))
     run = train(config, progress=False).run_dir
     predictor = Predictor.from_checkpoint(run / "checkpoint_final.pt", "cpu", amp="none", channels_last="off")
-    assert predictor.config.data.intensity == "minmax"
+    assert predictor.config.data.intensity == intensity
     case = make_phantom(seed=5, shape=(40, 40, 24))
     window = {"stride": (16, 16, 8), "sw_batch_size": 2}
     first, _ = predictor.predict(case.image, **window)

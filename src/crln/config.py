@@ -60,8 +60,8 @@ MODEL_NAMES = ("vnet", "unet3d")
 NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
 #: Spatial sides of an input must be multiples of this (four stride-2 down-samplings in every network).
 DOWNSAMPLING_FACTOR = 16
-# Whole-volume intensity normalisation (crln.data.transforms.normalize_intensity): "as_stored" | "minmax".
-INTENSITY_MODES = ("as_stored", "minmax")
+# Whole-volume intensity normalisation (crln.data.transforms.normalize_intensity).
+INTENSITY_MODES = ("as_stored", "minmax", "zscore")
 LR_SCHEDULES = ("poly", "step")  # optim.lr_schedule; crln.engine.schedule computes them
 
 
@@ -83,7 +83,8 @@ class DataConfig:
     unlabeled_batch_size: int = 2
     # Intensity normalisation of every volume, in training, validation, evaluate and predict alike (part of the
     # model's input contract, stored in the run's config): "as_stored" | "minmax" (per volume and channel to [0, 1],
-    # the CRLN authors' code). crln.data.transforms.INTENSITY_MODES
+    # the CRLN authors' code) | "zscore" (per volume and channel to mean 0, std 1: nnU-Net's MRI normalisation;
+    # LA's stored crops are not: their means run 0.05-1.9). crln.data.transforms.INTENSITY_MODES
     intensity: str = "as_stored"
     rot_flip: bool = True
     brightness: tuple[float, float] = (1.0, 1.0)  # training patches × U(low, high), clipped to [0, 1] (needs minmax)

@@ -124,9 +124,12 @@ def random_brightness(image: np.ndarray, rng: np.random.Generator, low: float, h
 
 def normalize_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     """Whole-volume intensity normalisation: ``"as_stored"`` returns ``image``; ``"minmax"`` scales each
-    channel of ``(H, W, D)`` / ``(C, H, W, D)`` to [0, 1] (a constant channel becomes 0)."""
+    channel of ``(H, W, D)`` / ``(C, H, W, D)`` to [0, 1] (a constant channel becomes 0); ``"zscore"`` gives
+    each channel mean 0 and std 1 (:func:`zscore_channels`)."""
     if mode == "as_stored":
         return image
+    if mode == "zscore":
+        return zscore_channels(image)
     if mode != "minmax":
         raise ValueError(f"intensity mode must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}")
     volume = image.astype(np.float32, copy=True)
