@@ -160,3 +160,17 @@ def test_nifti_dataset_trains_and_reports_mm(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "phantom" / "supervised__vnet__demo" / "seed1337"
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["distance_unit"] == "mm" and summary["n_cases"] == 1
+
+
+def test_a_reader_that_closes_the_pipe_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``crln config demo | head -1``: the reader leaves early; no traceback, the shell's SIGPIPE status."""
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["config", "demo"]) == 141

@@ -8,6 +8,8 @@ Configs are loaded and checked before torch is imported, so a typo fails at once
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import shlex
 import sys
@@ -19,6 +21,8 @@ from crln.engine.cpu_threads import configure_openmp
 from crln.errors import EXIT_DIVERGED, EXIT_USER_ERROR, CrlnError, RunInterrupted, TrainingDiverged
 
 __all__ = ["EXIT_DIVERGED", "EXIT_USER_ERROR", "build_parser", "main"]
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader closed the pipe
 
 
 def _triple(text: str) -> tuple[int, int, int]:
@@ -678,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crln: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `crln bench PLAN --dry-run | head`: the reader left, nothing went wrong here
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # stdout to devnull: no flush error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     finally:
         # Leave the torchrun process group that train / evaluate joined (only loaded when one was needed).
         distributed = sys.modules.get("crln.engine.distributed")
