@@ -131,6 +131,7 @@ def test_bn_mode_check_scores_as_evaluate_with_running_statistics(crln_run: Path
     assert scores["case"] == [row["case"] for row in result["per_case"]]
     assert scores["running"] == pytest.approx([row["dice"] for row in result["per_case"]], abs=1e-4)
     assert len(scores["batch"]) == len(scores["case"]) and all(0.0 <= d <= 1.0 for d in scores["batch"])
+    assert scores["batch"] != scores["running"]  # the statistics really were switched (not BatchNorm folded away)
 
 
 def _foreground_fraction(pair: metrics.MaskPair) -> float:
