@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The LA evidence of issues 16, 18 and 19 on a CPU, in the order its decisions need it: one seed of every
-# 8-labelled row; the fidelity ladder's rows that choose the CPU presets' defaults (on the validation split),
-# both its seeds; the other seeds of the 8-labelled rows; the ladder's "before issue 16" row (informative,
-# chooses nothing); then the 16-labelled plan, the ablations and the 3x-longer check.
+# 8-labelled row; the fidelity ladder's rows that choose the CPU presets' defaults (on the validation split,
+# the z-score branch first, then the rest), with the intensity plan's BCP rows, both seeds; the other seeds
+# of the 8-labelled rows; the ladder's "before issue 16" row (informative, chooses nothing); then the
+# 16-labelled plan, the ablations and the 3x-longer check.
 #
 # Usage: benchmarks/la80_queue.sh [PYTHON]     (from the repository root; PYTHON defaults to .venv/bin/python)
 # Needs data/LA_0.5 with all 80 training cases:
@@ -18,9 +19,14 @@ bench() { nice -n 10 "$python" -m crln bench "$@" --no-progress; }
 
 bench benchmarks/plans/la80_cpu_8labels_3seeds.yaml --seed 1337
 fidelity=benchmarks/plans/la80_cpu_fidelity.yaml
-choosing=(--row 'issue-16 fixes' --row min-max --row 'dropout 0.5' --row 'Mean teacher (field' --row 'Mean teacher (the')
-bench $fidelity --seed 1337 "${choosing[@]}"
-bench $fidelity --seed 2024 "${choosing[@]}"
+intensity=benchmarks/plans/la80_cpu_intensity.yaml
+choosing=(--row 'issue-16 fixes' --row min-max --row 'dropout 0.5' --row 'Mean teacher (field' --row 'Mean teacher (the'
+          --row 'CRLN, z-score' --row 'Mean teacher, z-score')
+for seed in 1337 2024; do
+    bench $fidelity --seed $seed --row 'issue-16 fixes' --row min-max --row 'CRLN, z-score' --row 'Mean teacher, z-score'
+    bench $fidelity --seed $seed "${choosing[@]}"
+    bench $intensity --seed $seed
+done
 bench benchmarks/plans/la80_cpu_8labels_3seeds.yaml --seed 2024
 bench benchmarks/plans/la80_cpu_8labels_3seeds.yaml --seed 7
 bench $fidelity
