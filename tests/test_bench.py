@@ -16,21 +16,27 @@ from crln.errors import CrlnError
 from crln.report.bench_figures import smooth, smoothing_window
 
 
-def _plan(tmp_path: Path, phantom_root: Path, body: str) -> Path:
+def _plan(tmp_path: Path, phantom_root: Path, body: str, seeds: str = "[1, 2]") -> Path:
     overrides = tiny_overrides(phantom_root, tmp_path / "runs", **{"train.iterations": 2})
     lines = "\n".join(f"  - '{o}'" for o in overrides)
     path = tmp_path / "plan.yaml"
-    path.write_text(f"title: tiny\nseeds: [1, 2]\noverrides:\n{lines}\n{body}")
+    path.write_text(f"title: tiny\nseeds: {seeds}\noverrides:\n{lines}\n{body}")
     return path
 
 
-def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) -> None:
-    plan = _plan(
-        tmp_path,
-        phantom_root,
-        "runs:\n  - name: Sup\n    config: demo\n"
-        "  - name: MT\n    config: demo\n    overrides: [method.name=mean_teacher]\n",
+def _supervised_and_mean_teacher(
+    tmp_path: Path, phantom_root: Path, names: tuple[str, str] = ("Sup", "MT"), seeds: str = "[1, 2]"
+) -> Path:
+    """A plan of two rows: supervised training and the mean teacher, named ``names``."""
+    body = (
+        f"runs:\n  - name: {names[0]}\n    config: demo\n"
+        f"  - name: {names[1]}\n    config: demo\n    overrides: [method.name=mean_teacher]\n"
     )
+    return _plan(tmp_path, phantom_root, body, seeds)
+
+
+def test_plan_runs_resumably_into_one_table(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _supervised_and_mean_teacher(tmp_path, phantom_root)
     plan.write_text(plan.read_text() + "reference: Sup\n")
     out = run_plan(plan, progress=False)
     table = out.read_text()
@@ -70,13 +76,7 @@ def test_only_seeds_trains_those_and_keeps_finished_ones_in_the_table(tmp_path: 
 
 
 def test_only_rows_trains_the_rows_named_by_number_or_part_of_the_name(tmp_path: Path, phantom_root: Path) -> None:
-    plan = _plan(
-        tmp_path,
-        phantom_root,
-        "runs:\n  - name: Supervised\n    config: demo\n"
-        "  - name: Mean teacher\n    config: demo\n    overrides: [method.name=mean_teacher]\n",
-    )
-    plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
+    plan = _supervised_and_mean_teacher(tmp_path, phantom_root, ("Supervised", "Mean teacher"), seeds="[1]")
     listed = r"\(1: Supervised; 2: Mean teacher\)"
     for bad, why in (("3", "no row"), ("e", "2 rows"), ("crln", "no row")):
         with pytest.raises(CrlnError, match=rf"row '{bad}' names {why}; give a number .*{listed}"):
@@ -94,8 +94,8 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
         tmp_path,
         phantom_root,
         f"runs:\n  - name: Student\n    {mt}]\n  - name: Teacher\n    {mt}, eval.network=teacher]\n",
+        seeds="[1]",
     )
-    plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
     table = run_plan(plan, progress=False).read_text()
     (run,) = (p.parent for p in (tmp_path / "runs").rglob("checkpoint_final.pt"))
     student = json.loads((run / "eval" / "summary.json").read_text())
@@ -144,8 +144,8 @@ def test_plan_figures(tmp_path: Path, phantom_root: Path) -> None:
         phantom_root,
         "runs:\n  - name: Sup\n    config: demo\n"
         "  - name: CRLN\n    config: demo\n    overrides: [method.name=crln, method.rectify_start=0]\n",
+        seeds="[1]",
     )
-    plan.write_text(plan.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
     table = run_plan(plan, progress=False).read_text()
     # One seed: the validation case's Dice alone, then the bootstrap alone.
     assert re.search(r"\| Sup \| final \| 1 \| [\d.]+ \| [\d.]+ ± [\d.]+ \|", table)
