@@ -22,6 +22,7 @@ VERBS = [
     ["data", "phantom"],
     ["data", "compact"],
     ["data", "merge"],
+    ["data", "stats"],
     ["config"],
     ["demo"],
     ["bench"],
@@ -59,6 +60,7 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
         (["data", "prepare", "--src", "/nonexistent", "--dst", "/tmp/x", "--scale", "0.5"], "/nonexistent"),
         (["data", "prepare", "--src", "/tmp", "--dst", "/tmp/x", "--scale", "2"], "--scale"),
         (["train", "demo", "data.root=/nonexistent/data"], "/nonexistent/data"),
+        (["data", "stats", "/nonexistent/data"], "/nonexistent/data: no such folder"),
     ],
 )
 @pytest.mark.slow
