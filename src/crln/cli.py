@@ -454,6 +454,32 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
+    """``crln data stats ROOT``."""
+    p = sub.add_parser(
+        "stats",
+        help="per-case intensity statistics (mean, std, percentiles, foreground contrast)",
+        description="Print one Markdown line per case (darkest first) with the intensities the network is fed "
+        "(before data.intensity): mean, std, 1st and 99th percentiles, and with a label the foreground share, "
+        "foreground and background means and their contrast in std units; then whether the cases are "
+        "z-scored one by one.",
+    )
+    p.add_argument("root", help="dataset folder (h5, compact or NIfTI)")
+    p.add_argument("--split", action="append", help="case list to read (repeatable; default: train)")
+    p.add_argument("--format", default="auto", help="data.format of the folder (default: detected)")
+    p.set_defaults(func=_cmd_stats)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from crln.data.sources import open_dataset_root
+    from crln.data.stats import case_intensities, format_intensity_table
+
+    dataset = open_dataset_root(args.root, args.format)
+    ids = [case_id for split in args.split or ["train"] for case_id in dataset.ids(split)]
+    print(format_intensity_table(list(case_intensities(dataset, ids))))
+    return 0
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """``crln bench PLAN``."""
     p = sub.add_parser(
@@ -504,32 +530,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     if not args.dry_run:
         print(f"table written: {out}")
-    return 0
-
-
-def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
-    """``crln data stats ROOT``."""
-    p = sub.add_parser(
-        "stats",
-        help="per-case intensity statistics (mean, std, percentiles, foreground contrast)",
-        description="Print one Markdown line per case (darkest first) with the intensities the network is fed "
-        "(before data.intensity): mean, std, 1st and 99th percentiles, and with a label the foreground share, "
-        "foreground and background means and their contrast in std units; then whether the cases are "
-        "z-scored one by one.",
-    )
-    p.add_argument("root", help="dataset folder (h5, compact or NIfTI)")
-    p.add_argument("--split", action="append", help="case list to read (repeatable; default: train)")
-    p.add_argument("--format", default="auto", help="data.format of the folder (default: detected)")
-    p.set_defaults(func=_cmd_stats)
-
-
-def _cmd_stats(args: argparse.Namespace) -> int:
-    from crln.data.sources import open_dataset_root
-    from crln.data.stats import case_intensities, format_intensity_table
-
-    dataset = open_dataset_root(args.root, args.format)
-    ids = [case_id for split in args.split or ["train"] for case_id in dataset.ids(split)]
-    print(format_intensity_table(list(case_intensities(dataset, ids))))
     return 0
 
 
