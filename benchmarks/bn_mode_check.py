@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from crln.data.sources import open_dataset_root  # noqa: E402
-from crln.data.transforms import normalize_intensity  # noqa: E402
 from crln.evaluation import case_ids  # noqa: E402
-from crln.inference import sliding_window_predict  # noqa: E402
 from crln.metrics import mean_foreground_dice  # noqa: E402
 from crln.predictor import Predictor  # noqa: E402
 
@@ -35,15 +34,17 @@ from crln.predictor import Predictor  # noqa: E402
 def dice_by_bn_mode(run_dir: Path, checkpoint: str = "final", split: str = "validation") -> dict[str, list[float]]:
     """Per-case foreground Dice of the run's student with running and with per-batch BatchNorm statistics.
 
-    The student is the method's own module, not ``Predictor.network``: on a CPU that one has its
-    BatchNorm folded into the convolutions, so there would be no statistics to switch. The volumes get the
-    run's ``data.intensity`` and the evaluation's sliding window, as in ``Predictor.predict``.
+    Both go through ``Predictor.predict`` (the run's ``data.intensity``, sliding window and argmax) with the
+    method's own student swapped in: the predictor's CPU network has its BatchNorm folded into the
+    convolutions, so it would have no statistics to switch.
     """
-    predictor = Predictor.from_checkpoint(run_dir / f"checkpoint_{checkpoint}.pt", "cpu", with_method=True)
-    config, student = predictor.config, predictor.method.student
+    loaded = Predictor.from_checkpoint(run_dir / f"checkpoint_{checkpoint}.pt", "cpu", with_method=True)
+    student = loaded.method.student
+    predictor = replace(loaded, network=student)
     norms = [layer for layer in student.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         raise SystemExit(f"{run_dir}: the student has no BatchNorm layer (model.normalization), nothing to compare")
+    config = predictor.config
     dataset = open_dataset_root(config.data.root, config.data.format)
     ids = case_ids(dataset, config, split)
     cases = dataset.load_many(ids, with_label=True)
@@ -53,21 +54,9 @@ def dice_by_bn_mode(run_dir: Path, checkpoint: str = "final", split: str = "vali
         for layer in norms if mode == "batch" else []:
             layer.train()
             layer.track_running_stats = False  # normalise by the batch, leave the buffers as trained
-        with torch.no_grad():
-            probs = [
-                sliding_window_predict(
-                    student,
-                    normalize_intensity(case.image, config.data.intensity),
-                    patch_size=config.data.patch_size,
-                    stride=config.eval.stride,
-                    num_classes=config.data.num_classes,
-                    sw_batch_size=config.eval.sw_batch_size,
-                )
-                for case in cases
-            ]
         scores[mode] = [
-            mean_foreground_dice(p.argmax(0).numpy(), case.label, config.data.num_classes)
-            for p, case in zip(probs, cases, strict=True)
+            mean_foreground_dice(predictor.predict(case.image)[0], case.label, config.data.num_classes)
+            for case in cases
         ]
     return scores
 
