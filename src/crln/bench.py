@@ -43,12 +43,14 @@ from crln.config import check_known_keys, load_config, load_yaml
 from crln.errors import CrlnError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from crln.comparison import PairedDifference
     from crln.engine.run_folder import RunFolder
     from crln.methods.base import TimelineMark
     from crln.metrics import Metric
 
-__all__ = ["BenchPlan", "load_plan", "run_plan"]
+__all__ = ["BenchPlan", "RowResult", "collect_rows", "load_plan", "run_plan", "seed_mean", "select_rows"]
 
 PAIRED_METRICS = ("dice", "hd95")
 CHECKPOINTS = ("final", "best")  # the last iteration's weights; the best on the validation split
@@ -234,7 +236,7 @@ def _fmt(stats: dict[str, float] | None, scale: float) -> str:
     return f"{stats['boot_mean'] * scale:.2f} ± {stats['boot_std'] * scale:.2f}{extra}"
 
 
-def _seed_mean(evaluation: Evaluation, metric: str) -> float:
+def seed_mean(evaluation: Evaluation, metric: str) -> float:
     """One seed's mean of ``metric`` over its cases with a defined value (``summarize``'s ``mean``)."""
     return _stats().seed_spread([row.get(metric, math.nan) for row in evaluation.per_case.values()])[0]
 
@@ -242,7 +244,7 @@ def _seed_mean(evaluation: Evaluation, metric: str) -> float:
 def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric: str) -> str:
     """``mean ± std over seeds (pooled bootstrap)``; a one-seed row has no spread: the bootstrap alone."""
     scale = _scale(metric)
-    mean, std = _stats().seed_spread([_seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
+    mean, std = _stats().seed_spread([seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
     if math.isnan(std):
         return _fmt(pooled.get(metric), scale)
     return f"{mean * scale:.2f} ± {std * scale:.2f} ({_fmt(pooled.get(metric), scale)})"
@@ -250,7 +252,7 @@ def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric
 
 def _validation_cell(done: list[tuple[SeedResult, Evaluation]], checkpoint: str) -> str:
     """Mean Dice on the run's held-out validation cases: mean ± std over seeds (one seed: its mean), in %."""
-    means = [_seed_mean(s.validation[checkpoint], "dice") for s, _ in done if checkpoint in s.validation]
+    means = [seed_mean(s.validation[checkpoint], "dice") for s, _ in done if checkpoint in s.validation]
     if not means:
         return "—"
     mean, std = _stats().seed_spread(means)
@@ -376,7 +378,7 @@ def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tu
     scores = [
         MethodScores(
             f"{row.name} · {CHECKPOINT_LABELS[ck]}",
-            tuple(_seed_mean(e, "dice") for _, e in row.evaluated(ck)),
+            tuple(seed_mean(e, "dice") for _, e in row.evaluated(ck)),
             _stats().pooled_summary(row.per_case(ck), n_resamples=POOLED_RESAMPLES).get("dice", {}),
         )
         for row in rows
@@ -522,18 +524,42 @@ def run_plan(
 
     With ``only_seeds`` or ``only_rows`` (see :func:`select_rows`), the other seeds or rows are not trained,
     but those already finished stay in the table; with ``train_missing=False`` nothing is trained: the
-    finished runs are evaluated (what they lack) and tabled.
+    finished runs are evaluated (what they lack) and tabled. The table is rewritten after every seed.
     """
     plan = load_plan(plan_path)  # checked before torch loads
+    out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
+    collect_rows(
+        plan,
+        dry_run=dry_run,
+        progress=progress,
+        only_seeds=only_seeds,
+        only_rows=only_rows,
+        train_missing=train_missing,
+        on_update=lambda rows: _write_table(plan, rows, out_path),
+    )
+    return out_path
+
+
+def collect_rows(
+    plan: BenchPlan,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    only_seeds: list[int] | None = None,
+    only_rows: list[str] | None = None,
+    train_missing: bool = True,
+    on_update: Callable[[list[RowResult]], None] | None = None,
+) -> list[RowResult]:
+    """The plan's rows with their finished seeds (trained and evaluated as :func:`run_plan` says), in plan
+    order; rows with no finished seed are left out. ``on_update`` sees the rows after every seed."""
     unknown = sorted(set(only_seeds or []) - set(plan.seeds))
     if unknown:
-        raise CrlnError(f"bench plan {plan_path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
+        raise CrlnError(f"bench plan {plan.path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
     rows_to_train = select_rows(plan, only_rows) if only_rows else set(range(len(plan.runs)))
     from crln.engine.run_folder import RunFolder
     from crln.engine.trainer import train
     from crln.methods import method_class
 
-    out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
     rows: list[RowResult] = []
     for index, run in enumerate(plan.runs):
         row: RowResult | None = None
@@ -564,8 +590,9 @@ def run_plan(
                 if validation is not None:
                     result.validation[checkpoint] = validation
             row.seeds.append(result)
-            _write_table(plan, rows, out_path)
-    return out_path
+            if on_update is not None:
+                on_update(rows)
+    return rows
 
 
 def select_rows(plan: BenchPlan, selectors: list[str]) -> set[int]:
