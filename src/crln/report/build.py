@@ -19,6 +19,7 @@ labels come from :data:`crln.metrics.METRICS`.
 from __future__ import annotations
 
 import csv
+import html
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from crln.report.page import Section, render_page, table
 from crln.results import read_per_case
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from crln.predictor import Predictor
 
 __all__ = ["ReportResult", "build_report"]
@@ -178,21 +181,13 @@ def build_report(
     :func:`crln.predictor.inference_stride` and ``eval.sw_batch_size``). Raises :class:`CrlnError`
     when ``run_dir`` is not a run folder, ``out_dir`` is a file, or an option is out of range.
     """
-    from crln.config import build_config
     from crln.engine.device import resolve_device
+    from crln.methods import method_class
 
     start = time.perf_counter()
     if out_dir is not None:
         check_output_dir(out_dir, "-o")
-    run = RunFolder(run_dir)
-    if not run.path.is_dir():
-        raise CrlnError(f"{run.path}: no such run folder")
-    if not run.config_path.is_file():
-        raise CrlnError(f"{run.path}: not a run folder (no config.yaml; expected a folder written by crln train)")
-    try:
-        config = build_config(yaml.safe_load(run.config_path.read_text()) or {})
-    except (yaml.YAMLError, ValueError, TypeError) as err:
-        raise CrlnError(f"{run.config_path}: cannot read the run's config ({err})") from err
+    run, config = _open_run(run_dir)
     out = check_output_dir(out_dir if out_dir is not None else run.path / "report", "-o")
     if sw_batch_size is not None and sw_batch_size < 1:
         raise CrlnError(f"--sw-batch-size: expected at least 1 window per forward pass, got {sw_batch_size}")
@@ -203,22 +198,57 @@ def build_report(
         inference_stride(config, stride, config.data.root, run.path)  # refuse a bad --stride before any work
     out.mkdir(parents=True, exist_ok=True)
     result = ReportResult(html=out / "report.html")
-    notes = result.notes
 
     def say(message: str) -> None:
         if progress:
             print(f"report: {message}", flush=True)
 
-    meta = _read_json(run.path / "meta.json") or {}
     records = read_log(run.log_path)
-    train_records = [r for r in records if "loss" in r]
-    val_records = [r for r in records if "val_dice" in r]
-    from crln.methods import method_class
-
     method_cls = method_class(config.method.name)
     marks = method_cls.timeline_marks(config.method)
+    facts = _facts_section(run, config, records, method_cls)
+    curves = _curves_section(records, marks, config.method.name, out, result, say)
+    evaluation, per_case, summary = _evaluation_section(run, result.notes, say)
+    sections = [
+        facts,
+        curves,
+        evaluation,
+        *_case_sections(run, config, per_case, summary, out, dev, result, say, (stride, sw_batch_size)),
+    ]
+    if result.notes:
+        missing = Section("Notes")
+        for note in result.notes:
+            missing.note(note)
+        sections.insert(1, missing)
+    last_step = max((r.get("step", 0) for r in records), default=0)
+    title = f"crln report: {config.method.name} on {config.data.name}"
+    subtitle = f"{run.path} · iteration {last_step} · written {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    atomic_write_text(result.html, render_page(title, subtitle, sections))
+    result.seconds = time.perf_counter() - start
+    say(f"written {result.html} ({result.seconds:.1f} s)")
+    return result
 
-    # --- facts ----------------------------------------------------------------------------
+
+def _open_run(run_dir: str | Path) -> tuple[RunFolder, Any]:
+    """The run folder and its config; :class:`CrlnError` when it is not a run folder of ``crln train``."""
+    from crln.config import build_config
+
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise CrlnError(f"{run.path}: no such run folder")
+    if not run.config_path.is_file():
+        raise CrlnError(f"{run.path}: not a run folder (no config.yaml; expected a folder written by crln train)")
+    try:
+        return run, build_config(yaml.safe_load(run.config_path.read_text()) or {})
+    except (yaml.YAMLError, ValueError, TypeError) as err:
+        raise CrlnError(f"{run.config_path}: cannot read the run's config ({err})") from err
+
+
+def _facts_section(run: RunFolder, config: Any, records: list[dict[str, Any]], method_cls: Any) -> Section:
+    """What ran: method, data, budget, speed, best validation Dice, the method's own facts, provenance."""
+    meta = _read_json(run.path / "meta.json") or {}
+    train_records = [r for r in records if "loss" in r]
+    val_records = [r for r in records if "val_dice" in r]
     facts = Section("Run")
     last_step = max((r.get("step", 0) for r in records), default=0)
     spi = [r["seconds_per_iteration"] for r in train_records if "seconds_per_iteration" in r]
@@ -241,30 +271,43 @@ def build_report(
     facts.html(table(["", ""], fact_rows, cls="facts"))
     facts.html(
         "<details><summary>resolved config.yaml</summary><pre>"
-        + __import__("html").escape(run.config_path.read_text())
+        + html.escape(run.config_path.read_text())
         + "</pre></details>"
     )
+    return facts
 
-    # --- curves ---------------------------------------------------------------------------
+
+def _curves_section(
+    records: list[dict[str, Any]],
+    marks: tuple[Any, ...],
+    method_name: str,
+    out: Path,
+    result: ReportResult,
+    say: Callable[[str], None],
+) -> Section:
+    """The training curves of ``log.jsonl``, with the method's timeline marks (CRLN's S) as dashed lines."""
     curves = Section("Training curves")
     if not records:
-        notes.append("no log.jsonl records: no training curves")
+        result.notes.append("no log.jsonl records: no training curves")
         curves.note("log.jsonl is missing or empty: no training curves.")
+        return curves
+    fig = figures.plot_training_curves(records, out / "curves.png", marks=marks, title=f"{method_name}: training log")
+    if fig is None:
+        curves.note("log.jsonl holds no plottable scalars.")
     else:
-        fig = figures.plot_training_curves(
-            records, out / "curves.png", marks=marks, title=f"{config.method.name}: training log"
-        )
-        if fig is None:
-            curves.note("log.jsonl holds no plottable scalars.")
-        else:
-            result.figures["curves"] = fig
-            curves.image(fig.path, "training curves", fig.width, fig.height)
-            if marks:
-                shown = "; ".join(mark.description for mark in marks)
-                curves.html(f'<p class="muted">dashed line{"s" if len(marks) > 1 else ""}: {shown}.</p>')
-        say("training curves")
+        result.figures["curves"] = fig
+        curves.image(fig.path, "training curves", fig.width, fig.height)
+        if marks:
+            shown = "; ".join(mark.description for mark in marks)
+            curves.html(f'<p class="muted">dashed line{"s" if len(marks) > 1 else ""}: {shown}.</p>')
+    say("training curves")
+    return curves
 
-    # --- evaluation -----------------------------------------------------------------------
+
+def _evaluation_section(
+    run: RunFolder, notes: list[str], say: Callable[[str], None]
+) -> tuple[Section, list[dict[str, Any]], dict[str, Any] | None]:
+    """The run's evaluation (summary and per-case tables), with the per-case rows and the summary it read."""
     evaluation = Section("Evaluation")
     per_case_path, summary_path = run.eval_dir / "per_case.csv", run.eval_dir / "summary.json"
     per_case: list[dict[str, Any]] = []
@@ -278,55 +321,53 @@ def build_report(
         message = f"no evaluation yet ({per_case_path} missing): run `crln evaluate {run.path}`"
         notes.append(message)
         evaluation.note(message + ", then `crln report` again.")
-    else:
-        unit = (summary or {}).get("distance_unit", "voxels")
-        if summary and summary.get("metrics"):
-            rows = _summary_rows(summary["metrics"], unit)
-            evaluation.html(table(["metric", "bootstrap mean ± std", "mean ± std (cases)", "n"], rows))
-            evaluation.html(
-                '<p class="muted">'
-                + __import__("html").escape(
-                    f"{summary.get('n_cases')} cases of split {summary.get('split')!r}, checkpoint "
-                    f"{Path(str(summary.get('checkpoint', ''))).name} (iteration {summary.get('checkpoint_step')}), "
-                    f"patch {summary.get('patch_size')}, stride {summary.get('stride')}, "
-                    f"largest component {summary.get('largest_component')}, {summary.get('date', '')}"
-                )
-                + "</p>"
+        return evaluation, per_case, summary
+    unit = (summary or {}).get("distance_unit", "voxels")
+    if summary and summary.get("metrics"):
+        rows = _summary_rows(summary["metrics"], unit)
+        evaluation.html(table(["metric", "bootstrap mean ± std", "mean ± std (cases)", "n"], rows))
+        evaluation.html(
+            '<p class="muted">'
+            + html.escape(
+                f"{summary.get('n_cases')} cases of split {summary.get('split')!r}, checkpoint "
+                f"{Path(str(summary.get('checkpoint', ''))).name} (iteration {summary.get('checkpoint_step')}), "
+                f"patch {summary.get('patch_size')}, stride {summary.get('stride')}, "
+                f"largest component {summary.get('largest_component')}, {summary.get('date', '')}"
             )
-        else:
-            evaluation.note(f"{summary_path} missing or unreadable: per-case table only.")
-        evaluation.heading("Per case, worst first")
-        evaluation.html(_per_case_table(per_case, unit))
-        say("evaluation tables")
+            + "</p>"
+        )
+    else:
+        evaluation.note(f"{summary_path} missing or unreadable: per-case table only.")
+    evaluation.heading("Per case, worst first")
+    evaluation.html(_per_case_table(per_case, unit))
+    say("evaluation tables")
+    return evaluation, per_case, summary
 
-    # --- cases: overlays, renders, rectification -----------------------------------------
+
+def _case_sections(
+    run: RunFolder,
+    config: Any,
+    per_case: list[dict[str, Any]],
+    summary: dict[str, Any] | None,
+    out: Path,
+    dev: torch.device,
+    result: ReportResult,
+    say: Callable[[str], None],
+    window: tuple[tuple[int, int, int] | None, int | None],
+) -> list[Section]:
+    """Slices and surfaces of 3 test cases, then the rectification figure when the method has one."""
     cases_section = Section("Test cases: slices and surfaces")
-    sections = [facts, curves, evaluation, cases_section]
     # The run's evaluated checkpoint (eval.checkpoint) first, so that the figures show what the tables score.
     names = dict.fromkeys((config.eval.checkpoint, "final", "latest", "best"))
     checkpoint_path = next((run.checkpoint(w) for w in names if run.checkpoint(w).is_file()), None)
     if checkpoint_path is None:
         message = "no checkpoint in the run folder: no slice overlays, renders or rectification figure"
-        notes.append(message)
+        result.notes.append(message)
         cases_section.note(message + ".")
-    else:
-        shown = _case_figures(
-            run, checkpoint_path, per_case, summary, out, dev, cases_section, result, say, (stride, sw_batch_size)
-        )
-        rectification = _rectification_section(*shown, out, result, say) if shown is not None else None
-        if rectification is not None:
-            sections.append(rectification)
-    if notes:
-        missing = Section("Notes")
-        for note in notes:
-            missing.note(note)
-        sections.insert(1, missing)
-    title = f"crln report: {config.method.name} on {config.data.name}"
-    subtitle = f"{run.path} · iteration {last_step} · written {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    atomic_write_text(result.html, render_page(title, subtitle, sections))
-    result.seconds = time.perf_counter() - start
-    say(f"written {result.html} ({result.seconds:.1f} s)")
-    return result
+        return [cases_section]
+    shown = _case_figures(run, checkpoint_path, per_case, summary, out, dev, cases_section, result, say, window)
+    rectification = _rectification_section(*shown, out, result, say) if shown is not None else None
+    return [cases_section] if rectification is None else [cases_section, rectification]
 
 
 def _case_figures(
