@@ -202,7 +202,6 @@ def evaluate(
     stride, stride_note = inference_stride(config, stride, root, run_dir)
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
     if out_dir is None:
-        base = Path(run_dir) if run_dir is not None else ckpt_path.parent
         which = ckpt_path.stem.replace("checkpoint_", "")
         name = eval_dir_name(
             split_name,
@@ -213,7 +212,7 @@ def evaluate(
             default_checkpoint=config.eval.checkpoint,
             network=other_network,
         )
-        out_dir = check_output_dir(base / name, "--out")
+        out_dir = check_output_dir((Path(run_dir) if run_dir is not None else ckpt_path.parent) / name, "--out")
     out_dir = Path(out_dir)
     dataset = open_dataset_root(root, config.data.format if data_root is None else "auto")
     ids = case_ids(dataset, config, split_name, other_data)[:limit]
@@ -222,53 +221,74 @@ def evaluate(
     if progress and stride_note and distributed.is_main_process():
         print(f"note: {stride_note}", flush=True)
 
+    protocol = {"stride": stride, "sw_batch_size": windows_per_batch, "largest_component": lcc}
+    per_case, spacings = _score_cases(predictor, dataset, ids, protocol, progress)
+    source = {"split": split_name, "data_root": str(root), "checkpoint": str(ckpt_path)}
+    summary = _summary(per_case, spacings, predictor, protocol, source, str(dev))
+    if distributed.is_main_process():
+        write_per_case(out_dir / "per_case.csv", per_case)
+        write_summary(out_dir / "summary.json", summary)
+    distributed.barrier()  # the files exist for every process once evaluate() returns
+    return EvalResult(summary=summary, per_case=per_case, out_dir=out_dir)
+
+
+def _score_cases(
+    predictor: Predictor, dataset: Any, ids: list[str], protocol: dict[str, Any], progress: bool
+) -> tuple[list[dict[str, Any]], list[tuple[float, ...]]]:
+    """Predict and score every case (this process's share under torchrun); every process gets all rows
+    and voxel spacings back, in case-list order."""
+    config = predictor.config
     scored: list[tuple[int, tuple[dict[str, Any], tuple[float, ...]]]] = []
     for index, case_id in distributed.shard(ids):
         (case,) = dataset.load_many([case_id], with_label=True)
         _check_input(case, config, require_label=True)
-        spacing = tuple(float(v) for v in case.spacing)
         start = time.perf_counter()
-        pred, _ = predictor.predict(case.image, stride=stride, sw_batch_size=windows_per_batch, largest_component=lcc)
+        pred, _ = predictor.predict(case.image, **protocol)
         seconds = time.perf_counter() - start
         row = {
             "case": case_id,
             **case_metrics(pred, case.label, num_classes=config.data.num_classes, spacing=case.spacing),
             "seconds": seconds,
         }
-        scored.append((index, (row, spacing)))
+        scored.append((index, (row, tuple(float(v) for v in case.spacing))))
         if progress:
             shown = "  ".join(f"{m.name}={row[m.name]:.4f}" for m in metrics.METRICS if m.name in row)
             print(f"[{index + 1}/{len(ids)}] {case_id}  {shown}  ({seconds:.1f} s)", flush=True)
+    gathered = distributed.gather_shards(scored)
+    return [row for row, _ in gathered], [spacing for _, spacing in gathered]
 
-    gathered = distributed.gather_shards(scored)  # every process's rows, in case-list order
-    per_case = [row for row, _ in gathered]
-    spacings = [spacing for _, spacing in gathered]
+
+def _summary(
+    per_case: list[dict[str, Any]],
+    spacings: list[tuple[float, ...]],
+    predictor: Predictor,
+    protocol: dict[str, Any],
+    source: dict[str, str],
+    device: str,
+) -> dict[str, Any]:
+    """``summary.json``: the bootstrapped metrics, where the cases and weights came from (``source``: split,
+    data root, checkpoint file), the network and the sliding-window protocol."""
+    config = predictor.config
     metric_rows = [{k: v for k, v in r.items() if k not in ("case", "seconds")} for r in per_case]
     summary = {
         "metrics": summarize(metric_rows, n_resamples=config.eval.bootstrap_resamples, seed=0),
         "n_cases": len(per_case),
-        "split": split_name,
-        "data_root": str(root),
-        "checkpoint": str(ckpt_path),
+        **source,
         "checkpoint_step": predictor.step,
         "method": predictor.method_name,
         "network": config.eval.network,
         "patch_size": list(config.data.patch_size),
-        "stride": list(stride),
-        "sw_batch_size": windows_per_batch,
-        "largest_component": lcc,
+        "stride": list(protocol["stride"]),
+        "sw_batch_size": protocol["sw_batch_size"],
+        "largest_component": protocol["largest_component"],
         "distance_unit": "voxels" if all(s == (1.0, 1.0, 1.0) for s in spacings) else "mm",
-        "device": str(dev),
+        "device": device,
         "seconds_per_case": float(np.mean([r["seconds"] for r in per_case])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if distributed.get_world_size() > 1:
         summary["processes"] = distributed.get_world_size()  # seconds_per_case is then per process
-    if distributed.is_main_process():
-        write_per_case(out_dir / "per_case.csv", per_case)
-        write_summary(out_dir / "summary.json", summary)
-    distributed.barrier()  # the files exist for every process once evaluate() returns
-    return EvalResult(summary=summary, per_case=per_case, out_dir=out_dir)
+    return summary
 
 
 def format_summary_table(summary: dict[str, Any], title: str = "") -> str:
