@@ -474,77 +474,26 @@ def compact_h5_dataset(
     src, dst = Path(src), Path(dst)
     say = report or (lambda line: None)
     say_error = report_error or say
-    if codec not in CODECS:
-        raise CrlnError(f"--codec {codec!r}: expected one of {', '.join(CODECS)}")
-    if max_part_mib is not None and max_part_mib <= 0:
-        raise CrlnError(f"--max-part-mib: expected a positive size, got {max_part_mib}")
-    if is_compact_root(src):
-        raise CrlnError(f"--src {src}: already a compact copy, expected an h5 dataset")
-    H5Dataset(src)  # checks the folder exists
-    if os.path.realpath(src) == os.path.realpath(dst):
-        raise CrlnError(f"--dst {dst}: the same folder as --src, expected a new folder")
-    lists = _ordered_ids(src)
-    if not lists:
-        raise CrlnError(f"--src {src}: no case lists (*.list or *.txt), expected train.list and test.list")
-
-    manifest: dict[str, Any] = read_manifest(dst) if is_compact_root(dst) else {}
-    if manifest and manifest.get("codec") != codec:
-        raise CrlnError(
-            f"--dst {dst}: holds a copy written with --codec {manifest.get('codec')}, expected {codec} "
-            "(use the same codec to finish it, or a new --dst)"
-        )
-    old_cases: dict[str, Any] = manifest.get("cases", {})
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "crln_version": __version__,
-        "codec": codec,
-        "source": str(src),
-        "lists": [name for name, _ in lists],
-        "complete": False,
-        "cases": {},
-    }
-    dst.mkdir(parents=True, exist_ok=True)
-    for name, _ in lists:
-        _copy_file(src / name, dst / name)
-    if (src / SCALE_RECORD).is_file():  # a rescaled source: the copy is at its scale (parts find it above them)
-        _copy_file(src / SCALE_RECORD, dst / SCALE_RECORD)
-
+    lists = _checked_sources(src, dst, codec, max_part_mib)
+    manifest, old_cases = _start_manifest(src, dst, codec, lists)
     all_ids = list(dict.fromkeys(cid for _, ids in lists for cid in ids))
     written = skipped = 0
     failed: list[str] = []
     for number, cid in enumerate(all_ids, 1):
         try:
-            path = locate_case(src, cid)
-            st = path.stat()
-            source = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-            entry = old_cases.get(cid)
-            if _entry_done(dst, entry, source):
-                manifest["cases"][cid] = entry
-                skipped += 1
-                continue
-            case = read_h5_case(path, cid, with_label=True, allow_channels=True)
-            validate_case(case, allow_channels=True)  # finite voxels, integer labels in [0, 255]
-            rel = f"{CASES_DIR}/{cid}{CASE_SUFFIX}"
-            header = write_compact_case(dst / rel, case, codec)
+            entry, fresh = _copy_case(src, dst, cid, old_cases.get(cid), codec)
         except CrlnError as err:
             failed.append(str(err))
             say_error(f"[{number}/{len(all_ids)}] error: {err}")
             continue
-        size = (dst / rel).stat().st_size
-        manifest["cases"][cid] = {
-            "file": rel,
-            "bytes": size,
-            "encoding": header["encoding"],
-            "n_values": header["n_values"],
-            "shape": header["shape"],
-            "source_bytes": source["bytes"],
-            "source_mtime_ns": source["mtime_ns"],
-        }
+        manifest["cases"][cid] = entry
+        if not fresh:
+            skipped += 1
+            continue
         _write_manifest(dst, {**manifest, "cases": {**old_cases, **manifest["cases"]}})  # restart point
         written += 1
-        values = f"{header['n_values']} values" if header["n_values"] is not None else "float32 fallback"
-        say(f"[{number}/{len(all_ids)}] {cid}: {values}, {size / MIB:.2f} MiB")
+        values = f"{entry['n_values']} values" if entry["n_values"] is not None else "float32 fallback"
+        say(f"[{number}/{len(all_ids)}] {cid}: {values}, {entry['bytes'] / MIB:.2f} MiB")
 
     manifest["complete"] = not failed
     manifest["written"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -569,6 +518,83 @@ def compact_h5_dataset(
     if max_part_mib is not None:
         summary.parts = write_parts(dst, max_part_mib)
     return summary
+
+
+def _checked_sources(src: Path, dst: Path, codec: str, max_part_mib: float | None) -> list[tuple[str, list[str]]]:
+    """The source's case lists ``(file name, ids)``, after refusing bad options, sources and destinations."""
+    if codec not in CODECS:
+        raise CrlnError(f"--codec {codec!r}: expected one of {', '.join(CODECS)}")
+    if max_part_mib is not None and max_part_mib <= 0:
+        raise CrlnError(f"--max-part-mib: expected a positive size, got {max_part_mib}")
+    if is_compact_root(src):
+        raise CrlnError(f"--src {src}: already a compact copy, expected an h5 dataset")
+    H5Dataset(src)  # checks the folder exists
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise CrlnError(f"--dst {dst}: the same folder as --src, expected a new folder")
+    lists = _ordered_ids(src)
+    if not lists:
+        raise CrlnError(f"--src {src}: no case lists (*.list or *.txt), expected train.list and test.list")
+    return lists
+
+
+def _start_manifest(
+    src: Path, dst: Path, codec: str, lists: list[tuple[str, list[str]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A fresh, incomplete manifest for ``dst`` and the case entries of an earlier, interrupted copy there;
+    copies the case lists (and the scale record of a rescaled source) into ``dst``."""
+    manifest: dict[str, Any] = read_manifest(dst) if is_compact_root(dst) else {}
+    if manifest and manifest.get("codec") != codec:
+        raise CrlnError(
+            f"--dst {dst}: holds a copy written with --codec {manifest.get('codec')}, expected {codec} "
+            "(use the same codec to finish it, or a new --dst)"
+        )
+    old_cases: dict[str, Any] = manifest.get("cases", {})
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "crln_version": __version__,
+        "codec": codec,
+        "source": str(src),
+        "lists": [name for name, _ in lists],
+        "complete": False,
+        "cases": {},
+    }
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, _ in lists:
+        _copy_file(src / name, dst / name)
+    if (src / SCALE_RECORD).is_file():  # a rescaled source: the copy is at its scale (parts find it above them)
+        _copy_file(src / SCALE_RECORD, dst / SCALE_RECORD)
+    return manifest, old_cases
+
+
+def _copy_case(
+    src: Path, dst: Path, cid: str, old_entry: dict[str, Any] | None, codec: str
+) -> tuple[dict[str, Any], bool]:
+    """Case ``cid``'s manifest entry and whether it was written now (False: the earlier copy is current).
+
+    Raises:
+        CrlnError: the case is missing, unreadable, or has NaN/Inf voxels or labels outside ``[0, 255]``.
+    """
+    path = locate_case(src, cid)
+    st = path.stat()
+    source = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if _entry_done(dst, old_entry, source):
+        assert old_entry is not None
+        return old_entry, False
+    case = read_h5_case(path, cid, with_label=True, allow_channels=True)
+    validate_case(case, allow_channels=True)  # finite voxels, integer labels in [0, 255]
+    rel = f"{CASES_DIR}/{cid}{CASE_SUFFIX}"
+    header = write_compact_case(dst / rel, case, codec)
+    entry = {
+        "file": rel,
+        "bytes": (dst / rel).stat().st_size,
+        "encoding": header["encoding"],
+        "n_values": header["n_values"],
+        "shape": header["shape"],
+        "source_bytes": source["bytes"],
+        "source_mtime_ns": source["mtime_ns"],
+    }
+    return entry, True
 
 
 # ----------------------------------------------------------------------------------------------------------
