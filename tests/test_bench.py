@@ -102,6 +102,12 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
     teacher = json.loads((run / "eval_test_final_teacher" / "summary.json").read_text())
     assert (student["network"], teacher["network"]) == ("student", "teacher")
     assert "| Student | final | 1 |" in table and "| Teacher | final | 1 |" in table
+    # A row whose training differs (or a preset default changed since) does not take the finished run as its own.
+    plan.write_text(plan.read_text() + f"  - name: Changed\n    {mt}, optim.lr=0.02]\n")
+    with pytest.raises(
+        CrlnError, match=r"Changed \(seed 1\): .* was trained with another config \(optim.lr: 0.01 -> 0.02\); give"
+    ):
+        run_plan(plan, progress=False)
 
 
 @pytest.mark.parametrize(

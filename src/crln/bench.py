@@ -576,7 +576,9 @@ def collect_rows(
                 row = RowResult(run.name, method_class(config.method.name).timeline_marks(config.method))
                 rows.append(row)
             label = f"{run.name} (seed {seed})"
-            if not folder.checkpoint("final").exists():
+            if folder.checkpoint("final").exists():
+                _check_finished_run(plan, folder, config, label)
+            else:
                 resume = folder.checkpoint("latest").exists()
                 print(f"[bench] {'resuming' if resume else 'training'} {label}", flush=True)
                 train(config, resume=resume, progress=progress)
@@ -593,6 +595,24 @@ def collect_rows(
             if on_update is not None:
                 on_update(rows)
     return rows
+
+
+def _check_finished_run(plan: BenchPlan, folder: RunFolder, config: Any, label: str) -> None:
+    """Refuse a finished run folder that another config trained (a preset default changed since, or two rows
+    share a ``train.tag``): its results would be tabled as this row's. Evaluation settings may differ (a row
+    may score another network of the same run); where and how fast it ran may too."""
+    import yaml
+
+    from crln.config import RUN_INVARIANT_KEYS, config_changes, config_to_dict
+
+    saved = yaml.safe_load(folder.config_path.read_text()) if folder.config_path.is_file() else None
+    changed = config_changes(saved or {}, config_to_dict(config), RUN_INVARIANT_KEYS | {"eval.", "logging."})
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise CrlnError(
+            f"bench plan {plan.path}: {label}: {folder.path} was trained with another config "
+            f"({', '.join(changed[:3])}{more}); give the row its own train.tag, or move that folder away to retrain it"
+        )
 
 
 def select_rows(plan: BenchPlan, selectors: list[str]) -> set[int]:

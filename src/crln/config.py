@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "LR_SCHEDULES",
     "MODEL_NAMES",
     "NORMALIZATIONS",
+    "RUN_INVARIANT_KEYS",
     "DataConfig",
     "DistributedConfig",
     "EvalConfig",
@@ -43,6 +45,7 @@ __all__ = [
     "apply_overrides",
     "build_config",
     "check_known_keys",
+    "config_changes",
     "config_to_dict",
     "load_config",
     "load_raw",
@@ -504,6 +507,44 @@ def resolve_from_dataset_json(config: RunConfig, raw: dict[str, Any]) -> None:
         validate_config(config)
     except CrlnError as err:  # e.g. 'labels' naming the background only
         raise CrlnError(f"{err} (taken from {meta_path})") from None
+
+
+# Settings that change neither a run's weights nor its validation-best choice: where and how it runs.
+RUN_INVARIANT_KEYS = frozenset(
+    {
+        "train.device",
+        "train.threads",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.output_dir",
+        "distributed.backend",
+        "distributed.timeout_minutes",
+        "data.num_workers",
+        "data.pin_memory",
+        "data.root",
+    }
+)
+
+
+def _flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], allowed: Iterable[str]) -> list[str]:
+    """``"key: old -> new"`` for every dotted key of the ``saved`` config (a nested dict) whose value ``current``
+    changes, sorted, except the ``allowed`` keys and keys under an allowed ``"section."`` prefix. Keys the saved
+    config lacks are fields added to crln since: they hold their defaults and are not compared."""
+    old, new = _flatten_keys(saved), _flatten_keys(current)
+    allowed = tuple(allowed)
+    prefixes = tuple(a for a in allowed if a.endswith("."))
+    changed = sorted(k for k in old if old[k] != new.get(k) and k not in allowed and not k.startswith(prefixes))
+    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in changed]
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from crln.config import RunConfig, config_to_dict
+from crln.config import RUN_INVARIANT_KEYS, RunConfig, config_changes, config_to_dict
 from crln.data.case import Case
 from crln.engine import distributed
 from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state, save_checkpoint
@@ -150,43 +150,17 @@ def _check_finite_weights(method: Method, step: int) -> None:
             )
 
 
-# Settings a resumed run may change: where and how fast it runs, and how long.
-_RESUMABLE_CHANGES = {
-    "train.iterations",
-    "train.device",
-    "train.threads",
-    "train.log_every",
-    "train.val_every",
-    "train.checkpoint_every",
-    "train.output_dir",
-    "distributed.backend",
-    "distributed.timeout_minutes",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.root",
-}
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+# A resumed run may also be made longer, and validated at other iterations from then on.
+_RESUMABLE_CHANGES = RUN_INVARIANT_KEYS | {"train.iterations", "train.val_every"}
 
 
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint under a config that changes what is being trained."""
-    old, new = _flatten(saved), _flatten(current)
-    # Keys the saved config lacks are fields added to crln since: they hold their defaults.
-    changed = sorted(k for k in old if old[k] != new.get(k) and k not in _RESUMABLE_CHANGES)
+    changed = config_changes(saved, current, _RESUMABLE_CHANGES)
     if changed:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise CrlnError(
-            f"--resume: {path} was trained with a different config ({shown}{more}); "
+            f"--resume: {path} was trained with a different config ({', '.join(changed[:4])}{more}); "
             "start a new run (train.tag=...) instead"
         )
 
