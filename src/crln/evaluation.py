@@ -433,8 +433,6 @@ def predict_files(
 
     Returns the segmentation paths.
     """
-    from crln.data.nifti import nifti_header, write_nifti
-
     out = check_output_dir(out_dir, "-o")
     ckpt_path, run_dir = _resolve_checkpoint(checkpoint, None)
     groups = _scan_groups(inputs)
@@ -444,16 +442,7 @@ def predict_files(
         )
         for case_id, _ in groups
     }
-    scans = {path.resolve() for _, paths in groups for path in paths}
-    clash = next((out / n for case in names.values() for n in case.values() if (out / n).resolve() in scans), None)
-    if clash is not None:  # even --overwrite never replaces a scan being segmented
-        raise CrlnError(f"-o {out}: output {clash.name} would replace an input scan; choose another folder")
-    existing = [out / name for case in names.values() for name in case.values() if (out / name).exists()]
-    if existing and not overwrite:
-        raise CrlnError(
-            f"-o {out}: {existing[0].name} already exists ({len(existing)} output(s) would be replaced); "
-            "pass --overwrite to replace them, or choose another folder"
-        )
+    _check_outputs(out, names, groups, overwrite)
     predictor = Predictor.from_checkpoint(ckpt_path, device)
     config = predictor.config
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
@@ -469,25 +458,56 @@ def predict_files(
         pred, probs = predictor.predict(
             case.image, stride=case_stride, sw_batch_size=windows_per_batch, largest_component=largest_component
         )
-        header = nifti_header(paths[0]) if paths[0].name.endswith((".nii", ".nii.gz")) else None
         outputs = {"seg": pred}
         if probabilities:
             outputs["prob"] = probs.permute(1, 2, 3, 0).numpy().astype(np.float32)
         if entropy:
             outputs["entropy"] = entropy_map(probs).numpy().astype(np.float32)
-        # Every output to a temporary file first: a failure (e.g. in the preview) leaves none of this case's.
-        with contextlib.ExitStack() as stack:
-            for kind, array in outputs.items():
-                tmp = stack.enter_context(atomic_path(out / names[case_id][kind], suffix=".nii.gz"))
-                write_nifti(tmp, array, case.affine, header)
-            if preview:
-                _write_preview(stack, out / names[case_id]["overlay"], case, pred, probs, config)
+        _write_case_outputs(out, names[case_id], outputs, case, paths[0], (pred, probs, config) if preview else None)
         seg_path = out / names[case_id]["seg"]
         written.append(seg_path)
         if progress:
             fg = int((pred > 0).sum())
             print(f"{case_id}: {seg_path} ({fg} foreground voxels, {time.perf_counter() - start:.1f} s)", flush=True)
     return written
+
+
+def _check_outputs(
+    out: Path, names: dict[str, dict[str, str]], groups: list[tuple[str, list[Path]]], overwrite: bool
+) -> None:
+    """Refuse outputs that would replace an input scan (always) or an existing file (without ``overwrite``)."""
+    scans = {path.resolve() for _, paths in groups for path in paths}
+    clash = next((out / n for case in names.values() for n in case.values() if (out / n).resolve() in scans), None)
+    if clash is not None:  # even --overwrite never replaces a scan being segmented
+        raise CrlnError(f"-o {out}: output {clash.name} would replace an input scan; choose another folder")
+    existing = [out / name for case in names.values() for name in case.values() if (out / name).exists()]
+    if existing and not overwrite:
+        raise CrlnError(
+            f"-o {out}: {existing[0].name} already exists ({len(existing)} output(s) would be replaced); "
+            "pass --overwrite to replace them, or choose another folder"
+        )
+
+
+def _write_case_outputs(
+    out: Path,
+    names: dict[str, str],
+    outputs: dict[str, np.ndarray],
+    case: Case,
+    source: Path,
+    preview: tuple[np.ndarray, torch.Tensor, RunConfig] | None,
+) -> None:
+    """One case's NIfTI outputs (``names[kind]`` for each of ``outputs``), with the header of a NIfTI ``source``,
+    and its preview PNG when asked. Every output goes to a temporary file first: a failure (e.g. in the
+    preview) leaves none of this case's."""
+    from crln.data.nifti import nifti_header, write_nifti
+
+    header = nifti_header(source) if source.name.endswith((".nii", ".nii.gz")) else None
+    with contextlib.ExitStack() as stack:
+        for kind, array in outputs.items():
+            tmp = stack.enter_context(atomic_path(out / names[kind], suffix=".nii.gz"))
+            write_nifti(tmp, array, case.affine, header)
+        if preview is not None:
+            _write_preview(stack, out / names["overlay"], case, *preview)
 
 
 def _write_preview(
