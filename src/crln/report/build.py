@@ -379,30 +379,61 @@ def _case_figures(
     device: torch.device,
     section: Section,
     result: ReportResult,
-    say: Any,
+    say: Callable[[str], None],
     window: tuple[tuple[int, int, int] | None, int | None],
 ) -> tuple[Predictor, Any] | None:
     """Overlays and renders of the worst, median and best cases; returns the predictor and the case the
     rectification figure shows (the median), or None when nothing could be predicted."""
-    from crln.data.sources import open_dataset_root
-    from crln.inference import window_count
     from crln.predictor import Predictor, inference_stride
 
-    notes = result.notes
     try:
         predictor = Predictor.from_checkpoint(checkpoint_path, device, with_method=True)
     except (CrlnError, OSError, RuntimeError, KeyError) as err:
         message = f"cannot load {checkpoint_path.name}: {err}"
-        notes.append(message)
+        result.notes.append(message)
         section.note(message)
         return None
     ckpt_config = predictor.config
     root = Path(str((summary or {}).get("data_root") or ckpt_config.data.root))
+    loaded = _shown_cases(root, ckpt_config, per_case, summary, section, result.notes)
+    if loaded is None:
+        return None
+    chosen, cases = loaded
+    stride, stride_note = inference_stride(ckpt_config, window[0], root, run.path)
+    if stride_note:
+        say(stride_note)
+        section.note(f"Sliding window: {stride_note}.")
+    unit = (summary or {}).get("distance_unit") or (
+        "voxels" if all(tuple(c.spacing) == (1.0, 1.0, 1.0) for c in cases) else "mm"
+    )
+    section.html(
+        f'<p class="muted">checkpoint {checkpoint_path.name} (iteration {predictor.step}); green: ground truth, '
+        "magenta dashed: prediction; confidence = max softmax probability.</p>"
+    )
+    protocol = {"stride": stride, "sw_batch_size": window[1] or ckpt_config.eval.sw_batch_size}
+    for shown, case in zip(chosen, cases):
+        _one_case_figures(predictor, shown, case, protocol, unit, out, section, result, say)
+    median = next((case for (role, _, _), case in zip(chosen, cases) if role == "median"), cases[0])
+    return predictor, median
+
+
+def _shown_cases(
+    root: Path,
+    config: Any,
+    per_case: list[dict[str, Any]],
+    summary: dict[str, Any] | None,
+    section: Section,
+    notes: list[str],
+) -> tuple[list[tuple[str, str, float | None]], list[Any]] | None:
+    """The worst, median and best evaluated cases ``(role, case id, Dice)`` and the cases themselves (the first
+    test case when there is no evaluation); None, with a note, when the dataset cannot be read or is empty."""
+    from crln.data.sources import open_dataset_root
+
     try:
-        dataset = open_dataset_root(root, ckpt_config.data.format)
+        dataset = open_dataset_root(root, config.data.format)
         chosen = _choose_cases(per_case)
         if not chosen:
-            first = dataset.ids((summary or {}).get("split") or ckpt_config.data.test_split)[:1]
+            first = dataset.ids((summary or {}).get("split") or config.data.test_split)[:1]
             chosen = [("first test case", first[0], None)] if first else []
             if chosen:
                 section.note("No evaluation yet: showing the first test case instead of the worst, median and best.")
@@ -415,55 +446,59 @@ def _case_figures(
     if not cases:
         section.note(f"no test cases found in {root}.")
         return None
-    num_classes = ckpt_config.data.num_classes
-    stride, stride_note = inference_stride(ckpt_config, window[0], root, run.path)
-    sw_batch_size = window[1] or ckpt_config.eval.sw_batch_size
-    if stride_note:
-        say(stride_note)
-        section.note(f"Sliding window: {stride_note}.")
-    unit = (summary or {}).get("distance_unit") or (
-        "voxels" if all(tuple(c.spacing) == (1.0, 1.0, 1.0) for c in cases) else "mm"
+    return chosen, cases
+
+
+def _one_case_figures(
+    predictor: Predictor,
+    shown: tuple[str, str, float | None],
+    case: Any,
+    protocol: dict[str, Any],
+    unit: str,
+    out: Path,
+    section: Section,
+    result: ReportResult,
+    say: Callable[[str], None],
+) -> None:
+    """Predict one case and add its slice overlay and surface render to ``section``."""
+    from crln.inference import window_count
+
+    role, case_id, dice_value = shown
+    config = predictor.config
+    num_classes = config.data.num_classes
+    t0 = time.perf_counter()
+    windows = window_count(case.shape, config.data.patch_size, protocol["stride"])
+    say(f"predicting {case_id} ({role}): {windows} windows, stride {list(protocol['stride'])} ...")
+    pred, probs = predictor.predict(case.image, **protocol)
+    confidence = probs.max(0).values.numpy()
+    label = case.label
+    dice_now = mean_foreground_dice(pred, label, num_classes) if label is not None else None
+    dice = dice_value if dice_value is not None else dice_now
+    heading = f"{role}: {case_id}" + (f" (Dice {100 * dice:.2f}%)" if dice is not None else "")
+    safe = role.replace(" ", "_")
+    overlay = figures.plot_slice_overlay(
+        _first_channel(case.image),
+        label,
+        pred,
+        confidence,
+        out / f"overlay_{safe}.png",
+        spacing=case.spacing,
+        num_classes=num_classes,
+        title=heading,
     )
-    section.html(
-        f'<p class="muted">checkpoint {checkpoint_path.name} (iteration {predictor.step}); green: ground truth, '
-        "magenta dashed: prediction; confidence = max softmax probability.</p>"
+    render = figures.plot_surface_render(
+        label, pred, out / f"render_{safe}.png", spacing=case.spacing, distance_unit=unit, title=heading
     )
-    for (role, case_id, dice_value), case in zip(chosen, cases):
-        t0 = time.perf_counter()
-        windows = window_count(case.shape, ckpt_config.data.patch_size, stride)
-        say(f"predicting {case_id} ({role}): {windows} windows, stride {list(stride)} ...")
-        pred, probs = predictor.predict(case.image, stride=stride, sw_batch_size=sw_batch_size)
-        confidence = probs.max(0).values.numpy()
-        label = case.label
-        dice_now = mean_foreground_dice(pred, label, num_classes) if label is not None else None
-        shown = dice_value if dice_value is not None else dice_now
-        heading = f"{role}: {case_id}" + (f" (Dice {100 * shown:.2f}%)" if shown is not None else "")
-        safe = role.replace(" ", "_")
-        overlay = figures.plot_slice_overlay(
-            _first_channel(case.image),
-            label,
-            pred,
-            confidence,
-            out / f"overlay_{safe}.png",
-            spacing=case.spacing,
-            num_classes=num_classes,
-            title=heading,
-        )
-        render = figures.plot_surface_render(
-            label, pred, out / f"render_{safe}.png", spacing=case.spacing, distance_unit=unit, title=heading
-        )
-        result.figures[f"overlay_{safe}"] = overlay
-        result.figures[f"render_{safe}"] = render
-        section.heading(heading)
-        section.image(overlay.path, f"slice overlay of {case_id}", overlay.width, overlay.height)
-        section.image(render.path, f"3D surface render of {case_id}", render.width, render.height)
-        say(f"{role} case {case_id} ({time.perf_counter() - t0:.1f} s)")
-    median = next((case for (role, _, _), case in zip(chosen, cases) if role == "median"), cases[0])
-    return predictor, median
+    result.figures[f"overlay_{safe}"] = overlay
+    result.figures[f"render_{safe}"] = render
+    section.heading(heading)
+    section.image(overlay.path, f"slice overlay of {case_id}", overlay.width, overlay.height)
+    section.image(render.path, f"3D surface render of {case_id}", render.width, render.height)
+    say(f"{role} case {case_id} ({time.perf_counter() - t0:.1f} s)")
 
 
 def _rectification_section(
-    predictor: Predictor, case: Any, out: Path, result: ReportResult, say: Any
+    predictor: Predictor, case: Any, out: Path, result: ReportResult, say: Callable[[str], None]
 ) -> Section | None:
     """The method's pseudo-label rectification on one patch of ``case`` around its object
     (:meth:`crln.methods.Method.rectification_views`); None for a method that does not rectify."""
