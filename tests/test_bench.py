@@ -117,6 +117,7 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
         ("runs:\n  - name: x\n", "needs a config"),
         ("runs:\n  - config: demo\n    overrides: [optim.lrr=1]\n", "did you mean 'lr'"),
         ("reference: Nope\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
+        ("reference: [Nope]\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
         ("evaluate: {checkpoint: latest}\nruns:\n  - config: demo\n", "expected final, best or a list"),
         ("runs:\n  - config: demo\nextra: 1\n", "unknown key extra"),
         (
@@ -232,7 +233,7 @@ def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None
     plan = _plan(
         tmp_path,
         phantom_root,
-        "reference: Ref\nruns:\n  - name: Ref\n    config: demo\n    overrides: [train.tag=ref]\n"
+        "reference: [Ref, New]\nruns:\n  - name: Ref\n    config: demo\n    overrides: [train.tag=ref]\n"
         "  - name: New\n    config: demo\n    overrides: [train.tag=new]\n",
     )
     for name in ("Ref", "New"):
@@ -250,9 +251,10 @@ def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None
         return found
 
     # Ref, final: per-seed Dice means 70 and 70.667 -> 70.33 ± 0.47 (sample std); one iteration count.
-    assert "| 70.33 ± 0.47 (" in line("| Ref | final |") and "| 3 | 10 | 0.500 |" in line("| Ref | final |")
+    ref_final = line("| Ref | final | 1, 2 | 60.00")
+    assert "| 70.33 ± 0.47 (" in ref_final and "| 3 | 10 | 0.500 |" in ref_final
     # val Dice: the validation case's Dice over seeds, 50 and 70 -> 60.00 ± 14.14; New's val-best 90, 85.
-    assert line("| Ref | final |").startswith("| Ref | final | 1, 2 | 60.00 ± 14.14 | 70.33 ± 0.47 (")
+    assert ref_final.startswith("| Ref | final | 1, 2 | 60.00 ± 14.14 | 70.33 ± 0.47 (")
     assert line("| New | val-best |").startswith("| New | val-best | 1, 2 | 87.50 ± 3.54 | ")
     assert "val-best: none (no checkpoint_best.pt" in line("| Ref | val-best")
     # New, final 95HD: seed means 8.667 and 8.333 -> 8.50 ± 0.24.
@@ -264,6 +266,9 @@ def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None
     # Three cases of one sign: the exact two-sided Wilcoxon p is 2 / 2^3.
     paired = line("| New | final | 1, 2 | 3 |")
     assert "| +4.33 [+4.00, +5.00] | 0.250 | -1.17 [-1.50, -1.00] | 0.250 |" in paired
+    # A second reference gets its own table (Ref against New: the same differences, signs flipped) and figure.
+    assert table.index("## Paired differences against Ref") < table.index("## Paired differences against New")
+    assert "| -4.33 [-5.00, -4.00] | 0.250 | +1.17 [+1.00, +1.50] | 0.250 |" in line("| Ref | final | 1, 2 | 3 |")
     assert "Every evaluation scored the same 3 cases" in table
-    for suffix in ("dice", "paired"):
+    for suffix in ("dice", "paired", "paired_2"):
         assert f"]({plan.stem}_{suffix}.png)" in table and (tmp_path / f"{plan.stem}_{suffix}.png").is_file()

@@ -8,6 +8,7 @@ A plan is a YAML file::
     evaluate: {split: test}                      # checkpoint: final | best | [final, best] (default both);
                                                  # validation: false skips the held-out cases' val Dice
     reference: Mean teacher (CutMix + noise)     # optional: paired comparison of every row with this one
+                                                 # (or a list of rows: one paired table and figure each)
     runs:
       - name: Supervised
         config: la_cpu
@@ -73,7 +74,9 @@ class BenchPlan:
     overrides: list[str] = field(default_factory=list)
     evaluate: dict[str, Any] = field(default_factory=dict)
     path: Path = Path()
-    reference: str | None = None  # a run name: every other row is compared with it, case by case
+    references: list[str] = field(
+        default_factory=list
+    )  # run names: every other row is compared with each, case by case
 
 
 def _stats() -> Any:
@@ -143,7 +146,7 @@ def load_plan(path: str | Path) -> BenchPlan:
     plan = BenchPlan(
         str(raw.get("title", path.stem)), runs, seeds, _strings(raw.get("overrides"), "overrides"), evaluate, path
     )
-    plan.reference = _reference(raw.get("reference"), plan)
+    plan.references = _references(raw.get("reference"), plan)
     _checkpoints(plan)
     for run in plan.runs:
         for seed in plan.seeds:
@@ -151,11 +154,14 @@ def load_plan(path: str | Path) -> BenchPlan:
     return plan
 
 
-def _reference(value: Any, plan: BenchPlan) -> str | None:
+def _references(value: Any, plan: BenchPlan) -> list[str]:
+    """``reference``: one run name or a list of them (each gets its own paired table and figure)."""
     names = [run.name for run in plan.runs]
-    if value is not None and value not in names:
-        raise CrlnError(f"bench plan {plan.path}: key reference: {value!r} is not the name of a run ({names})")
-    return value
+    chosen = _strings(value, "reference") if isinstance(value, list) else ([] if value is None else [value])
+    for name in chosen:
+        if name not in names:
+            raise CrlnError(f"bench plan {plan.path}: key reference: {name!r} is not the name of a run ({names})")
+    return chosen
 
 
 def _with_validation(plan: BenchPlan) -> bool:
@@ -289,9 +295,9 @@ def _row_line(row: RowResult, checkpoint: str, with_validation: bool) -> str:
 Paired = list[tuple["RowResult", str, dict[str, "PairedDifference | None"]]]
 
 
-def _paired(plan: BenchPlan, rows: list[RowResult]) -> tuple[RowResult | None, Paired]:
-    """The reference row (None if absent or not run yet) and each other row's paired differences."""
-    reference = next((r for r in rows if r.name == plan.reference), None)
+def _paired(plan: BenchPlan, rows: list[RowResult], name: str) -> tuple[RowResult | None, Paired]:
+    """The reference row ``name`` (None if not run yet) and each other row's paired differences against it."""
+    reference = next((r for r in rows if r.name == name), None)
     if reference is None:
         return None, []
     return reference, [
@@ -303,15 +309,18 @@ def _paired(plan: BenchPlan, rows: list[RowResult]) -> tuple[RowResult | None, P
     ]
 
 
+def _paired_items(plan: BenchPlan, rows: list[RowResult], name: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(row · checkpoint, paired differences)`` against reference ``name``, for the paired figure."""
+    return [(f"{row.name} · {CHECKPOINT_LABELS[ck]}", diffs) for row, ck, diffs in _paired(plan, rows, name)[1]]
+
+
 def _p_value(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _paired_lines(plan: BenchPlan, rows: list[RowResult]) -> list[str]:
-    if not plan.reference:
-        return []
-    reference, paired = _paired(plan, rows)
-    lines = ["", f"## Paired differences against {plan.reference}", ""]
+def _paired_lines(plan: BenchPlan, rows: list[RowResult], name: str) -> list[str]:
+    reference, paired = _paired(plan, rows, name)
+    lines = ["", f"## Paired differences against {name}", ""]
     if reference is None:
         return [*lines, "The reference row has not been evaluated yet."]
     lines += [
@@ -385,17 +394,21 @@ def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tu
         for ck in _checkpoints(plan)
         if row.evaluated(ck)
     ]
-    paired = [(f"{row.name} · {CHECKPOINT_LABELS[ck]}", diffs) for row, ck, diffs in _paired(plan, rows)[1]]
     figures = [
         (
             "Dice by method (points: each seed's mean)",
             "dice",
             lambda p: plot_metric_by_method(scores, p, "dice", plan.title),
         ),
-        (
-            f"Paired differences against {plan.reference}",
-            "paired",
-            lambda p: plot_paired_differences(paired, p, f"Paired against {plan.reference}"),
+        *(
+            (
+                f"Paired differences against {name}",
+                "paired" if i == 0 else f"paired_{i + 1}",  # the first reference keeps the one-reference file name
+                lambda p, name=name: plot_paired_differences(
+                    _paired_items(plan, rows, name), p, f"Paired against {name}"
+                ),
+            )
+            for i, name in enumerate(plan.references)
         ),
         (
             "Pseudo-label quality before / after rectification (paper Fig. 1)",
@@ -462,7 +475,8 @@ def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
         "|---|---|---|" + "---|" * (len(_metrics()) + validation) + "---|---|---|---|",
     ]
     lines += [_row_line(row, ck, validation) for row in rows for ck in _checkpoints(plan)]
-    lines += _paired_lines(plan, rows)
+    for name in plan.references:
+        lines += _paired_lines(plan, rows, name)
     lines += ["", *_data_lines(rows), "", "Commands (training split: sha256 of the labelled, unlabelled and validation "
               "case lists in the run's meta.json):", ""]  # fmt: skip
     for row in rows:
