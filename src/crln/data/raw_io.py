@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from nibabel import orientations
@@ -144,10 +145,42 @@ def read_dicom_series(folder: str | Path) -> RawVolume:
         CrlnError: no DICOM slices, several series, missing geometry tags, slices of different size
             or orientation, duplicate positions, or uneven slice spacing (a missing slice).
     """
+    folder = Path(folder)
+    slices = _dicom_slices(folder)
+    first_path, first = slices[0]
+    orientation = np.asarray(_dicom_tag(first_path, first, "ImageOrientationPatient"), dtype=np.float64)
+    if orientation.shape != (6,):
+        raise CrlnError(f"{first_path}: ImageOrientationPatient has {orientation.size} values, expected 6")
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    pixel_spacing = np.asarray(_dicom_tag(first_path, first, "PixelSpacing"), dtype=np.float64)
+    shape_2d = (int(_dicom_tag(first_path, first, "Rows")), int(_dicom_tag(first_path, first, "Columns")))
+    positions = []
+    for path, ds in slices:
+        if not np.allclose(np.asarray(_dicom_tag(path, ds, "ImageOrientationPatient"), dtype=np.float64), orientation):
+            raise CrlnError(f"{path}: ImageOrientationPatient differs from {first_path.name}, expected one orientation")
+        if (int(ds.Rows), int(ds.Columns)) != shape_2d:
+            raise CrlnError(f"{path}: slice is {ds.Rows}x{ds.Columns}, expected {shape_2d[0]}x{shape_2d[1]}")
+        positions.append(np.asarray(_dicom_tag(path, ds, "ImagePositionPatient"), dtype=np.float64))
+    order, slice_spacing = _slice_order(folder, positions, normal, first)
+    volume = np.empty((shape_2d[1], shape_2d[0], len(slices)), dtype=np.float32)
+    for k, index in enumerate(order):
+        volume[:, :, k] = _slice_hu(*slices[index]).T  # (rows, cols) -> (x = col, y = row)
+    # DICOM patient space is LPS; index i runs along a row (column index), j down the rows.
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * pixel_spacing[1]
+    affine_lps[:3, 1] = col_dir * pixel_spacing[0]
+    affine_lps[:3, 2] = normal * slice_spacing
+    affine_lps[:3, 3] = positions[order[0]]
+    affine = _LPS_TO_RAS @ affine_lps
+    return RawVolume(data=volume, spacing=_spacing_of(affine), affine=affine, source=str(folder))
+
+
+def _dicom_slices(folder: Path) -> list[tuple[Path, Any]]:
+    """``(path, dataset)`` of every DICOM file with pixel data under ``folder`` (one series), by path."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    folder = Path(folder)
     if not folder.is_dir():
         raise CrlnError(f"{folder}: DICOM series folder not found")
     slices = []
@@ -163,61 +196,44 @@ def read_dicom_series(folder: str | Path) -> RawVolume:
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in slices}
     if len(series) > 1:
         raise CrlnError(f"{folder}: holds {len(series)} DICOM series, expected exactly one per case folder")
+    return slices
 
-    def tag(path: Path, ds: object, name: str) -> object:
-        value = getattr(ds, name, None)
-        if value is None:
-            raise CrlnError(f"{path}: DICOM tag {name} missing, expected it to place the slice in space")
-        return value
 
-    first_path, first = slices[0]
-    orientation = np.asarray(tag(first_path, first, "ImageOrientationPatient"), dtype=np.float64)
-    if orientation.shape != (6,):
-        raise CrlnError(f"{first_path}: ImageOrientationPatient has {orientation.size} values, expected 6")
-    row_dir, col_dir = orientation[:3], orientation[3:]
-    normal = np.cross(row_dir, col_dir)
-    pixel_spacing = np.asarray(tag(first_path, first, "PixelSpacing"), dtype=np.float64)
-    shape_2d = (int(tag(first_path, first, "Rows")), int(tag(first_path, first, "Columns")))
-    positions = []
-    for path, ds in slices:
-        if not np.allclose(np.asarray(tag(path, ds, "ImageOrientationPatient"), dtype=np.float64), orientation):
-            raise CrlnError(f"{path}: ImageOrientationPatient differs from {first_path.name}, expected one orientation")
-        if (int(ds.Rows), int(ds.Columns)) != shape_2d:
-            raise CrlnError(f"{path}: slice is {ds.Rows}x{ds.Columns}, expected {shape_2d[0]}x{shape_2d[1]}")
-        positions.append(np.asarray(tag(path, ds, "ImagePositionPatient"), dtype=np.float64))
+def _dicom_tag(path: Path, ds: Any, name: str) -> Any:
+    value = getattr(ds, name, None)
+    if value is None:
+        raise CrlnError(f"{path}: DICOM tag {name} missing, expected it to place the slice in space")
+    return value
+
+
+def _slice_order(folder: Path, positions: list[np.ndarray], normal: np.ndarray, first: Any) -> tuple[np.ndarray, float]:
+    """Slice indices sorted along ``normal`` and the slice spacing (``SliceThickness`` for one slice);
+    refuses duplicate positions and uneven spacing (a missing slice)."""
     along = np.array([float(p @ normal) for p in positions])
     order = np.argsort(along, kind="stable")
-    along = along[order]
-    if len(slices) > 1:
-        steps = np.diff(along)
-        if np.any(steps <= 0):
-            raise CrlnError(f"{folder}: two slices share a position along the slice normal, expected distinct slices")
-        slice_spacing = float(np.median(steps))
-        if np.any(np.abs(steps - slice_spacing) > _SLICE_GAP_TOLERANCE * slice_spacing):
-            raise CrlnError(
-                f"{folder}: slice spacing varies from {steps.min():.3f} to {steps.max():.3f} mm, "
-                "expected evenly spaced slices (is a slice missing?)"
-            )
-    else:
-        slice_spacing = float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    volume = np.empty((shape_2d[1], shape_2d[0], len(slices)), dtype=np.float32)
-    for k, index in enumerate(order):
-        path, ds = slices[index]
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # pydicom raises many types for missing codecs or corrupt data
-            raise CrlnError(f"{path}: cannot decode the DICOM pixel data: {_first_line(exc)}") from None
-        slope = float(getattr(ds, "RescaleSlope", 1.0))
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0))
-        volume[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T  # (rows, cols) -> (x = col, y = row)
-    # DICOM patient space is LPS; index i runs along a row (column index), j down the rows.
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * pixel_spacing[1]
-    affine_lps[:3, 1] = col_dir * pixel_spacing[0]
-    affine_lps[:3, 2] = normal * slice_spacing
-    affine_lps[:3, 3] = positions[order[0]]
-    affine = _LPS_TO_RAS @ affine_lps
-    return RawVolume(data=volume, spacing=_spacing_of(affine), affine=affine, source=str(folder))
+    if len(positions) == 1:
+        return order, float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    steps = np.diff(along[order])
+    if np.any(steps <= 0):
+        raise CrlnError(f"{folder}: two slices share a position along the slice normal, expected distinct slices")
+    slice_spacing = float(np.median(steps))
+    if np.any(np.abs(steps - slice_spacing) > _SLICE_GAP_TOLERANCE * slice_spacing):
+        raise CrlnError(
+            f"{folder}: slice spacing varies from {steps.min():.3f} to {steps.max():.3f} mm, "
+            "expected evenly spaced slices (is a slice missing?)"
+        )
+    return order, slice_spacing
+
+
+def _slice_hu(path: Path, ds: Any) -> np.ndarray:
+    """One slice in Hounsfield units: ``pixel_array · RescaleSlope + RescaleIntercept``, ``(rows, cols)`` float32."""
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for missing codecs or corrupt data
+        raise CrlnError(f"{path}: cannot decode the DICOM pixel data: {_first_line(exc)}") from None
+    slope = float(getattr(ds, "RescaleSlope", 1.0))
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+    return pixels.astype(np.float32) * slope + intercept
 
 
 # --------------------------------------------------------------------------------------------------
