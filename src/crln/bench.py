@@ -74,9 +74,8 @@ class BenchPlan:
     overrides: list[str] = field(default_factory=list)
     evaluate: dict[str, Any] = field(default_factory=dict)
     path: Path = Path()
-    references: list[str] = field(
-        default_factory=list
-    )  # run names: every other row is compared with each, case by case
+    # run names: every other row is compared with each, case by case
+    references: list[str] = field(default_factory=list)
 
 
 def _stats() -> Any:
