@@ -41,8 +41,6 @@ from crln.report.page import Section, render_page, table
 from crln.results import read_per_case
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from crln.predictor import Predictor
 
 __all__ = ["ReportResult", "build_report"]
@@ -56,6 +54,24 @@ class ReportResult:
     figures: dict[str, figures.SavedFigure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class _Output:
+    """Where the report goes while it is built: its folder, the result it fills and the progress lines."""
+
+    folder: Path
+    result: ReportResult
+    progress: bool
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(f"report: {message}", flush=True)
+
+    def missing(self, section: Section, message: str) -> None:
+        """A part that could not be made: noted in ``section`` and in the report's Notes."""
+        self.result.notes.append(message)
+        section.note(message)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -197,24 +213,16 @@ def build_report(
 
         inference_stride(config, stride, config.data.root, run.path)  # refuse a bad --stride before any work
     out.mkdir(parents=True, exist_ok=True)
-    result = ReportResult(html=out / "report.html")
-
-    def say(message: str) -> None:
-        if progress:
-            print(f"report: {message}", flush=True)
-
+    output = _Output(out, ReportResult(html=out / "report.html"), progress)
+    result = output.result
     records = read_log(run.log_path)
     method_cls = method_class(config.method.name)
     marks = method_cls.timeline_marks(config.method)
     facts = _facts_section(run, config, records, method_cls)
-    curves = _curves_section(records, marks, config.method.name, out, result, say)
-    evaluation, per_case, summary = _evaluation_section(run, result.notes, say)
-    sections = [
-        facts,
-        curves,
-        evaluation,
-        *_case_sections(run, config, per_case, summary, out, dev, result, say, (stride, sw_batch_size)),
-    ]
+    curves = _curves_section(records, marks, config.method.name, output)
+    evaluation, per_case, summary = _evaluation_section(run, output)
+    cases = _case_sections(run, config, per_case, summary, dev, (stride, sw_batch_size), output)
+    sections = [facts, curves, evaluation, *cases]
     if result.notes:
         missing = Section("Notes")
         for note in result.notes:
@@ -225,7 +233,7 @@ def build_report(
     subtitle = f"{run.path} · iteration {last_step} · written {time.strftime('%Y-%m-%d %H:%M:%S')}"
     atomic_write_text(result.html, render_page(title, subtitle, sections))
     result.seconds = time.perf_counter() - start
-    say(f"written {result.html} ({result.seconds:.1f} s)")
+    output.say(f"written {result.html} ({result.seconds:.1f} s)")
     return result
 
 
@@ -281,32 +289,30 @@ def _curves_section(
     records: list[dict[str, Any]],
     marks: tuple[Any, ...],
     method_name: str,
-    out: Path,
-    result: ReportResult,
-    say: Callable[[str], None],
+    output: _Output,
 ) -> Section:
     """The training curves of ``log.jsonl``, with the method's timeline marks (CRLN's S) as dashed lines."""
     curves = Section("Training curves")
     if not records:
-        result.notes.append("no log.jsonl records: no training curves")
+        output.result.notes.append("no log.jsonl records: no training curves")
         curves.note("log.jsonl is missing or empty: no training curves.")
         return curves
-    fig = figures.plot_training_curves(records, out / "curves.png", marks=marks, title=f"{method_name}: training log")
+    fig = figures.plot_training_curves(
+        records, output.folder / "curves.png", marks=marks, title=f"{method_name}: training log"
+    )
     if fig is None:
         curves.note("log.jsonl holds no plottable scalars.")
     else:
-        result.figures["curves"] = fig
+        output.result.figures["curves"] = fig
         curves.image(fig.path, "training curves", fig.width, fig.height)
         if marks:
             shown = "; ".join(mark.description for mark in marks)
             curves.html(f'<p class="muted">dashed line{"s" if len(marks) > 1 else ""}: {shown}.</p>')
-    say("training curves")
+    output.say("training curves")
     return curves
 
 
-def _evaluation_section(
-    run: RunFolder, notes: list[str], say: Callable[[str], None]
-) -> tuple[Section, list[dict[str, Any]], dict[str, Any] | None]:
+def _evaluation_section(run: RunFolder, output: _Output) -> tuple[Section, list[dict[str, Any]], dict[str, Any] | None]:
     """The run's evaluation (summary and per-case tables), with the per-case rows and the summary it read."""
     evaluation = Section("Evaluation")
     per_case_path, summary_path = run.eval_dir / "per_case.csv", run.eval_dir / "summary.json"
@@ -316,10 +322,10 @@ def _evaluation_section(
         try:
             per_case = read_per_case(per_case_path)
         except (OSError, csv.Error) as err:
-            notes.append(f"cannot read {per_case_path}: {err}")
+            output.result.notes.append(f"cannot read {per_case_path}: {err}")
     if not per_case:
         message = f"no evaluation yet ({per_case_path} missing): run `crln evaluate {run.path}`"
-        notes.append(message)
+        output.result.notes.append(message)
         evaluation.note(message + ", then `crln report` again.")
         return evaluation, per_case, summary
     unit = (summary or {}).get("distance_unit", "voxels")
@@ -340,7 +346,7 @@ def _evaluation_section(
         evaluation.note(f"{summary_path} missing or unreadable: per-case table only.")
     evaluation.heading("Per case, worst first")
     evaluation.html(_per_case_table(per_case, unit))
-    say("evaluation tables")
+    output.say("evaluation tables")
     return evaluation, per_case, summary
 
 
@@ -349,11 +355,9 @@ def _case_sections(
     config: Any,
     per_case: list[dict[str, Any]],
     summary: dict[str, Any] | None,
-    out: Path,
-    dev: torch.device,
-    result: ReportResult,
-    say: Callable[[str], None],
+    device: torch.device,
     window: tuple[tuple[int, int, int] | None, int | None],
+    output: _Output,
 ) -> list[Section]:
     """Slices and surfaces of 3 test cases, then the rectification figure when the method has one."""
     cases_section = Section("Test cases: slices and surfaces")
@@ -361,12 +365,12 @@ def _case_sections(
     names = dict.fromkeys((config.eval.checkpoint, "final", "latest", "best"))
     checkpoint_path = next((run.checkpoint(w) for w in names if run.checkpoint(w).is_file()), None)
     if checkpoint_path is None:
-        message = "no checkpoint in the run folder: no slice overlays, renders or rectification figure"
-        result.notes.append(message)
-        cases_section.note(message + ".")
+        output.missing(
+            cases_section, "no checkpoint in the run folder: no slice overlays, renders or rectification figure"
+        )
         return [cases_section]
-    shown = _case_figures(run, checkpoint_path, per_case, summary, out, dev, cases_section, result, say, window)
-    rectification = _rectification_section(*shown, out, result, say) if shown is not None else None
+    shown = _case_figures(run, checkpoint_path, per_case, summary, device, window, cases_section, output)
+    rectification = _rectification_section(*shown, output) if shown is not None else None
     return [cases_section] if rectification is None else [cases_section, rectification]
 
 
@@ -375,12 +379,10 @@ def _case_figures(
     checkpoint_path: Path,
     per_case: list[dict[str, Any]],
     summary: dict[str, Any] | None,
-    out: Path,
     device: torch.device,
-    section: Section,
-    result: ReportResult,
-    say: Callable[[str], None],
     window: tuple[tuple[int, int, int] | None, int | None],
+    section: Section,
+    output: _Output,
 ) -> tuple[Predictor, Any] | None:
     """Overlays and renders of the worst, median and best cases; returns the predictor and the case the
     rectification figure shows (the median), or None when nothing could be predicted."""
@@ -389,19 +391,17 @@ def _case_figures(
     try:
         predictor = Predictor.from_checkpoint(checkpoint_path, device, with_method=True)
     except (CrlnError, OSError, RuntimeError, KeyError) as err:
-        message = f"cannot load {checkpoint_path.name}: {err}"
-        result.notes.append(message)
-        section.note(message)
+        output.missing(section, f"cannot load {checkpoint_path.name}: {err}")
         return None
     ckpt_config = predictor.config
     root = Path(str((summary or {}).get("data_root") or ckpt_config.data.root))
-    loaded = _shown_cases(root, ckpt_config, per_case, summary, section, result.notes)
+    loaded = _shown_cases(root, ckpt_config, per_case, summary, section, output)
     if loaded is None:
         return None
     chosen, cases = loaded
     stride, stride_note = inference_stride(ckpt_config, window[0], root, run.path)
     if stride_note:
-        say(stride_note)
+        output.say(stride_note)
         section.note(f"Sliding window: {stride_note}.")
     unit = (summary or {}).get("distance_unit") or (
         "voxels" if all(tuple(c.spacing) == (1.0, 1.0, 1.0) for c in cases) else "mm"
@@ -412,7 +412,7 @@ def _case_figures(
     )
     protocol = {"stride": stride, "sw_batch_size": window[1] or ckpt_config.eval.sw_batch_size}
     for shown, case in zip(chosen, cases):
-        _one_case_figures(predictor, shown, case, protocol, unit, out, section, result, say)
+        _one_case_figures(predictor, shown, case, protocol, unit, section, output)
     median = next((case for (role, _, _), case in zip(chosen, cases) if role == "median"), cases[0])
     return predictor, median
 
@@ -423,7 +423,7 @@ def _shown_cases(
     per_case: list[dict[str, Any]],
     summary: dict[str, Any] | None,
     section: Section,
-    notes: list[str],
+    output: _Output,
 ) -> tuple[list[tuple[str, str, float | None]], list[Any]] | None:
     """The worst, median and best evaluated cases ``(role, case id, Dice)`` and the cases themselves (the first
     test case when there is no evaluation); None, with a note, when the dataset cannot be read or is empty."""
@@ -439,9 +439,7 @@ def _shown_cases(
                 section.note("No evaluation yet: showing the first test case instead of the worst, median and best.")
         cases = dataset.load_many([c[1] for c in chosen], with_label=True) if chosen else []
     except (CrlnError, OSError, ValueError, KeyError) as err:
-        message = f"dataset {root} not readable ({err}): no slice overlays or renders"
-        notes.append(message)
-        section.note(message)
+        output.missing(section, f"dataset {root} not readable ({err}): no slice overlays or renders")
         return None
     if not cases:
         section.note(f"no test cases found in {root}.")
@@ -455,10 +453,8 @@ def _one_case_figures(
     case: Any,
     protocol: dict[str, Any],
     unit: str,
-    out: Path,
     section: Section,
-    result: ReportResult,
-    say: Callable[[str], None],
+    output: _Output,
 ) -> None:
     """Predict one case and add its slice overlay and surface render to ``section``."""
     from crln.inference import window_count
@@ -468,7 +464,7 @@ def _one_case_figures(
     num_classes = config.data.num_classes
     t0 = time.perf_counter()
     windows = window_count(case.shape, config.data.patch_size, protocol["stride"])
-    say(f"predicting {case_id} ({role}): {windows} windows, stride {list(protocol['stride'])} ...")
+    output.say(f"predicting {case_id} ({role}): {windows} windows, stride {list(protocol['stride'])} ...")
     pred, probs = predictor.predict(case.image, **protocol)
     confidence = probs.max(0).values.numpy()
     label = case.label
@@ -481,25 +477,23 @@ def _one_case_figures(
         label,
         pred,
         confidence,
-        out / f"overlay_{safe}.png",
+        output.folder / f"overlay_{safe}.png",
         spacing=case.spacing,
         num_classes=num_classes,
         title=heading,
     )
     render = figures.plot_surface_render(
-        label, pred, out / f"render_{safe}.png", spacing=case.spacing, distance_unit=unit, title=heading
+        label, pred, output.folder / f"render_{safe}.png", spacing=case.spacing, distance_unit=unit, title=heading
     )
-    result.figures[f"overlay_{safe}"] = overlay
-    result.figures[f"render_{safe}"] = render
+    output.result.figures[f"overlay_{safe}"] = overlay
+    output.result.figures[f"render_{safe}"] = render
     section.heading(heading)
     section.image(overlay.path, f"slice overlay of {case_id}", overlay.width, overlay.height)
     section.image(render.path, f"3D surface render of {case_id}", render.width, render.height)
-    say(f"{role} case {case_id} ({time.perf_counter() - t0:.1f} s)")
+    output.say(f"{role} case {case_id} ({time.perf_counter() - t0:.1f} s)")
 
 
-def _rectification_section(
-    predictor: Predictor, case: Any, out: Path, result: ReportResult, say: Callable[[str], None]
-) -> Section | None:
+def _rectification_section(predictor: Predictor, case: Any, output: _Output) -> Section | None:
     """The method's pseudo-label rectification on one patch of ``case`` around its object
     (:meth:`crln.methods.Method.rectification_views`); None for a method that does not rectify."""
     assert predictor.method is not None
@@ -522,12 +516,12 @@ def _rectification_section(
         views.teacher,
         views.m,
         views.rectified,
-        out / "rectification.png",
+        output.folder / "rectification.png",
         threshold=views.threshold,
         spacing=case.spacing,
         title=f"{case.case_id}, one {size[0]}×{size[1]}×{size[2]} patch, teacher at iteration {step}{weight}",
     )
-    result.figures["rectification"] = fig
+    output.result.figures["rectification"] = fig
     if label_patch is not None:
         scores = {k: mean_foreground_dice(v.argmax(0), label_patch, v.shape[0]) for k, v in arrays.items()}
         section.html(
@@ -548,5 +542,5 @@ def _rectification_section(
             "the figure shows what rectification would give."
         )
     section.image(fig.path, "pseudo-label rectification: teacher pseudo-label, M(x), rectified", fig.width, fig.height)
-    say("rectification figure")
+    output.say("rectification figure")
     return section
