@@ -127,6 +127,20 @@ def test_config_verb_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) ->
     assert "lr: 0.02" in out and "patch_size:" in out
 
 
+def test_config_verb_without_argument_lists_the_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == sorted(names) and {"la_cpu_crln", "la_crln", "demo"} <= set(names)
+    crln_line = lines[names.index("la_crln")]
+    assert "CRLN on Left Atrium" in crln_line
+
+
+def test_config_verb_with_an_override_first_names_the_mistake(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "train.iterations=5"]) == 2
+    assert "is an override; name a preset or YAML file first" in capsys.readouterr().err
+
+
 def test_data_phantom_and_prepare(tmp_path: Path) -> None:
     src = tmp_path / "ph"
     assert main(["data", "phantom", "--dst", str(src), "--train", "2", "--test", "1", "--shape", "32,32,16"]) == 0

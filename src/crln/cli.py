@@ -566,13 +566,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_config_parser(sub: argparse._SubParsersAction) -> None:
-    """``crln config CONFIG [key=value ...]``."""
+    """``crln config [CONFIG [key=value ...]]``."""
     p = sub.add_parser(
         "config",
-        help="print a resolved config",
-        description="Print a preset or YAML file with overrides applied and every default filled in.",
+        help="list the presets, or print a resolved config",
+        description="Print a preset or YAML file with overrides applied and every default filled in; "
+        "with no argument, list the presets.",
     )
-    p.add_argument("config", help="YAML file or preset name")
+    p.add_argument("config", nargs="?", help="YAML file or preset name (none: list the presets)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_config)
 
@@ -580,8 +581,17 @@ def _add_config_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from crln.config import config_to_dict, load_config
+    from crln.config import config_to_dict, load_config, preset_summaries
 
+    if args.config is None:
+        summaries = preset_summaries()
+        width = max(len(name) for name, _ in summaries)
+        print("\n".join(f"{name:<{width}}  {comment}" for name, comment in summaries))
+        return 0
+    if "=" in args.config and not Path(args.config).is_file():
+        raise CrlnError(
+            f"config: {args.config!r} is an override; name a preset or YAML file first: crln config PRESET key=value"
+        )
     print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
     return 0
 

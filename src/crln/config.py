@@ -407,6 +407,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def preset_summaries() -> list[tuple[str, str]]:
+    """``(name, first line of its leading comment)`` for every preset of the package, sorted by name."""
+    summaries = []
+    for path in sorted(PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []:
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        comment = first[0].lstrip("#").strip().rstrip(":;,") if first and first[0].startswith("#") else ""
+        summaries.append((path.stem, comment))
+    return summaries
+
+
 def resolve_preset(name_or_path: str) -> Path:
     """A config path, or the name of a preset in the package's ``crln/configs/`` (``la``, ``la_cpu``, ...)."""
     path = Path(name_or_path)
@@ -415,7 +425,7 @@ def resolve_preset(name_or_path: str) -> Path:
     for candidate in (PRESET_DIR / name_or_path, PRESET_DIR / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate
-    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+    presets = [name for name, _ in preset_summaries()]
     hint = _suggest(name_or_path, presets).replace("valid keys", "presets") if presets else "no presets found"
     raise CrlnError(f"config {name_or_path!r}: no such file or preset ({hint})")
 
