@@ -383,6 +383,8 @@ def _add_phantom_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from crln.data.phantom import write_phantom_h5_dataset, write_phantom_nifti_dataset
 
+    if args.seed < 0:  # numpy seeds only non-negative integers, and would fail with a traceback
+        raise CrlnError(f"--seed {args.seed}: expected an integer >= 0")
     writer = write_phantom_nifti_dataset if args.format == "nifti" else write_phantom_h5_dataset
     root = writer(
         args.dst, n_train=args.train, n_test=args.test, shape=args.shape, seed=args.seed, num_classes=args.num_classes

@@ -263,7 +263,7 @@ def _build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
         sub = f"{where}.{key}" if where else str(key)
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build_dataclass(annotation, value or {}, sub)
+            kwargs[key] = _build_dataclass(annotation, {} if value is None else value, sub)  # `data:` is empty
         else:
             kwargs[key] = _coerce(value, annotation, sub)
     try:
@@ -279,7 +279,10 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         CrlnError: on an unknown key, a value of the wrong type, or an unknown method name.
     """
     raw = dict(raw or {})
-    method_raw = dict(raw.pop("method", None) or {"name": "supervised"})
+    method_raw = raw.pop("method", None)
+    method_raw = {"name": "supervised"} if method_raw is None else method_raw
+    if not isinstance(method_raw, dict):  # e.g. method=crln for method.name=crln
+        raise CrlnError(f"config key method: expected a mapping such as method.name=crln, got {method_raw!r}")
     method_name = method_raw.get("name", "supervised")
     method_cls = method_config_class(str(method_name))
     config = _build_dataclass(RunConfig, raw, "")
@@ -313,6 +316,7 @@ def validate_config(config: RunConfig) -> None:
         ("data.unlabeled_batch_size", d.unlabeled_batch_size >= 0, "an integer >= 0"),
         ("data.num_workers", d.num_workers >= 0, "an integer >= 0"),
         ("data.noise_sigma", d.noise_sigma >= 0, "a number >= 0"),
+        ("data.noise_clip", d.noise_clip >= 0, "a number >= 0"),  # a negative clip makes the noise a constant
         ("data.intensity", d.intensity in INTENSITY_MODES, f"one of {', '.join(INTENSITY_MODES)}"),
         ("data.brightness", 0 < d.brightness[0] <= d.brightness[1], "two numbers 0 < low <= high"),
         (
@@ -336,13 +340,20 @@ def validate_config(config: RunConfig) -> None:
             getattr(config.method, "pretrain_iterations", -1) < config.train.iterations,
             f"fewer than train.iterations ({config.train.iterations}), so that self-training runs",
         ),
+        # the loss weights of every method: a negative one trains towards a worse fit (BCP) or fails at build
+        ("method.dice_weight", config.method.dice_weight >= 0, "a number >= 0"),
+        ("method.ce_weight", config.method.ce_weight >= 0, "a number >= 0"),
         ("optim.lr", config.optim.lr > 0, "a number > 0"),
         ("optim.momentum", 0 <= config.optim.momentum < 1, "a number in [0, 1)"),
         ("optim.weight_decay", config.optim.weight_decay >= 0, "a number >= 0"),
         ("optim.lr_schedule", config.optim.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
         ("optim.lr_step_size", config.optim.lr_step_size >= 1, "an integer >= 1"),
         ("optim.lr_step_gamma", 0 < config.optim.lr_step_gamma <= 1, "a number in (0, 1]"),
+        ("optim.poly_power", config.optim.poly_power >= 0, "a number >= 0"),  # a negative one grows the lr
+        ("optim.grad_clip", config.optim.grad_clip >= 0, "a number >= 0 (0 = no clipping)"),
         ("train.iterations", config.train.iterations >= 1, "an integer >= 1"),
+        ("train.seed", config.train.seed >= 0, "an integer >= 0"),  # numpy seeds only non-negative integers
+        ("train.threads", config.train.threads >= 0, "an integer >= 0 (0 = OMP_NUM_THREADS)"),
         ("train.log_every", config.train.log_every >= 1, "an integer >= 1"),
         ("train.checkpoint_every", config.train.checkpoint_every >= 1, "an integer >= 1"),
         ("train.val_every", config.train.val_every >= 0, "an integer >= 0"),
@@ -352,6 +363,8 @@ def validate_config(config: RunConfig) -> None:
         ("distributed.timeout_minutes", config.distributed.timeout_minutes > 0, "a number > 0"),
         ("eval.checkpoint", config.eval.checkpoint in ("final", "best", "latest"), "one of final, best, latest"),
         ("eval.sw_batch_size", config.eval.sw_batch_size >= 1, "an integer >= 1"),
+        # else the evaluation fails only after every case is predicted
+        ("eval.bootstrap_resamples", config.eval.bootstrap_resamples >= 1, "an integer >= 1"),
         ("eval.network", config.eval.network in networks, f"one of {', '.join(networks)} for {config.method.name}"),
         (
             "eval.network",
@@ -366,6 +379,9 @@ def validate_config(config: RunConfig) -> None:
         ),
         ("model.name", config.model.name in MODEL_NAMES, f"one of {', '.join(sorted(MODEL_NAMES))}"),
         ("model.normalization", config.model.normalization in NORMALIZATIONS, f"one of {', '.join(NORMALIZATIONS)}"),
+        # the networks check these too, but only when built, after the data is loaded
+        ("model.n_filters", config.model.n_filters >= 1, "an integer >= 1"),
+        ("model.dropout", 0 <= config.model.dropout < 1, "a number in [0, 1)"),
     ]
     for key, ok, expected in checks:
         if not ok:

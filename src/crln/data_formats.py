@@ -13,9 +13,13 @@ Adding a format:
    - ``open_root(root: Path) -> CaseSource``: the dataset (``ids(split)``, ``load_many(ids)``,
      see :class:`crln.data.sources.CaseSource`);
    - ``read_scan(paths: list[Path], case_id: str) -> Case``: one unlabelled scan for ``crln predict``
-     (``paths``: one file, or the channel files of one case); only needed with ``scan_endings``.
+     (``paths``: one file, or the channel files of one case); only needed with ``scan_endings``;
+   - optionally ``check_scan(paths: list[Path]) -> None``: refuse a scan ``read_scan`` would refuse,
+     as far as cheap checks tell (headers, no voxels): ``crln predict`` runs it on every input before
+     segmenting the first.
 
-2. Add one :class:`DataFormat` line to :data:`FORMATS`, at its place in the detection order.
+2. Add one :class:`DataFormat` line to :data:`FORMATS`, at its place in the detection order, with
+   ``distance_unit="mm"`` when its cases carry their voxel size in mm.
 
 ``data.format=auto`` (what an evaluation on another folder uses) opens a folder with the first format
 of :data:`FORMATS` whose ``detect_root`` accepts it, else with the last (the field's h5 layout, whose
@@ -27,6 +31,7 @@ when the folder holds one, and the h5 folder otherwise.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +40,8 @@ from typing import TYPE_CHECKING
 from crln.errors import CrlnError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from crln.data.case import Case
     from crln.data.sources import CaseSource
 
@@ -43,6 +50,7 @@ __all__ = [
     "FORMATS",
     "SCAN_ENDINGS",
     "DataFormat",
+    "check_scans",
     "one_of",
     "read_scan",
     "scan_format",
@@ -60,12 +68,18 @@ class DataFormat:
         selected_by: the ``data.format`` value that selects this format.
         scan_endings: file endings of single scans ``crln predict`` reads with ``read_scan``; empty when
             the format has no single-file scans.
+        distance_unit: the unit of surface distances on its cases: ``"mm"`` when the format stores the
+            voxel size (:attr:`crln.data.case.Case.spacing`), ``"voxels"`` when it has none (spacing 1).
+        raw_scans: its scans hold a scanner's values, which its ``read_scan`` z-scores per channel unless
+            asked for the stored ones (``normalize=False``); h5 scans hold what a prepare pipeline wrote.
     """
 
     name: str
     module: str
     selected_by: str
     scan_endings: tuple[str, ...] = ()
+    distance_unit: str = "voxels"
+    raw_scans: bool = False
 
     def _reader(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -78,9 +92,18 @@ class DataFormat:
         """The dataset in the folder ``root``."""
         return self._reader().open_root(root)
 
-    def read_scan(self, paths: list[Path], case_id: str) -> Case:
-        """One unlabelled scan: a file, or the channel files of one case, as case ``case_id``."""
+    def read_scan(self, paths: list[Path], case_id: str, *, normalize: bool = True) -> Case:
+        """One unlabelled scan: a file, or the channel files of one case, as case ``case_id``; a format of
+        :attr:`raw_scans` keeps the stored values with ``normalize=False``."""
+        if self.raw_scans:
+            return self._reader().read_scan(paths, case_id, normalize=normalize)
         return self._reader().read_scan(paths, case_id)
+
+    def check_scan(self, paths: list[Path]) -> None:
+        """The format's cheap checks of one scan (a no-op for a format without a ``check_scan``)."""
+        check = getattr(self._reader(), "check_scan", None)
+        if check is not None:
+            check(paths)
 
 
 #: Every format, in detection order; the last is the fallback of ``data.format=auto``.
@@ -88,7 +111,14 @@ FORMATS: tuple[DataFormat, ...] = (
     # a compact copy of an h5 dataset (crln_compact.json, written by crln data compact)
     DataFormat("compact", "crln.data.compact", selected_by="h5"),
     # an nnU-Net v2 / MSD folder (imagesTr/, labelsTr/, dataset.json)
-    DataFormat("nifti", "crln.data.nifti", selected_by="nifti", scan_endings=(".nii.gz", ".nii")),
+    DataFormat(
+        "nifti",
+        "crln.data.nifti",
+        selected_by="nifti",
+        scan_endings=(".nii.gz", ".nii"),
+        distance_unit="mm",
+        raw_scans=True,
+    ),
     # the field's h5 layout (case lists train.list / test.list, one .h5 file per case)
     DataFormat("h5", "crln.data.h5", selected_by="h5", scan_endings=(".h5", ".hdf5")),
 )
@@ -122,13 +152,40 @@ def scan_format(path: Path) -> DataFormat | None:
     return next((f for f in FORMATS if path.name.endswith(f.scan_endings)), None)
 
 
-def read_scan(paths: list[Path], case_id: str) -> Case:
+def _scan_format_of(path: Path) -> DataFormat:
+    fmt = scan_format(path)
+    if fmt is None:
+        raise CrlnError(f"input {path}: expected a {one_of(SCAN_ENDINGS, quote=False)} file")
+    return fmt
+
+
+def read_scan(paths: list[Path], case_id: str, prepare: Callable[[np.ndarray, str], np.ndarray] | None = None) -> Case:
     """One unlabelled scan for ``crln predict``: a file, or the channel files of one case.
 
+    Args:
+        prepare: how to normalise a raw scan's stored values ``(C, H, W, D)`` (with the file's name for
+            errors) instead of its format's per-channel z-score
+            (:func:`crln.data.prepare_raw.scan_normalizer`); scans of a format without
+            :attr:`DataFormat.raw_scans` are read as stored whatever it says.
+
     Raises:
-        CrlnError: a file of no format's :data:`SCAN_ENDINGS`, or what the format's reader raises.
+        CrlnError: a file of no format's :data:`SCAN_ENDINGS`, or what the format's reader or ``prepare`` raises.
     """
-    fmt = scan_format(paths[0])
-    if fmt is None:
-        raise CrlnError(f"input {paths[0]}: expected a {one_of(SCAN_ENDINGS, quote=False)} file")
-    return fmt.read_scan(paths, case_id)
+    fmt = _scan_format_of(paths[0])
+    if prepare is None or not fmt.raw_scans:
+        return fmt.read_scan(paths, case_id)
+    case = fmt.read_scan(paths, case_id, normalize=False)
+    channels = case.image if case.image.ndim == 4 else case.image[None]
+    prepared = prepare(channels, str(paths[0]))
+    case.image = prepared if case.image.ndim == 4 else prepared[0]
+    return case
+
+
+def check_scans(scans: list[list[Path]]) -> None:
+    """Check every scan (the files of each) as far as its format's cheap ``check_scan`` tells, before any is read.
+
+    Raises:
+        CrlnError: a file of no format's :data:`SCAN_ENDINGS`, or what the format's ``check_scan`` raises.
+    """
+    for paths in scans:
+        _scan_format_of(paths[0]).check_scan(paths)

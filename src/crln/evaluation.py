@@ -3,14 +3,16 @@
 Evaluation follows the field's protocol: sliding-window softmax averaging with the configured
 patch and stride (18×18×4 on LA), argmax, optional largest-connected-component post-processing,
 then Dice, Jaccard, ASD and 95HD per case (:mod:`crln.metrics`, medpy semantics) and a summary
-with bootstrapped mean ± std. Distances are in voxels for h5 data (no spacing stored) and in mm
-for NIfTI data.
+with bootstrapped mean ± std. Distances are in the unit of the data's format
+(:attr:`crln.data_formats.DataFormat.distance_unit`): voxels for h5 data (no spacing stored), mm for
+NIfTI data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,13 @@ from crln.data.case import Case
 from crln.data.sources import open_dataset_root
 from crln.data.splits import plan_split
 from crln.data.validate import check_channels, validate_case
-from crln.data_formats import SCAN_ENDINGS, read_scan
+from crln.data_formats import SCAN_ENDINGS, check_scans, read_scan, scan_format, select_format
 from crln.engine import distributed
 from crln.engine.run_folder import RunFolder
 from crln.errors import CrlnError
 from crln.inference import entropy_map
 from crln.metrics import case_metrics, per_class_metric_names, summarize
-from crln.predictor import Predictor, inference_stride
+from crln.predictor import Predictor, inference_stride, training_preparation
 from crln.results import write_per_case, write_summary
 
 __all__ = [
@@ -214,7 +216,8 @@ def evaluate(
         )
         out_dir = check_output_dir((Path(run_dir) if run_dir is not None else ckpt_path.parent) / name, "--out")
     out_dir = Path(out_dir)
-    dataset = open_dataset_root(root, config.data.format if data_root is None else "auto")
+    data_format = config.data.format if data_root is None else "auto"
+    dataset = open_dataset_root(root, data_format)
     ids = case_ids(dataset, config, split_name, other_data)[:limit]
     if not ids:
         raise CrlnError(f"case list {split_name!r} in {root} is empty")
@@ -222,9 +225,11 @@ def evaluate(
         print(f"note: {stride_note}", flush=True)
 
     protocol = {"stride": stride, "sw_batch_size": windows_per_batch, "largest_component": lcc}
-    per_case, spacings = _score_cases(predictor, dataset, ids, protocol, progress)
+    per_case = _score_cases(predictor, dataset, ids, protocol, progress)
     source = {"split": split_name, "data_root": str(root), "checkpoint": str(ckpt_path)}
-    summary = _summary(per_case, spacings, predictor, protocol, source, str(dev))
+    # the format, not the spacing's values, says whether there is a physical spacing: 1 mm is no voxel unit
+    unit = select_format(Path(root), data_format).distance_unit
+    summary = _summary(per_case, unit, predictor, protocol, source, str(dev))
     if distributed.is_main_process():
         write_per_case(out_dir / "per_case.csv", per_case)
         write_summary(out_dir / "summary.json", summary)
@@ -234,11 +239,11 @@ def evaluate(
 
 def _score_cases(
     predictor: Predictor, dataset: Any, ids: list[str], protocol: dict[str, Any], progress: bool
-) -> tuple[list[dict[str, Any]], list[tuple[float, ...]]]:
+) -> list[dict[str, Any]]:
     """Predict and score every case (this process's share under torchrun); every process gets all rows
-    and voxel spacings back, in case-list order."""
+    back, in case-list order."""
     config = predictor.config
-    scored: list[tuple[int, tuple[dict[str, Any], tuple[float, ...]]]] = []
+    scored: list[tuple[int, dict[str, Any]]] = []
     for index, case_id in distributed.shard(ids):
         (case,) = dataset.load_many([case_id], with_label=True)
         _check_input(case, config, require_label=True)
@@ -250,17 +255,16 @@ def _score_cases(
             **case_metrics(pred, case.label, num_classes=config.data.num_classes, spacing=case.spacing),
             "seconds": seconds,
         }
-        scored.append((index, (row, tuple(float(v) for v in case.spacing))))
+        scored.append((index, row))
         if progress:
             shown = "  ".join(f"{m.name}={row[m.name]:.4f}" for m in metrics.METRICS if m.name in row)
             print(f"[{index + 1}/{len(ids)}] {case_id}  {shown}  ({seconds:.1f} s)", flush=True)
-    gathered = distributed.gather_shards(scored)
-    return [row for row, _ in gathered], [spacing for _, spacing in gathered]
+    return distributed.gather_shards(scored)
 
 
 def _summary(
     per_case: list[dict[str, Any]],
-    spacings: list[tuple[float, ...]],
+    distance_unit: str,
     predictor: Predictor,
     protocol: dict[str, Any],
     source: dict[str, str],
@@ -281,7 +285,7 @@ def _summary(
         "stride": list(protocol["stride"]),
         "sw_batch_size": protocol["sw_batch_size"],
         "largest_component": protocol["largest_component"],
-        "distance_unit": "voxels" if all(s == (1.0, 1.0, 1.0) for s in spacings) else "mm",
+        "distance_unit": distance_unit,
         "device": device,
         "seconds_per_case": float(np.mean([r["seconds"] for r in per_case])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -306,6 +310,7 @@ def format_summary_table(summary: dict[str, Any], title: str = "") -> str:
         stats = summary["metrics"].get(name)
         if stats is None:
             continue
+        stats = {k: float("nan") if v is None else v for k, v in stats.items()}  # summary.json's null: undefined
         metric = metrics.metric_of(name)[0]
         scale = metric.scale
         unit = metric.unit_text(summary.get("distance_unit", "voxels"))
@@ -386,9 +391,30 @@ def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
     return list(groups.items())
 
 
-def _read_input(paths: list[Path]) -> Case:
-    """One case from its file (any format's scan), or from its nnU-Net channel files stacked ``(C, H, W, D)``."""
-    return read_scan(paths, _case_id_from_path(paths[0]))
+def _raw_scan_preparation(
+    config: RunConfig, run_dir: Path | None, groups: list[tuple[str, list[Path]]]
+) -> Callable[[np.ndarray, str], np.ndarray] | None:
+    """How raw scans are normalised for this run (:func:`crln.data.prepare_raw.scan_normalizer` of the
+    pipeline behind its training data; None: the reader's z-score), checked before any inference.
+
+    Raises:
+        CrlnError: raw scans among the inputs of a run whose inputs no raw scan can match (Pancreas-CT).
+    """
+    from crln.data.prepare_raw import scan_normalizer
+
+    if not any(scan_format(paths[0]).raw_scans for _, paths in groups):  # type: ignore[union-attr]
+        return None
+    try:
+        return scan_normalizer(training_preparation(config, run_dir))
+    except CrlnError as err:
+        raw = next(paths[0] for _, paths in groups if scan_format(paths[0]).raw_scans)  # type: ignore[union-attr]
+        raise CrlnError(f"input {raw}: {err}") from None
+
+
+def _read_input(paths: list[Path], prepare: Callable[[np.ndarray, str], np.ndarray] | None) -> Case:
+    """One case from its file (any format's scan), or from its nnU-Net channel files stacked ``(C, H, W, D)``,
+    a raw scan normalised by ``prepare`` when the training data's pipeline asks for it."""
+    return read_scan(paths, _case_id_from_path(paths[0]), prepare)
 
 
 def _output_names(
@@ -428,14 +454,18 @@ def predict_files(
     the one recorded in a folder above them, else 1).
 
     Raises:
-        CrlnError: ``out_dir`` is a file, an output already exists (without ``overwrite``), bad inputs
-            or options; all checked before any inference.
+        CrlnError: ``out_dir`` is a file, two cases' outputs would have one name, an output already
+            exists (without ``overwrite``), bad options, or a bad input. Before any inference every input
+            is checked as far as its header tells (NIfTI: readable, 3D or 4D, real numbers, channel files
+            agreeing); what is found only once a case is read (a damaged gzip stream, NaN voxels, a
+            channel count other than the network's) stops the run there, the cases before it written.
 
     Returns the segmentation paths.
     """
     out = check_output_dir(out_dir, "-o")
     ckpt_path, run_dir = _resolve_checkpoint(checkpoint, None)
     groups = _scan_groups(inputs)
+    check_scans([paths for _, paths in groups])
     names = {
         case_id: _output_names(
             case_id, nnunet_names=nnunet_names, probabilities=probabilities, entropy=entropy, preview=preview
@@ -446,9 +476,10 @@ def predict_files(
     predictor = Predictor.from_checkpoint(ckpt_path, device)
     config = predictor.config
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
+    prepare = _raw_scan_preparation(config, run_dir, groups)
     written, notes = [], set()
     for case_id, paths in groups:
-        case = _read_input(paths)
+        case = _read_input(paths, prepare)
         _check_input(case, config, require_label=False)
         case_stride, note = inference_stride(config, stride, paths[0].parent, run_dir)
         if progress and note and note not in notes:  # once per folder, not per scan
@@ -475,7 +506,17 @@ def predict_files(
 def _check_outputs(
     out: Path, names: dict[str, dict[str, str]], groups: list[tuple[str, list[Path]]], overwrite: bool
 ) -> None:
-    """Refuse outputs that would replace an input scan (always) or an existing file (without ``overwrite``)."""
+    """Refuse outputs that would replace an input scan (always), another case's output (e.g. with nnU-Net
+    names, case ``x_prob``'s segmentation and case ``x``'s probabilities) or an existing file (without
+    ``overwrite``)."""
+    owner: dict[str, str] = {}
+    for case_id, case in names.items():
+        for name in case.values():
+            if owner.setdefault(name, case_id) != case_id:
+                raise CrlnError(
+                    f"-o {out}: cases {owner[name]!r} and {case_id!r} would both write {name}; "
+                    "expected inputs with distinct case names"
+                )
     scans = {path.resolve() for _, paths in groups for path in paths}
     clash = next((out / n for case in names.values() for n in case.values() if (out / n).resolve() in scans), None)
     if clash is not None:  # even --overwrite never replaces a scan being segmented

@@ -87,8 +87,9 @@ class MeanTeacherConfig(MethodConfig):
             raise ValueError(f"cutmix_box_fraction must be in (0, 1), got {self.cutmix_box_fraction}")
         if self.strong_view not in STRONG_VIEWS:
             raise ValueError(f"strong_view must be one of {', '.join(STRONG_VIEWS)}, got {self.strong_view!r}")
-        if self.unsup_weight < 0 or self.strong_noise_sigma < 0 or self.rampup_iterations < 0:
-            raise ValueError("unsup_weight, strong_noise_sigma and rampup_iterations must be >= 0")
+        # a negative clip clamps every noise value to it: a constant shift instead of noise
+        if min(self.unsup_weight, self.strong_noise_sigma, self.strong_noise_clip, self.rampup_iterations) < 0:
+            raise ValueError("unsup_weight, strong_noise_sigma, strong_noise_clip and rampup_iterations must be >= 0")
 
 
 @dataclass
@@ -113,8 +114,8 @@ class UAMTConfig(MethodConfig):
             raise ValueError(f"passes must be >= 1, got {self.passes}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.consistency_weight < 0 or self.input_noise_sigma < 0:
-            raise ValueError("consistency_weight and input_noise_sigma must be >= 0")
+        if min(self.consistency_weight, self.input_noise_sigma, self.input_noise_clip) < 0:
+            raise ValueError("consistency_weight, input_noise_sigma and input_noise_clip must be >= 0")
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:

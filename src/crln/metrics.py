@@ -25,8 +25,8 @@ surface voxels instead of full-volume distance transforms (the same distances up
 rounding, ~1e-15 with a non-unit spacing; an exact distance transform restricted to the box was
 measured slower); a surface voxel that is also a surface voxel of the other mask gets its distance
 0 without a query; and :func:`case_metrics` computes ASD and 95HD from one pair of distance sets
-(one :class:`MaskPair` per class; :func:`asd_and_hd95` for scripts), where medpy's ``asd`` and ``hd95`` compute three distance
-transforms between them.
+(one :class:`MaskPair` per class; :func:`asd_and_hd95` for scripts), where medpy's ``asd`` and
+``hd95`` compute three distance transforms between them.
 
 Empty masks (medpy raises for ASD/95HD and the field's scripts then score the case 0 on every
 metric, which reads as a perfect 95HD):

@@ -42,6 +42,7 @@ __all__ = [
     "inference_stride",
     "method_from_checkpoint",
     "network_from_checkpoint",
+    "training_preparation",
 ]
 
 
@@ -79,17 +80,36 @@ def network_from_checkpoint(checkpoint: dict[str, Any], network: str | None = No
     return module, config
 
 
+def _run_meta(run_dir: Path | None) -> dict[str, Any]:
+    """The run's ``meta.json`` (``{}`` when there is none or it is unreadable: a checkpoint copied away)."""
+    meta_path = run_dir / "meta.json" if run_dir is not None else None
+    if meta_path is not None and meta_path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads(meta_path.read_text())
+            return meta if isinstance(meta, dict) else {}
+    return {}
+
+
 def _training_scale(config: RunConfig, run_dir: Path | None) -> float:
     """The scale of the data the network was trained on: recorded in the run's ``meta.json`` at training,
     else that of ``data.root`` when the folder is here, else 1."""
     from crln.data.prepare import recorded_scale
 
-    meta_path = run_dir / "meta.json" if run_dir is not None else None
-    if meta_path is not None and meta_path.is_file():
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            return float(json.loads(meta_path.read_text())["data_scale"])
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return float(_run_meta(run_dir)["data_scale"])
     root = Path(config.data.root)
     return recorded_scale(root) if root.is_dir() else 1.0
+
+
+def training_preparation(config: RunConfig, run_dir: Path | None) -> dict[str, Any] | None:
+    """The ``crln data prepare`` pipeline behind the training data (:func:`crln.data.prepare.recorded_preparation`):
+    recorded in the run's ``meta.json``, else read from ``data.root`` when the folder is here."""
+    from crln.data.prepare import recorded_preparation
+
+    meta = _run_meta(run_dir)
+    if "data_preparation" in meta:
+        return meta["data_preparation"]
+    return recorded_preparation(config.data.root)
 
 
 def inference_stride(
@@ -220,7 +240,7 @@ class Predictor:
         :func:`crln.inference.predict_case` runs the sliding window, argmax and optional post-processing.
 
         Args:
-            image: ``(H, W, D)`` or ``(C_in, H, W, D)`` volume.
+            image: ``(H, W, D)`` or ``(C_in, H, W, D)`` volume (a tensor becomes a float32 CPU array first).
             stride: window step per axis; default the run's ``eval.stride``
                 (:func:`inference_stride` adapts it to data at another scale).
             sw_batch_size: windows per forward pass; default the run's ``eval.sw_batch_size``.
@@ -234,6 +254,8 @@ class Predictor:
             CrlnError: a bad image rank, stride or batch size (see :func:`crln.inference.sliding_window_predict`).
         """
         config = self.config
+        if isinstance(image, Tensor):  # the intensity modes are numpy code
+            image = image.detach().to("cpu", torch.float32).numpy()
         return predict_case(
             lambda x: self.network(self.perf.input(x)),
             normalize_intensity(image, config.data.intensity),

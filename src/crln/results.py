@@ -3,7 +3,7 @@
 ``crln evaluate`` writes them (:mod:`crln.evaluation`); ``crln report`` and ``crln bench`` read them.
 ``per_case.csv`` has a ``case`` column, one column per metric key of :func:`crln.metrics.case_metrics`
 and ``seconds``; ``summary.json`` holds :func:`crln.metrics.summarize`'s statistics under ``metrics``
-and the evaluation's settings.
+(``null`` where a statistic is undefined, e.g. a 95HD over no defined case) and the evaluation's settings.
 """
 
 from __future__ import annotations
@@ -50,14 +50,23 @@ def read_per_case(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (an undefined distance's ``NaN``) replaced by None, recursively.
+
+    ``json.dumps`` writes floats itself, as the bare token ``NaN`` that strict JSON readers refuse, so
+    they must be replaced before it sees them; numpy scalars become Python numbers on the way.
+    """
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Atomically write ``summary.json`` (indented; numpy scalars as numbers)."""
-    atomic_write_text(path, json.dumps(summary, indent=2, default=_json_default) + "\n")
+    """Atomically write ``summary.json``: indented, strict JSON (an undefined statistic, ``NaN``, is ``null``)."""
+    atomic_write_text(path, json.dumps(_finite_or_none(summary), indent=2, allow_nan=False) + "\n")

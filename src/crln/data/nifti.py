@@ -5,7 +5,7 @@ Layout::
     <root>/dataset.json          optional: file_ending, labels, channel_names (or MSD modality), numTraining
     <root>/imagesTr/<id>_0000.nii.gz [<id>_0001.nii.gz ...]   (nnU-Net; MSD: <id>.nii.gz, maybe 4D)
     <root>/labelsTr/<id>.nii.gz
-    <root>/imagesTs/...          optional, same naming
+    <root>/imagesTs/...          optional, same naming (without imagesTr/: a test set to evaluate on)
     <root>/labelsTs/<id>.nii.gz  optional
     <root>/imagesUnlabelled/...  optional (crln): extra training images without labels, same naming
 """
@@ -29,7 +29,7 @@ from crln.data.validate import check_image_values
 from crln.dataset_json import DatasetJson
 from crln.errors import CrlnError
 
-__all__ = ["NiftiDataset", "load_nifti", "nifti_header", "read_nifti_volume", "write_nifti"]
+__all__ = ["NiftiDataset", "affine_spacing", "load_nifti", "nifti_header", "read_nifti_volume", "write_nifti"]
 
 _CHANNEL_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
 _AFFINE_TOL = 1e-4
@@ -70,26 +70,59 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Return ``(data, affine, zooms)`` of a ``.nii`` / ``.nii.gz`` file, gzip checksum verified.
+def affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """The voxel size along each array axis: the norms of the affine's first three columns (mm)."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Return ``(data, affine, spacing)`` of a ``.nii`` / ``.nii.gz`` file, gzip checksum verified.
+
+    ``affine`` is nibabel's best affine (the sform when set, else the qform, else pixdim's scaling) and
+    ``spacing`` its voxel size (:func:`affine_spacing`): the header's pixdim may disagree with an sform,
+    and distances must be measured on the grid the affine places in the world.
 
     Raises:
-        CrlnError: one line naming the file: missing, empty, corrupt gzip stream, unreadable NIfTI.
+        CrlnError: one line naming the file: missing, empty, corrupt gzip stream, unreadable NIfTI,
+            or an affine without a positive finite voxel size along every axis.
+    """
+    img = _open(path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types (ImageFileError, HeaderDataError, EOFError, ...)
+        raise CrlnError(f"{path}: unreadable NIfTI file: {_first_line(exc)}") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing = affine_spacing(affine)
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise CrlnError(
+            f"{path}: affine gives voxel size {spacing}, expected a positive finite size along every axis "
+            "(a singular sform/qform)"
+        )
+    return data, affine, spacing
+
+
+def _open(path: Path, *, verify: bool = True) -> Any:
+    """The nibabel image of ``path``, data not read (``verify``: the whole gzip stream checked first).
+
+    Raises:
+        CrlnError: one line naming the file: missing, empty, corrupt gzip stream, unreadable header.
     """
     if not path.is_file():
         raise CrlnError(f"{path}: file not found, expected a NIfTI volume")
     if path.stat().st_size == 0:
         raise CrlnError(f"{path}: file is empty (0 bytes), expected a NIfTI volume")
     try:
-        img = _decode(path)
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
+        return _decode(path) if verify else nib.load(str(path))
     except CrlnError:
         raise
     except Exception as exc:  # nibabel raises many types (ImageFileError, HeaderDataError, EOFError, ...)
         raise CrlnError(f"{path}: unreadable NIfTI file: {_first_line(exc)}") from None
-    return data, affine, zooms
+
+
+def _check_real(dtype: np.dtype, path: Path, what: str) -> None:
+    """Refuse complex and structured (RGB) voxels: casting them to float would drop a part or fail."""
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise CrlnError(f"{path}: {what} has dtype {dtype}, expected a real numeric array")
 
 
 def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
@@ -97,7 +130,12 @@ def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
         data = data[..., 0]
     if data.ndim != 3:
         raise CrlnError(f"{path}: label has shape {data.shape} ({data.ndim}D), expected 3D (H, W, D)")
+    if data.dtype != bool:
+        _check_real(data.dtype, path, "label")
     if np.issubdtype(data.dtype, np.floating):
+        bad = int(data.size - np.isfinite(data).sum())
+        if bad:  # NaN passes every comparison below and would become background
+            raise CrlnError(f"{path}: label has {bad} NaN or Inf voxels, expected integer class indices")
         rounded = np.round(data)
         if np.abs(data - rounded).max(initial=0.0) > 1e-3:
             raise CrlnError(f"{path}: label holds non-integer values, expected integer class indices")
@@ -107,18 +145,24 @@ def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
     return data.astype(np.uint8)
 
 
+def _check_image_layout(shape: tuple[int, ...], dtype: np.dtype, path: Path) -> None:
+    """Refuse what no image can be: not 3D (or MSD's 4D ``(H, W, D, C)``), not real numbers (header only)."""
+    if len(shape) not in (3, 4):
+        raise CrlnError(f"{path}: image has shape {shape} ({len(shape)}D), expected 3D (H, W, D)")
+    _check_real(dtype, path, "image")
+
+
 def _as_image(data: np.ndarray, path: Path) -> np.ndarray:
     """``(H, W, D)`` stays; MSD's 4D ``(H, W, D, C)`` becomes channel-first ``(C, H, W, D)``; float32.
 
     Non-finite and absurd values (see :func:`crln.data.validate.check_image_values`) are refused here,
     on the values as stored, before any normalisation could hide them.
     """
+    _check_image_layout(data.shape, data.dtype, path)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 4:
         data = np.moveaxis(data, -1, 0)
-    elif data.ndim != 3:
-        raise CrlnError(f"{path}: image has shape {data.shape} ({data.ndim}D), expected 3D (H, W, D)")
     image = np.ascontiguousarray(data, dtype=np.float32)
     check_image_values(image, str(path))
     return image
@@ -130,6 +174,26 @@ def _check_affine(ref: np.ndarray, other: np.ndarray, ref_path: Path, path: Path
         raise CrlnError(
             f"{path}: affine differs from {ref_path.name} by {diff:.3g}, expected equal (tol {_AFFINE_TOL})"
         )
+
+
+# (path, shape as stored and squeezed, affine) of a case's first channel file
+_Channel = tuple[Path, tuple[int, ...], np.ndarray]
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` without the trailing 1 of an ``(H, W, D, 1)`` file, which reads as ``(H, W, D)``."""
+    return shape[:3] if len(shape) == 4 and shape[-1] == 1 else shape
+
+
+def _check_channel(path: Path, shape: tuple[int, ...], affine: np.ndarray, first: _Channel | None) -> None:
+    """One of a case's several channel files (``shape`` as stored, squeezed): 3D, with the shape and
+    affine of the first channel file (``first``; ``None`` while checking that one)."""
+    if len(shape) != 3:
+        raise CrlnError(f"{path}: channel file has shape {shape}, expected 3D (H, W, D)")
+    if first is not None:
+        _check_affine(first[2], affine, first[0], path)
+        if shape != first[1]:
+            raise CrlnError(f"{path}: shape {shape} differs from {first[0].name} shape {first[1]}")
 
 
 def read_nifti_volume(
@@ -146,26 +210,21 @@ def read_nifti_volume(
 
     Returns:
         A :class:`Case` with image ``(H, W, D)`` float32 (4D files or several channel files:
-        ``(C, H, W, D)``), the first file's affine and spacing (header zooms).
+        ``(C, H, W, D)``), the first file's affine and its voxel size (:func:`load_nifti`).
 
     Raises:
         CrlnError: unreadable file, non-3D channel file, shape or affine mismatch between channels.
     """
     paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     chans: list[np.ndarray] = []
-    affine = zooms = None
+    first: _Channel | None = None
     for p in paths:
-        data, aff, z = load_nifti(p)
-        img = _as_image(data, p)
-        if len(paths) > 1 and img.ndim != 3:
-            raise CrlnError(f"{p}: channel file has shape {data.shape}, expected 3D (H, W, D)")
-        if affine is None:
-            affine, zooms = aff, z
-        else:
-            _check_affine(affine, aff, paths[0], p)
-            if img.shape != chans[0].shape:
-                raise CrlnError(f"{p}: shape {img.shape} differs from {paths[0].name} shape {chans[0].shape}")
-        chans.append(img)
+        data, affine, voxel_size = load_nifti(p)
+        chans.append(_as_image(data, p))
+        if len(paths) > 1:
+            _check_channel(p, _squeezed(data.shape), affine, first)
+        if first is None:  # the case's geometry is the first file's
+            first, spacing = (p, _squeezed(data.shape), affine), voxel_size
     image = chans[0] if len(chans) == 1 else np.stack(chans)
     if normalize:
         image = zscore_channels(image)
@@ -175,13 +234,12 @@ def read_nifti_volume(
             stem = _strip_ending(stem, ending) or stem
         m = _CHANNEL_RE.match(stem)
         case_id = m.group("id") if m else stem
-    spacing = (*zooms, 1.0, 1.0, 1.0)[:3]  # type: ignore[misc]
     return Case(
         case_id=case_id,
         image=image,
         label=None,
         spacing=spacing,
-        affine=affine,  # type: ignore[arg-type]
+        affine=first[2],  # type: ignore[index]
         source=str(paths[0]),
         channel_sources=tuple(str(p) for p in paths) if len(paths) > 1 else (),
     )
@@ -189,11 +247,15 @@ def read_nifti_volume(
 
 def nifti_header(path: str | Path) -> nib.Nifti1Header:
     """The header of the NIfTI file ``path`` (data not read), to give outputs the input's geometry codes."""
-    path = Path(path)
-    try:
-        return nib.load(str(path)).header
-    except Exception as exc:  # nibabel raises many types
-        raise CrlnError(f"{path}: unreadable NIfTI file: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    return _open(Path(path), verify=False).header
+
+
+def _clear_scan_fields(header: nib.Nifti1Header) -> None:
+    """Reset the fields of a scan's header that would mislabel an output written on it."""
+    header["cal_min"] = header["cal_max"] = 0  # the scan's display window hides a label map's values
+    header.set_intent("none")
+    header["pixdim"][4:] = 1.0  # e.g. the scan's repetition time, else the step along the classes
+    header.set_xyzt_units(header.get_xyzt_units()[0])  # the spatial unit stays, the time unit goes
 
 
 def write_nifti(
@@ -202,8 +264,9 @@ def write_nifti(
     """Write ``array`` ``(H, W, D)`` with ``affine`` ``(4, 4)`` atomically (``.nii.gz`` compresses).
 
     Integer arrays keep their dtype (labels stay uint8); other arrays are written as float32. With
-    ``header`` (the input scan's), the output keeps its qform/sform codes, units and description;
-    its intensity scaling is dropped (the output's values are written as they are).
+    ``header`` (the input scan's), the output keeps its NIfTI version, qform/sform codes, spatial unit
+    and description; what describes the scan's values or time axis is not copied (intensity scaling,
+    display range, intent, the 4th axis' step and time unit: a probability map's 4th axis is its classes).
     """
     path = Path(path)
     if not path.name.endswith((".nii.gz", ".nii")):
@@ -218,8 +281,11 @@ def write_nifti(
         img = nib.Nifti1Image(array, affine)
         img.header.set_xyzt_units("mm")
     else:
-        img = nib.Nifti1Image(array, affine, header=header.copy())  # nibabel resets the scaling
+        # a NIfTI-1 image on a NIfTI-2 header would log a "sizeof_hdr" warning: keep the version
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = image_class(array, affine, header=header.copy())  # nibabel resets the scaling
         img.set_data_dtype(array.dtype)
+        _clear_scan_fields(img.header)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))
@@ -277,8 +343,11 @@ class NiftiDataset:
         (``"unlabeled"``, optional: an empty one is no error), sorted.
 
         Raises:
-            CrlnError: the folder exists but no file in it ends in ``file_ending`` (said, not an empty list).
+            CrlnError: the folder exists but no file in it ends in ``file_ending`` (said, not an empty list),
+                or (train, test) an id is in both ``imagesTr/`` and ``imagesTs/``.
         """
+        if split in ("train", "test"):
+            self._refuse_shared("test", "train")
         ids = sorted(self._scan(split))
         folder = self.root / _SPLIT_DIRS[split][0]
         if not ids and folder.is_dir() and split != "unlabeled":
@@ -290,11 +359,25 @@ class NiftiDataset:
             )
         return ids
 
+    def _refuse_shared(self, split: str, other: str) -> None:
+        """Refuse case ids that the image folders of ``split`` and ``other`` both hold: a case is loaded by
+        its id alone, so one of the two scans would silently stand for the other."""
+        shared = sorted(set(self._scan(split)) & set(self._scan(other)))
+        if shared:
+            shown = ", ".join(map(repr, shared[:5])) + (f", ... ({len(shared)} in all)" if len(shared) > 5 else "")
+            what = "case {} is" if len(shared) == 1 else "cases {} are"
+            raise CrlnError(
+                f"{self.root / _SPLIT_DIRS[split][0]}: {what.format(shown)} also in {_SPLIT_DIRS[other][0]}/, "
+                "expected distinct case ids"
+            )
+
     def _split_of(self, case_id: str) -> str:
-        for split in _SPLIT_DIRS:
-            if case_id in self._scan(split):
-                return split
-        raise CrlnError(f"{self.root}: case {case_id!r} not found in imagesTr/, imagesTs/ or imagesUnlabelled/")
+        found = [split for split in _SPLIT_DIRS if case_id in self._scan(split)]
+        if not found:
+            raise CrlnError(f"{self.root}: case {case_id!r} not found in imagesTr/, imagesTs/ or imagesUnlabelled/")
+        if len(found) > 1:
+            self._refuse_shared(found[1], found[0])
+        return found[0]
 
     def image_paths(self, case_id: str) -> list[Path]:
         """Channel files of ``case_id`` in channel order."""
@@ -314,15 +397,9 @@ class NiftiDataset:
         Raises:
             CrlnError: an id is also in ``imagesTr/`` or ``imagesTs/`` (which case would be meant?).
         """
-        ids = self.ids("unlabeled")
         for split in ("train", "test"):
-            shared = sorted(set(ids) & set(self._scan(split)))
-            if shared:
-                raise CrlnError(
-                    f"{self.root / 'imagesUnlabelled'}: case {shared[0]!r} is also in {_SPLIT_DIRS[split][0]}/, "
-                    "expected distinct case ids"
-                )
-        return ids
+            self._refuse_shared("unlabeled", split)
+        return self.ids("unlabeled")
 
     def orphan_labels(self, split: str = "train") -> list[Path]:
         """Label files of ``split`` without an image (ignored by every command), sorted."""
@@ -368,8 +445,9 @@ class NiftiDataset:
 
 
 def detect_root(root: Path) -> bool:
-    """Whether ``root`` is an nnU-Net/MSD folder (an ``imagesTr/`` folder)."""
-    return (root / "imagesTr").is_dir()
+    """Whether ``root`` is an nnU-Net/MSD folder: an ``imagesTr/`` or ``imagesTs/`` folder (a held-out
+    test set alone is a dataset to evaluate on, as :class:`NiftiDataset` reads it)."""
+    return (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir()
 
 
 def open_root(root: Path) -> NiftiDataset:
@@ -377,6 +455,24 @@ def open_root(root: Path) -> NiftiDataset:
     return NiftiDataset(root)
 
 
-def read_scan(paths: list[Path], case_id: str) -> Case:
-    """One NIfTI scan, or a case's nnU-Net channel files stacked ``(C, H, W, D)``, for ``crln predict``."""
-    return read_nifti_volume(paths, case_id)
+def read_scan(paths: list[Path], case_id: str, *, normalize: bool = True) -> Case:
+    """One NIfTI scan, or a case's nnU-Net channel files stacked ``(C, H, W, D)``, for ``crln predict``
+    (z-scored per channel, or as stored with ``normalize=False``)."""
+    return read_nifti_volume(paths, case_id, normalize=normalize)
+
+
+def check_scan(paths: Sequence[str | Path]) -> None:
+    """What :func:`read_nifti_volume` checks that the headers alone tell, no voxel read (so ``crln
+    predict`` checks every input before any inference): every file readable, an image 3D (or MSD's 4D)
+    of real numbers, several channel files each 3D with one shape and affine.
+
+    Raises:
+        CrlnError: naming the file, as :func:`read_nifti_volume` would.
+    """
+    first: _Channel | None = None
+    for p in map(Path, paths):
+        img = _open(p, verify=False)
+        _check_image_layout(img.shape, img.get_data_dtype(), p)
+        if len(paths) > 1:
+            _check_channel(p, _squeezed(img.shape), img.affine, first)
+        first = first or (p, _squeezed(img.shape), img.affine)

@@ -39,7 +39,7 @@ import numpy as np
 
 from crln.atomic import atomic_write_text
 from crln.data.h5 import read_case_list, write_h5_case
-from crln.data.prepare import _is_within, resample_image, resample_label
+from crln.data.prepare import PREPARE_MANIFEST, _is_within, check_resume_manifest, resample_image, resample_label
 from crln.data.raw_io import RawVolume, align_to_grid, read_dicom_series, read_nifti, read_nrrd
 from crln.errors import CrlnError
 
@@ -79,7 +79,6 @@ FIELD_SPLITS: dict[str, tuple[dict[str, int], str]] = {
 }
 RAW_DATASETS = tuple(FIELD_SPLITS)
 _PROGRESS_EVERY = 10
-_MANIFEST = "prepare.json"
 # Slack, in mm, kept around the pancreas when cropping before resampling, so that interpolation at
 # the final crop's border never reads outside the kept block.
 _RESAMPLE_SLACK_MM = 4.0
@@ -139,6 +138,56 @@ def zscore(
     if not std > _MIN_STD:
         raise CrlnError(f"{source}: intensities are constant ({mean:g}), expected an image to normalise")
     return ((image - mean) / std).astype(np.float32), mean, std
+
+
+def brats_normalize(
+    image: np.ndarray, clip_percentile: float, *, source: str
+) -> tuple[np.ndarray, float, float, float]:
+    """The BraTS pipeline's intensities: clip at ``clip_percentile`` of the brain voxels (> 0, BraTS being
+    skull-stripped), then z-score over them; the background gets the same affine map.
+
+    Args:
+        image: one FLAIR volume ``(H, W, D)``, as stored.
+
+    Returns:
+        ``(normalised float32 image, clip value, mean, std)``.
+
+    Raises:
+        CrlnError: no brain voxels, or constant ones, naming ``source``.
+    """
+    image = image.astype(np.float32)
+    brain = image > 0
+    if not brain.any():
+        raise CrlnError(f"{source}: no brain voxels (all intensities <= 0), expected a skull-stripped FLAIR")
+    ceiling = float(np.percentile(image[brain], clip_percentile))
+    normalised, mean, std = zscore(np.minimum(image, ceiling), brain, source=source)
+    return normalised, ceiling, mean, std
+
+
+def scan_normalizer(preparation: dict[str, Any] | None) -> Callable[[np.ndarray, str], np.ndarray] | None:
+    """How ``crln predict`` must normalise a raw scan ``(C, H, W, D)`` for a network trained on data that
+    ``preparation`` (:func:`crln.data.prepare.recorded_preparation`) wrote; None: the NIfTI reader's own
+    per-channel z-score over the whole volume, which is also what the ``la`` pipeline does before its crop.
+
+    Raises:
+        CrlnError: a Pancreas-CT network, whose inputs were cropped around the pancreas from its label:
+            no raw scan can be prepared the same way.
+    """
+    dataset = (preparation or {}).get("dataset")
+    if dataset == "brats":
+        percentile = float(preparation["options"].get("clip_percentile", BRATS_CLIP_PERCENTILE))  # type: ignore[index]
+
+        def normalize(image: np.ndarray, source: str) -> np.ndarray:
+            return np.stack([brats_normalize(channel, percentile, source=source)[0] for channel in image])
+
+        return normalize
+    if dataset == "pancreas":
+        raise CrlnError(
+            "the network was trained on volumes `crln data prepare pancreas` wrote (HU window, 1 mm voxels, a crop "
+            "around the pancreas taken from its label), and a raw scan cannot be prepared the same way; "
+            "expected such prepared volumes (.h5) as inputs"
+        )
+    return None
 
 
 def _box_record(box: Sequence[slice]) -> list[list[int]]:
@@ -232,6 +281,9 @@ def _run_pipeline(
     log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if _is_within(dst, src):
         raise CrlnError(f"{dst}: destination is the source or inside it ({src}), expected a separate folder")
+    # numpy seeds only non-negative integers; checked here, before any case is read
+    if seed < 0:
+        raise CrlnError(f"--seed {seed}: expected an integer >= 0")
     counts, suffix = FIELD_SPLITS[dataset]
     by_id = {c.case_id: c for c in cases}
     if split_dir is not None:
@@ -241,19 +293,9 @@ def _run_pipeline(
     wanted = [cid for name in counts for cid in splits[name]]
     options = {**options, "split": str(split_dir) if split_dir is not None else f"seeded shuffle (seed {seed})"}
 
-    manifest_path = dst / _MANIFEST
-    records: dict[str, Any] = {}
-    if manifest_path.is_file():
-        try:
-            previous = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CrlnError(f"{manifest_path}: unreadable ({err}); remove it or use a new --dst") from None
-        if previous.get("dataset") != dataset or previous.get("options") != options:
-            raise CrlnError(
-                f"{manifest_path}: written by another dataset or other options ({previous.get('dataset')}, "
-                f"{previous.get('options')}), expected the same to resume; use a new --dst"
-            )
-        records = dict(previous.get("cases", {}))
+    manifest_path = dst / PREPARE_MANIFEST
+    previous = check_resume_manifest(dst, dataset, options)
+    records: dict[str, Any] = dict(previous.get("cases", {})) if previous else {}
 
     def write_manifest(cases: list[str]) -> dict[str, Any]:
         manifest = {
@@ -585,15 +627,10 @@ def prepare_brats_raw(
     def process(case: _RawCase) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         flair: RawVolume = read_nifti(case.image)
         raw = _integer_label(align_to_grid(read_nifti(case.label), flair, use_affine=use_affine), str(case.label))
-        image = flair.data.astype(np.float32)
-        brain = image > 0  # BraTS volumes are skull-stripped: background is exactly 0
-        if not brain.any():
-            raise CrlnError(f"{case.image}: no brain voxels (all intensities <= 0), expected a skull-stripped FLAIR")
-        box = crop_box(brain, (0, 0, 0))
-        image, brain, raw = image[box], brain[box], raw[box]
-        ceiling = float(np.percentile(image[brain], clip_percentile))
-        image = np.minimum(image, ceiling)
-        normalised, mean, std = zscore(image, brain, source=str(case.image))
+        # The crop keeps every brain voxel, so crln predict's uncropped normalisation has the same statistics.
+        normalised, ceiling, mean, std = brats_normalize(flair.data, clip_percentile, source=str(case.image))
+        box = crop_box(flair.data > 0, (0, 0, 0))
+        normalised, raw = normalised[box], raw[box]
         record = {
             "source_shape": list(flair.data.shape),
             "source_spacing": list(flair.spacing),

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from nibabel import orientations
 
-from crln.data.nifti import load_nifti  # the one reader of NIfTI files (gzip checksum verified)
+# the one reader of NIfTI files (gzip checksum verified), and the voxel size of an affine
+from crln.data.nifti import affine_spacing, load_nifti
 from crln.errors import CrlnError
 
 __all__ = ["RawVolume", "align_to_grid", "read_dicom_series", "read_nifti", "read_nrrd"]
@@ -48,10 +49,6 @@ class RawVolume:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -103,7 +100,7 @@ def read_nrrd(path: str | Path) -> RawVolume:
         affine[:3, 3] = np.asarray(origin, dtype=np.float64)[:3]
     if str(header.get("space", "")).lower() in ("left-posterior-superior", "lps"):
         affine = _LPS_TO_RAS @ affine
-    return RawVolume(data=data, spacing=_spacing_of(affine), affine=affine, source=str(path))
+    return RawVolume(data=data, spacing=affine_spacing(affine), affine=affine, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,18 +108,18 @@ def read_nrrd(path: str | Path) -> RawVolume:
 
 
 def read_nifti(path: str | Path) -> RawVolume:
-    """Read a 3D NIfTI file (nibabel) as stored: array ``(x, y, z)``, the file's affine and zooms.
+    """Read a 3D NIfTI file (nibabel) as stored: array ``(x, y, z)``, the file's affine and its voxel size.
 
     Raises:
         CrlnError: missing, empty, corrupt or unreadable file, or not 3D.
     """
     path = Path(path)
-    data, affine, _ = load_nifti(path)
+    data, affine, spacing = load_nifti(path)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise CrlnError(f"{path}: NIfTI data has shape {data.shape} ({data.ndim}D), expected a 3D volume")
-    return RawVolume(data=data, spacing=_spacing_of(affine), affine=affine, source=str(path))
+    return RawVolume(data=data, spacing=spacing, affine=affine, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,7 +170,7 @@ def read_dicom_series(folder: str | Path) -> RawVolume:
     affine_lps[:3, 2] = normal * slice_spacing
     affine_lps[:3, 3] = positions[order[0]]
     affine = _LPS_TO_RAS @ affine_lps
-    return RawVolume(data=volume, spacing=_spacing_of(affine), affine=affine, source=str(folder))
+    return RawVolume(data=volume, spacing=affine_spacing(affine), affine=affine, source=str(folder))
 
 
 def _dicom_slices(folder: Path) -> list[tuple[Path, Any]]:

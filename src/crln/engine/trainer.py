@@ -229,12 +229,14 @@ def _write_run_files(run: RunState, data: _Data, resume: bool) -> None:
     folder.remove_stale_temp_files()
     folder.write_config(config)
     if not resume:
-        from crln.data.prepare import recorded_scale
+        from crln.data.prepare import recorded_preparation, recorded_scale
 
         split = data.split
         meta: dict[str, Any] = {
             "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation},
             "data_scale": recorded_scale(config.data.root),  # inference adapts eval.stride to data at other scales
+            # crln predict prepares raw scans as that pipeline did (crln.data.prepare_raw.scan_normalizer)
+            "data_preparation": recorded_preparation(config.data.root),
             "split_rule": data.split_rule,
         }
         if run.world > 1:
