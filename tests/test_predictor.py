@@ -65,6 +65,8 @@ def test_inference_weights_file_predicts_as_the_full_checkpoint(crln_run: Path, 
     full = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu")
     shared = Predictor.from_checkpoint(crln_run / "model_final.pt", device="cpu")
     assert isinstance(shared.network, RectifiedNetwork) and shared.step == full.step
+    # the shared file carries what the run folder's meta.json says of the data (phantoms: scale 1, no pipeline)
+    assert shared.training_data == {"data_scale": 1.0, "data_preparation": None}
     labels, probabilities = shared.predict(image)
     expected_labels, expected = full.predict(image)
     assert np.array_equal(labels, expected_labels)

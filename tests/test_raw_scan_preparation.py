@@ -60,22 +60,36 @@ def test_no_preparation_keeps_the_readers_z_score() -> None:
     assert scan_normalizer({"dataset": "la", "options": {}}) is None
 
 
+@pytest.mark.parametrize("recorded_in", ["model_final.pt", "meta.json"])
 def test_a_pancreas_run_refuses_raw_scans_in_one_line(
-    brats: tuple[Path, Path, dict[str, dict]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    recorded_in: str, brats: tuple[Path, Path, dict[str, dict]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(CrlnError, match="a raw scan cannot be prepared the same way"):
         scan_normalizer({"dataset": "pancreas", "options": {}})
     raw, _, truth = brats
-    run = _run_trained_on(tmp_path, {"dataset": "pancreas", "options": {}})
+    weights = _weights_trained_on(tmp_path, {"dataset": "pancreas", "options": {}}, recorded_in)
     scan = _flair(raw, next(iter(truth)))
-    assert main(["predict", str(run / "model_final.pt"), str(scan), "-o", str(tmp_path / "out")]) == 2
+    assert main(["predict", str(weights), str(scan), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"crln: error: input {scan}: the network was trained on volumes") and "\n" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def _run_trained_on(folder: Path, preparation: dict) -> Path:
-    """A run folder whose untrained demo network says its data came from ``preparation``."""
+def test_model_final_carries_its_training_data_record(
+    brats: tuple[Path, Path, dict[str, dict]], tmp_path: Path
+) -> None:
+    """A model_final.pt shared alone (no run folder beside it) still knows how its data was prepared."""
+    from crln.predictor import Predictor
+
+    preparation = recorded_preparation(brats[1])
+    weights = _weights_trained_on(tmp_path, preparation, "model_final.pt")
+    predictor = Predictor.from_checkpoint(weights, "cpu")
+    assert predictor.training_data == {"data_scale": 1.0, "data_preparation": preparation}
+
+
+def _weights_trained_on(folder: Path, preparation: dict | None, recorded_in: str) -> Path:
+    """An untrained demo network's ``model_final.pt`` whose data came from ``preparation``, recorded in the
+    file itself (shared alone) or only in its run folder's ``meta.json`` (a run from before the record)."""
     import yaml
 
     from crln.config import config_to_dict, load_config
@@ -84,9 +98,12 @@ def _run_trained_on(folder: Path, preparation: dict) -> Path:
     from crln.methods import method_for_run
 
     config = load_config("demo", ["model.n_filters=2"])
-    run = folder / "run"
-    run.mkdir()
-    save_checkpoint(run / "model_final.pt", inference_weights(method_for_run(config), config, 0))
-    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))  # what makes it a run folder
-    (run / "meta.json").write_text(json.dumps({"data_scale": 1.0, "data_preparation": preparation}))
-    return run
+    record = {"data_scale": 1.0, "data_preparation": preparation}
+    folder = folder / "run"
+    folder.mkdir()
+    if recorded_in == "meta.json":
+        (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))  # what makes it a run folder
+        (folder / "meta.json").write_text(json.dumps(record))
+    shared = inference_weights(method_for_run(config), config, 0, record if recorded_in == "model_final.pt" else None)
+    save_checkpoint(folder / "model_final.pt", shared)
+    return folder / "model_final.pt"

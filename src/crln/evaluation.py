@@ -201,7 +201,7 @@ def evaluate(
     root = data_root if data_root is not None else config.data.root
     split_name = split or config.data.test_split
     lcc = config.eval.largest_component if largest_component is None else largest_component
-    stride, stride_note = inference_stride(config, stride, root, run_dir)
+    stride, stride_note = inference_stride(config, stride, root, run_dir, predictor.training_data)
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
     if out_dir is None:
         which = ckpt_path.stem.replace("checkpoint_", "")
@@ -392,7 +392,7 @@ def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
 
 
 def _raw_scan_preparation(
-    config: RunConfig, run_dir: Path | None, groups: list[tuple[str, list[Path]]]
+    predictor: Predictor, run_dir: Path | None, groups: list[tuple[str, list[Path]]]
 ) -> Callable[[np.ndarray, str], np.ndarray] | None:
     """How raw scans are normalised for this run (:func:`crln.data.prepare_raw.scan_normalizer` of the
     pipeline behind its training data; None: the reader's z-score), checked before any inference.
@@ -405,7 +405,7 @@ def _raw_scan_preparation(
     if not any(scan_format(paths[0]).raw_scans for _, paths in groups):  # type: ignore[union-attr]
         return None
     try:
-        return scan_normalizer(training_preparation(config, run_dir))
+        return scan_normalizer(training_preparation(predictor.config, run_dir, predictor.training_data))
     except CrlnError as err:
         raw = next(paths[0] for _, paths in groups if scan_format(paths[0]).raw_scans)  # type: ignore[union-attr]
         raise CrlnError(f"input {raw}: {err}") from None
@@ -476,12 +476,12 @@ def predict_files(
     predictor = Predictor.from_checkpoint(ckpt_path, device)
     config = predictor.config
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
-    prepare = _raw_scan_preparation(config, run_dir, groups)
+    prepare = _raw_scan_preparation(predictor, run_dir, groups)
     written, notes = [], set()
     for case_id, paths in groups:
         case = _read_input(paths, prepare)
         _check_input(case, config, require_label=False)
-        case_stride, note = inference_stride(config, stride, paths[0].parent, run_dir)
+        case_stride, note = inference_stride(config, stride, paths[0].parent, run_dir, predictor.training_data)
         if progress and note and note not in notes:  # once per folder, not per scan
             notes.add(note)
             print(f"note: {note}", flush=True)

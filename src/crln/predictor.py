@@ -80,36 +80,44 @@ def network_from_checkpoint(checkpoint: dict[str, Any], network: str | None = No
     return module, config
 
 
-def _run_meta(run_dir: Path | None) -> dict[str, Any]:
-    """The run's ``meta.json`` (``{}`` when there is none or it is unreadable: a checkpoint copied away)."""
+def _recorded(key: str, run_dir: Path | None, recorded: dict[str, Any] | None) -> tuple[bool, Any]:
+    """``(found, value)`` of a :func:`crln.data.prepare.training_data_record` key: from the checkpoint's
+    own record (``recorded``), else the run's ``meta.json`` (neither in a checkpoint copied away from an
+    older run)."""
+    sources = [recorded or {}]
     meta_path = run_dir / "meta.json" if run_dir is not None else None
     if meta_path is not None and meta_path.is_file():
         with contextlib.suppress(OSError, ValueError):
-            meta = json.loads(meta_path.read_text())
-            return meta if isinstance(meta, dict) else {}
-    return {}
+            sources.append(json.loads(meta_path.read_text()))
+    for source in sources:
+        if isinstance(source, dict) and key in source:
+            return True, source[key]
+    return False, None
 
 
-def _training_scale(config: RunConfig, run_dir: Path | None) -> float:
-    """The scale of the data the network was trained on: recorded in the run's ``meta.json`` at training,
+def _training_scale(config: RunConfig, run_dir: Path | None, recorded: dict[str, Any] | None) -> float:
+    """The scale of the data the network was trained on: recorded at training (checkpoint or ``meta.json``),
     else that of ``data.root`` when the folder is here, else 1."""
     from crln.data.prepare import recorded_scale
 
-    with contextlib.suppress(ValueError, TypeError, KeyError):
-        return float(_run_meta(run_dir)["data_scale"])
+    found, scale = _recorded("data_scale", run_dir, recorded)
+    with contextlib.suppress(ValueError, TypeError):
+        if found:
+            return float(scale)
     root = Path(config.data.root)
     return recorded_scale(root) if root.is_dir() else 1.0
 
 
-def training_preparation(config: RunConfig, run_dir: Path | None) -> dict[str, Any] | None:
+def training_preparation(
+    config: RunConfig, run_dir: Path | None, recorded: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The ``crln data prepare`` pipeline behind the training data (:func:`crln.data.prepare.recorded_preparation`):
-    recorded in the run's ``meta.json``, else read from ``data.root`` when the folder is here."""
+    recorded at training (``recorded``: :attr:`Predictor.training_data`, or the run's ``meta.json``), else
+    read from ``data.root`` when the folder is here."""
     from crln.data.prepare import recorded_preparation
 
-    meta = _run_meta(run_dir)
-    if "data_preparation" in meta:
-        return meta["data_preparation"]
-    return recorded_preparation(config.data.root)
+    found, preparation = _recorded("data_preparation", run_dir, recorded)
+    return preparation if found else recorded_preparation(config.data.root)
 
 
 def inference_stride(
@@ -117,6 +125,7 @@ def inference_stride(
     stride: tuple[int, int, int] | None,
     data_path: str | Path,
     run_dir: Path | None,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[tuple[int, int, int], str | None]:
     """The sliding-window stride for the data at ``data_path``, and a note when it is not ``eval.stride``.
 
@@ -124,7 +133,8 @@ def inference_stride(
     run was trained on; when the data predicted now has another scale (``crln data prepare --scale``
     records it, see :func:`crln.data.prepare.recorded_scale`), the stride is multiplied by the ratio of
     the scales (:func:`crln.inference.scaled_stride`): a stride meant for 0.5-scale data would
-    otherwise run about 8 times the field's windows on full-resolution data.
+    otherwise run about 8 times the field's windows on full-resolution data. ``recorded`` is the
+    checkpoint's own record of its training data (:attr:`Predictor.training_data`).
 
     Raises:
         CrlnError: ``stride`` is not 3 integers between 1 and the patch.
@@ -137,7 +147,7 @@ def inference_stride(
             raise CrlnError(f"--stride: expected 3 integers between 1 and the patch {list(patch)}, got {list(stride)}")
         return tuple(int(s) for s in stride), None  # type: ignore[return-value]
     preset = tuple(int(s) for s in config.eval.stride)
-    trained, now = _training_scale(config, run_dir), recorded_scale(data_path)
+    trained, now = _training_scale(config, run_dir, recorded), recorded_scale(data_path)
     if math.isclose(trained, now, rel_tol=1e-3):
         return preset, None  # type: ignore[return-value]
     scaled = scaled_stride(preset, patch, now / trained)
@@ -163,6 +173,9 @@ class Predictor:
             and ``with_method`` was asked; ``None`` otherwise.
         run_network: the run's own ``eval.network`` (``config.eval.network`` is the one predicting, which
             ``from_checkpoint(network=...)`` may have changed).
+        training_data: what ``model_final.pt`` records of the training data
+            (:func:`crln.data.prepare.training_data_record`; ``{}`` for a full checkpoint, whose run folder's
+            ``meta.json`` says it).
     """
 
     network: nn.Module
@@ -172,6 +185,7 @@ class Predictor:
     method_name: str
     method: Method | None = field(default=None, repr=False)
     run_network: str = "student"
+    training_data: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(
@@ -220,7 +234,8 @@ class Predictor:
         if perf.channels_last:
             module = module.to(memory_format=torch.channels_last_3d)
         run_network = str(state["config"].get("eval", {}).get("network", "student"))
-        return cls(module, config, perf, int(state["step"]), str(state["method"]), method, run_network)
+        training_data = dict(state.get("training_data") or {})
+        return cls(module, config, perf, int(state["step"]), str(state["method"]), method, run_network, training_data)
 
     @property
     def device(self) -> torch.device:

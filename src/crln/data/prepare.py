@@ -29,6 +29,7 @@ __all__ = [
     "recorded_scale",
     "resample_image",
     "resample_label",
+    "training_data_record",
 ]
 
 _PROGRESS_EVERY = 10
@@ -82,6 +83,13 @@ def recorded_preparation(root: str | Path) -> dict[str, Any] | None:
             return {"dataset": dataset, "options": options}
         folder = Path(str(options.get("source", "")))
     return None
+
+
+def training_data_record(root: str | Path) -> dict[str, Any]:
+    """What inference needs to know of a run's training data at ``root``, recorded in its ``meta.json`` and
+    its ``model_final.pt``: ``data_scale`` (:func:`recorded_scale`, to adapt ``eval.stride`` to data at other
+    scales) and ``data_preparation`` (:func:`recorded_preparation`, to prepare raw scans as it was)."""
+    return {"data_scale": recorded_scale(root), "data_preparation": recorded_preparation(root)}
 
 
 def check_resume_manifest(dst: Path, dataset: str, options: dict[str, Any]) -> dict[str, Any] | None:

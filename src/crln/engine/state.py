@@ -175,13 +175,17 @@ def _check_resume_world_size(state: dict[str, Any], world: int, path: Path) -> N
         )
 
 
-def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str, Any]:
+def inference_weights(
+    method: Method, config: RunConfig, step: int, training_data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The checkpoint dict of ``model_final.pt``: the config and the inference network's weights only
     (no teacher, optimiser or RNG state), small enough to share; :func:`crln.predictor.network_from_checkpoint`
     reads it.
 
     The network is :meth:`Method.inference_network` of ``eval.network`` (student, teacher or CRLN's
-    rectified teacher, which brings its DIM and μ along).
+    rectified teacher, which brings its DIM and μ along). ``training_data``
+    (:func:`crln.data.prepare.training_data_record`) travels with it, so that a copy shared without its
+    run folder still predicts on raw scans as the run would.
     """
     network = method.inference_network(config.eval.network)
     return {
@@ -190,4 +194,5 @@ def inference_weights(method: Method, config: RunConfig, step: int) -> dict[str,
         "step": step,
         "contents": INFERENCE_WEIGHTS,
         "method_state": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "training_data": dict(training_data or {}),
     }

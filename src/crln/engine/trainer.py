@@ -229,14 +229,12 @@ def _write_run_files(run: RunState, data: _Data, resume: bool) -> None:
     folder.remove_stale_temp_files()
     folder.write_config(config)
     if not resume:
-        from crln.data.prepare import recorded_preparation, recorded_scale
+        from crln.data.prepare import training_data_record
 
         split = data.split
         meta: dict[str, Any] = {
             "split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "validation": split.validation},
-            "data_scale": recorded_scale(config.data.root),  # inference adapts eval.stride to data at other scales
-            # crln predict prepares raw scans as that pipeline did (crln.data.prepare_raw.scan_normalizer)
-            "data_preparation": recorded_preparation(config.data.root),
+            **training_data_record(config.data.root),  # for inference: the data's scale and preparation
             "split_rule": data.split_rule,
         }
         if run.world > 1:
@@ -405,7 +403,10 @@ def _finish(run: RunState, progress: bool, started: float) -> TrainResult:
         run.checkpoint("latest", total)
         run.checkpoint("final", total)
         if run.main:
-            save_checkpoint(run.folder.inference_weights, inference_weights(run.method, config, total))
+            from crln.data.prepare import training_data_record
+
+            shared = inference_weights(run.method, config, total, training_data_record(config.data.root))
+            save_checkpoint(run.folder.inference_weights, shared)
             run.folder.write_checkpoint_notes()
     if run.log is not None:
         run.log.close()  # every record was flushed as written; this only releases the TensorBoard writer
