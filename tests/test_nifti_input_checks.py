@@ -122,6 +122,15 @@ def test_spacing_is_the_voxel_size_of_the_affine_not_pixdim(tmp_path: Path) -> N
     assert read_nifti_volume(tmp_path / "x.nii.gz").spacing == pytest.approx((0.5, 0.5, 3.0))
 
 
+def test_case_ids_ending_in_four_digits_get_the_naming_hint(tmp_path: Path) -> None:
+    """``case_0001.nii.gz`` reads as channel 1 of case 'case' (nnU-Net's naming); the error says how to name it."""
+    (tmp_path / "imagesTr").mkdir()
+    for i in (1, 2):
+        nib.save(nib.Nifti1Image(_image(i), np.eye(4)), str(tmp_path / "imagesTr" / f"case_{i:04d}.nii.gz"))
+    with pytest.raises(CrlnError, match=r"case 'case' has channels \[1, 2\].*name it case_0001_0000\.nii\.gz\)$"):
+        NiftiDataset(tmp_path).ids("train")
+
+
 # --- dataset.json ---------------------------------------------------------------------------------
 
 
@@ -135,6 +144,7 @@ def test_spacing_is_the_voxel_size_of_the_affine_not_pixdim(tmp_path: Path) -> N
         ({"channel_names": "MRI"}, """key 'channel_names': expected an object such as {"0": "MRI"}"""),
         ({"modality": ["T1"]}, "key 'modality': expected an object"),
         ({"file_ending": 5}, """key 'file_ending': expected a string such as ".nii.gz", got number 5"""),
+        ({"labels": {"background": 0, "organ": 1, "ignore": 2}}, "key 'labels' has 'ignore'"),
     ],
 )
 def test_dataset_json_keys_of_the_wrong_type_are_named(tmp_path: Path, meta: dict, fragment: str) -> None:

@@ -79,6 +79,11 @@ class DatasetJson:
         labels = self.meta.get("labels", {})
         if not isinstance(labels, dict):
             raise self._bad_key("labels", f"an object such as {_LABELS_EXAMPLE}")
+        if "ignore" in labels:  # it would count as one more class, trained towards and scored
+            raise CrlnError(
+                f"{self.root / 'dataset.json'}: key 'labels' has 'ignore' (nnU-Net's unannotated voxels), which "
+                "crln does not support; expected dense labels, every voxel a class"
+            )
         out: dict[str, int] = {}
         for k, v in labels.items():
             if _is_index(v):

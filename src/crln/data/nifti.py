@@ -333,7 +333,12 @@ class NiftiDataset:
             chans.sort()
             got = [c for c, _ in chans]
             if got != list(range(len(chans))):
-                raise CrlnError(f"{folder}: case {cid!r} has channels {got}, expected 0..{len(chans) - 1}")
+                # e.g. case_0001.nii.gz, case_0002.nii.gz: case ids ending in 4 digits, read as channels of 'case'
+                example = chans[0][1].name.replace(self.file_ending, f"_0000{self.file_ending}")
+                raise CrlnError(
+                    f"{folder}: case {cid!r} has channels {got}, expected 0..{len(chans) - 1} (nnU-Net names "
+                    f"images <case>_<channel>{self.file_ending}; if {chans[0][1].name} is one case, name it {example})"
+                )
             out[cid] = [p for _, p in chans]
         self._files[split] = out
         return out
