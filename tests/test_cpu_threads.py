@@ -35,10 +35,22 @@ def test_thread_count_follows_the_cpus_allowed(monkeypatch: pytest.MonkeyPatch) 
     assert configure_openmp(env) == {} and env["OMP_NUM_THREADS"] == "4"
 
 
-@pytest.mark.parametrize(("cpu_max", "cap"), [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None)])
-def test_available_cpus_honours_a_cgroup_quota(tmp_path: Path, cpu_max: str, cap: int | None) -> None:
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("150000 100000\n", 2),  # 1.5 CPUs, rounded up
+        ("50000 100000\n", 1),  # under one CPU still gets one
+        ("350000 100000\n", 4),
+        ("1600000 100000\n", 8),  # a quota above the mask: the mask wins
+        ("max 100000\n", 8),  # no quota
+    ],
+)
+def test_available_cpus_honours_a_cgroup_quota(
+    tmp_path: Path, cpu_max: str, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a fixed mask of 8, so the expected counts do not depend on the machine's own affinity
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     path = tmp_path / "cpu.max"
     path.write_text(cpu_max)
-    affinity = len(os.sched_getaffinity(0))
-    assert available_cpus(path) == (affinity if cap is None else min(affinity, cap))
-    assert available_cpus(tmp_path / "missing") == affinity
+    assert available_cpus(path) == expected
+    assert available_cpus(tmp_path / "missing") == 8

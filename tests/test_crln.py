@@ -257,16 +257,38 @@ def test_config_validation_names_the_field(phantom_root: Path, tmp_path: Path) -
         {"rectify": "fixed_v1"},
         {"rectify": "learnable_v2", "mu_step_input": "current"},
         {"rectify_space": "probs", "mu_param": "sigmoid", "mu_init": 0.5, "unsup_loss": "masked"},
-        {"cross_class": False, "spatial_awareness": False, "cps_positive": "prototype", "xi_random": True},
-        {"cps": False, "conv_integration": False, "cps_prototype_reduce": "features"},
+        {"cross_class": False, "spatial_awareness": False, "cps_positive": "prototype"},
+        {"cps": False, "conv_integration": False},
+        # CPS on, so the "features" reduce shapes the projection; 6 prototypes, not the VNet's 16 quarter
+        # channels, so the check tells the two reduces apart. xi_random under the default "mixed" positive,
+        # the only one where ξ enters the loss ("prototype" replaces it by ∞).
+        {"cps_prototype_reduce": "features", "num_prototypes": 6, "xi_random": True},
         {"cps_prototype_source": "student", "cps_unit_mix": False, "cps_with_replacement": False},
         {"separate_forward": True, "unsup_loss": "weighted", "sa_bn_relu": False},
     ],
 )
 def test_ablation_variants_train_one_step(overrides: dict[str, object]) -> None:
     method = _crln(3, rectify_start=0, **overrides)
+    config = CRLNConfig(**overrides)
+    rep_shapes: list[torch.Size] = []
+    if method.cps_head is not None:
+        method.cps_head.register_forward_hook(lambda _m, _i, output: rep_shapes.append(output.shape))
     out = method.train_step(_batch(3), step=0)
     assert torch.isfinite(out["loss"])
+    # each switch removes its term from the step, and only its term
+    assert ("loss_cps" in out) == config.cps
+    assert ("loss_dim" in out) == config.dim
+    assert (method.cps_head is not None) == config.cps
+    if config.cps:
+        assert rep_shapes, "the CPS head did not run"
+        quarter = 4 * 4  # the VNet's quarter-resolution width with n_filters=4
+        expected = config.num_prototypes if config.cps_prototype_reduce == "features" else quarter
+        assert all(shape[1] == expected for shape in rep_shapes), rep_shapes
+        # out["xi"] is a float32 tensor, so compare with a tolerance: 0.6 comes back as 0.6000000238...
+        if config.xi_random:
+            assert float(out["xi"]) != pytest.approx(CRLNConfig().xi, abs=1e-6)
+        else:
+            assert float(out["xi"]) == pytest.approx(config.xi, abs=1e-6)
     out["loss"].backward()
     method.after_optimizer_step(0)
     if overrides.get("cps_prototype_source") == "student":

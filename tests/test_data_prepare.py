@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crln.data import H5Dataset, prepare_h5_dataset, resample_image, resample_label, write_h5_case
+from crln.data import H5Dataset, prepare_h5_dataset, read_h5_case, resample_image, resample_label, write_h5_case
 from crln.errors import CrlnError
 
 
@@ -49,7 +49,7 @@ def test_prepare_halves_and_resumes(tmp_path: Path) -> None:
 
 def test_prepare_nearest_trilinear_and_splits(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    _la_like(src)
+    ids = _la_like(src)
     out = prepare_h5_dataset(
         src,
         tmp_path / "q",
@@ -61,6 +61,17 @@ def test_prepare_nearest_trilinear_and_splits(tmp_path: Path) -> None:
     )
     assert out["cases"] == 1 and (tmp_path / "q" / "test.list").is_file()
     assert not (tmp_path / "q" / "train.list").exists()
+    # the modes asked for are the ones applied, not the defaults (area, majority)
+    # read_h5_case, as prepare does: the dataset's cache hands out read-only arrays, which torch warns about
+    source = read_h5_case(H5Dataset(src).path(ids[2]), ids[2])
+    prepared = read_h5_case(H5Dataset(tmp_path / "q").path(ids[2]), ids[2])
+    shape = (5, 4, 2)  # round(20 * .25), round(17 * .25), round(10 * .25) = 2 (banker's)
+    assert prepared.image.shape == shape
+    np.testing.assert_array_equal(prepared.image, resample_image(source.image, shape, "trilinear"))
+    np.testing.assert_array_equal(prepared.label, resample_label(source.label, shape, "nearest"))
+    # on this input the defaults give other arrays, so the equalities above tell the modes apart
+    assert not np.allclose(resample_image(source.image, shape, "area"), prepared.image)
+    assert not np.array_equal(resample_label(source.label, shape, "majority"), prepared.label)
 
 
 def test_prepare_refuses_dst_in_src(tmp_path: Path) -> None:

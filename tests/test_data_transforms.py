@@ -71,7 +71,12 @@ def test_noise_clip_and_seeded() -> None:
     b = gaussian_noise(image, np.random.default_rng(1), sigma=1.0, clip=0.2)
     np.testing.assert_array_equal(a, b)
     assert a.dtype == np.float32 and np.abs(a).max() <= 0.2 + 1e-6 and a.std() > 0.1
-    assert gaussian_noise(image, np.random.default_rng(1), 0.0, 0.2) is not None
+    # sigma 0 turns the noise off: the values come back as they were (a non-zero image, so that adding
+    # noise or zeroing the image would both show)
+    varied = np.random.default_rng(2).normal(size=(10, 10, 10)).astype(np.float32)
+    quiet = gaussian_noise(varied, np.random.default_rng(1), 0.0, 0.2)
+    assert quiet.dtype == np.float32
+    np.testing.assert_array_equal(quiet, varied)
 
 
 @settings(max_examples=40, deadline=None)

@@ -15,11 +15,17 @@ def _case(image=None, label=None, source="/data/x/case7.h5") -> Case:
 
 
 def test_valid_case_casts_label() -> None:
-    label = np.ones((6, 5, 4), np.int64)
+    label = np.zeros((6, 5, 4), np.int64)
+    label[1:4, 2:5, :2] = 1
     out = validate_case(_case(label=label), num_classes=2, require_label=True)
-    assert out.label.dtype == np.uint8
-    # a constant image is allowed
-    validate_case(_case(image=np.full((6, 5, 4), 3.0, np.float32)))
+    assert out.case_id == "case7" and out.image.shape == (6, 5, 4)
+    assert out.label.dtype == np.uint8 and out.label.shape == (6, 5, 4)
+    np.testing.assert_array_equal(out.label, label)  # the cast keeps every class index
+    # a constant image is allowed, and returned as it is (no label: none is made up)
+    constant = np.full((6, 5, 4), 3.0, np.float32)
+    out = validate_case(_case(image=constant))
+    np.testing.assert_array_equal(out.image, constant)
+    assert out.label is None
 
 
 def test_nan_inf() -> None:
@@ -37,7 +43,14 @@ def test_ndim(shape) -> None:
 
 
 def test_channels_allowed() -> None:
-    validate_case(_case(image=np.zeros((2, 6, 5, 4), np.float32)), allow_channels=True)
+    image = np.random.default_rng(0).normal(size=(2, 6, 5, 4)).astype(np.float32)
+    label = np.zeros((6, 5, 4), np.int32)
+    label[2, 2, 2] = 1
+    # the label matches the image's spatial shape (the last three axes), not its channel axis
+    out = validate_case(_case(image=image, label=label), allow_channels=True, num_classes=2)
+    np.testing.assert_array_equal(out.image, image)
+    assert out.label.dtype == np.uint8
+    np.testing.assert_array_equal(out.label, label)
 
 
 def test_label_required() -> None:

@@ -62,12 +62,16 @@ def test_unsupervised_term_alone_reaches_student() -> None:
 def test_ema_step_moves_teacher_only_after_optimizer_step() -> None:
     method = _build("mean_teacher", ema_decay=0.5)
     before = [p.clone() for p in method.teacher.parameters()]
+    assert before
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(1.0)
+    # the student moved and a step ran its forward and backward, but the EMA has not run yet
+    method.train_step(_batch(), step=100)["loss"].backward()
+    assert all(torch.equal(t, b) for t, b in zip(method.teacher.parameters(), before, strict=True))
     method.after_optimizer_step(step=100)
     after = list(method.teacher.parameters())
-    assert all(torch.allclose(a, b + 0.5) for a, b in zip(after, before))
+    assert all(torch.allclose(a, b + 0.5) for a, b in zip(after, before, strict=True))
 
 
 def test_cutmix_mask_and_pseudo_label_alignment() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import crln.predictor
 from conftest import assert_user_error, tiny_overrides
@@ -147,7 +148,13 @@ def test_an_output_folder_that_is_a_file(
         "train --run-dir": ["train", "demo", *tiny_overrides(phantom_root, tmp_path), "--run-dir", blocker],
         "train.output_dir": ["train", "demo", *tiny_overrides(phantom_root, blocker)],
     }[verb]
-    flag = {"predict": "-o", "evaluate": "--out", "report": "-o", "train --run-dir": "--run-dir"}.get(verb, "")
+    flag = {
+        "predict": "-o",
+        "evaluate": "--out",
+        "report": "-o",
+        "train --run-dir": "--run-dir",
+        "train.output_dir": "run folder (train.output_dir)",  # the config key, as there is no flag
+    }[verb]
     assert_user_error(argv, capsys, flag, str(blocker), "expected a folder to write into")
     assert blocker.read_text() == "a file"
 
@@ -307,9 +314,17 @@ def test_model_final_is_small_and_predicts_like_the_final_checkpoint(
     assert "model_final.pt" in notes and "--resume" in notes
     _scan(tmp_path / "scan.nii.gz")
     for name, checkpoint in (("a", weights), ("b", full)):
-        assert main(["predict", str(checkpoint), str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / name)]) == 0
+        scan, out = str(tmp_path / "scan.nii.gz"), str(tmp_path / name)
+        assert main(["predict", str(checkpoint), scan, "-o", out, "--probabilities"]) == 0
     a, b = (np.asarray(nib.load(tmp_path / n / "scan_seg.nii.gz").dataobj) for n in "ab")
     assert np.array_equal(a, b)
+    # The 2-iteration network labels all but a handful of voxels background, so equal label maps prove
+    # little: the probabilities must match too, and vary over the scan (a constant output, as from weights
+    # lost in saving, could match without the two networks being alike).
+    pa, pb = (torch.from_numpy(np.asarray(nib.load(tmp_path / n / "scan_prob.nii.gz").dataobj)) for n in "ab")
+    assert pa.shape == (*SHAPE, 2)
+    torch.testing.assert_close(pa, pb, atol=1e-5, rtol=0)
+    assert float(pa[..., 1].max() - pa[..., 1].min()) > 1e-3
     assert main(["evaluate", str(weights), "--limit", "1", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["n_cases"] == 1
     capsys.readouterr()

@@ -8,9 +8,12 @@ and labels and checks them against the checkpoint's classes, ``predict`` reads u
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import nibabel as nib
@@ -43,7 +46,43 @@ def _permissions_apply() -> bool:
         return False
 
 
-needs_permissions = pytest.mark.skipif(not _permissions_apply(), reason="this user reads files whatever their mode")
+PERMISSIONS_APPLY = _permissions_apply()
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make ``path`` unreadable for the code under test, for every user.
+
+    Mode 000 where the OS enforces it; as root (CI runs as root, which reads any mode) the readers the
+    code uses on that path, ``Path.open`` and ``Path.read_text``, raise the error the OS would give, so
+    the test still runs instead of skipping.
+    """
+    if PERMISSIONS_APPLY:
+        path.chmod(0)
+        try:
+            yield
+        finally:
+            path.chmod(0o644)
+        return
+    target = path.resolve()
+    real_open, real_read_text = Path.open, Path.read_text
+
+    def refuse(self: Path) -> None:
+        if self.resolve() == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    def fake_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        refuse(self)
+        return real_open(self, *args, **kwargs)
+
+    def fake_read_text(self: Path, *args: Any, **kwargs: Any) -> str:
+        refuse(self)
+        return real_read_text(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "open", fake_open)
+        patch.setattr(Path, "read_text", fake_read_text)
+        yield
 
 
 def _image(shape: tuple[int, ...] = SHAPE) -> np.ndarray:
@@ -173,19 +212,17 @@ def test_symlink_out_of_the_data_root_is_refused(
     assert not out.exists()
 
 
-@needs_permissions
 @pytest.mark.parametrize("target", ["case", "list"])
-def test_unreadable_h5_paths(target: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_h5_paths(
+    target: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = _h5_root(tmp_path, ["a"], "a\n")
     path = root / ("a.h5" if target == "case" else "test.list")
-    path.chmod(0)
-    try:
-        out = tmp_path / "eval"
-        fragment = "cannot read (Permission denied)" if target == "case" else "unreadable: [Errno 13] Permission denied"
+    out = tmp_path / "eval"
+    fragment = "cannot read (Permission denied)" if target == "case" else "unreadable: [Errno 13] Permission denied"
+    with _unreadable(path, monkeypatch):
         assert_user_error(["evaluate", checkpoint, "--data", root, "--out", out], capsys, path.name, fragment)
-        assert not out.exists()
-    finally:
-        path.chmod(0o644)
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,15 +380,11 @@ def test_config_path_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixt
     assert_user_error(["config", tmp_path], capsys, str(tmp_path), "no such file or preset")
 
 
-@needs_permissions
-def test_unreadable_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "locked.yaml"
     path.write_text("optim:\n  lr: 0.1\n")
-    path.chmod(0)
-    try:
-        assert_user_error(["config", path], capsys, "locked.yaml", "cannot read")
-    finally:
-        path.chmod(0o644)
+    with _unreadable(path, monkeypatch):
+        assert_user_error(["config", path], capsys, "locked.yaml", "cannot read (Permission denied)")
 
 
 @pytest.mark.parametrize(

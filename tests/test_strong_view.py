@@ -120,6 +120,11 @@ def test_normalised_run_trains_and_predicts_raw_input_identically(
     assert predictor.config.data.intensity == intensity
     case = make_phantom(seed=5, shape=(40, 40, 24))
     window = {"stride": (16, 16, 8), "sw_batch_size": 2}
-    first, _ = predictor.predict(case.image, **window)
-    second, _ = predictor.predict(case.image * 250.0 + 40.0, **window)  # another scanner's range
+    first, first_probs = predictor.predict(case.image, **window)
+    second, second_probs = predictor.predict(case.image * 250.0 + 40.0, **window)  # another scanner's range
     assert np.array_equal(first, second)
+    # After 2 iterations the minmax run predicts background everywhere, so equal label maps prove little:
+    # the probabilities must match too, and they must depend on the input (a network that ignores its
+    # input would give equal ones for any normalisation).
+    torch.testing.assert_close(first_probs, second_probs, atol=1e-5, rtol=0)
+    assert float(first_probs[1].max() - first_probs[1].min()) > 1e-3

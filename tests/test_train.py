@@ -50,7 +50,12 @@ def test_supervised_run_lowers_loss_and_writes_run_folder(phantom_root: Path, tm
     assert last < 0.8 * first, (first, last)
     assert any("val_dice" in r for r in read_log(run / "log.jsonl"))
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["split"]["validation"] == ["train_007"] or len(meta["split"]["validation"]) == 1
+    # the phantom's training list is case_000 … case_007: 3 labelled from the start, 1 validation from the end
+    assert meta["split"] == {
+        "labeled": ["case_000", "case_001", "case_002"],
+        "unlabeled": ["case_003", "case_004", "case_005", "case_006"],
+        "validation": ["case_007"],
+    }
     state = load_checkpoint(run / "checkpoint_final.pt")
     assert state["step"] == 40 and state["config"]["train"]["iterations"] == 40
 

@@ -107,7 +107,8 @@ def random_rot_flip(
 
 
 def gaussian_noise(image: np.ndarray, rng: np.random.Generator, sigma: float, clip: float) -> np.ndarray:
-    """Add noise ``clip(N(0, sigma), -clip, clip)`` voxel-wise; returns a new float32 array."""
+    """Add noise ``clip(N(0, sigma), -clip, clip)`` voxel-wise; returns float32 (with ``sigma <= 0`` the
+    input itself when it is float32 already, so copy before writing into it)."""
     if sigma <= 0:
         return np.asarray(image, dtype=np.float32)
     noise = rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
