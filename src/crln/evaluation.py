@@ -402,13 +402,14 @@ def _raw_scan_preparation(
     """
     from crln.data.prepare_raw import scan_normalizer
 
-    if not any(scan_format(paths[0]).raw_scans for _, paths in groups):  # type: ignore[union-attr]
+    # check_scans has already refused files of no format
+    raw = [paths[0] for _, paths in groups if scan_format(paths[0]).raw_scans]  # type: ignore[union-attr]
+    if not raw:  # prepared volumes (h5) are read as stored
         return None
     try:
         return scan_normalizer(training_preparation(predictor.config, run_dir, predictor.training_data))
     except CrlnError as err:
-        raw = next(paths[0] for _, paths in groups if scan_format(paths[0]).raw_scans)  # type: ignore[union-attr]
-        raise CrlnError(f"input {raw}: {err}") from None
+        raise CrlnError(f"input {raw[0]}: {err}") from None
 
 
 def _read_input(paths: list[Path], prepare: Callable[[np.ndarray, str], np.ndarray] | None) -> Case:

@@ -101,9 +101,8 @@ def _training_scale(config: RunConfig, run_dir: Path | None, recorded: dict[str,
     from crln.data.prepare import recorded_scale
 
     found, scale = _recorded("data_scale", run_dir, recorded)
-    with contextlib.suppress(ValueError, TypeError):
-        if found:
-            return float(scale)
+    if found and isinstance(scale, int | float) and scale > 0:
+        return float(scale)
     root = Path(config.data.root)
     return recorded_scale(root) if root.is_dir() else 1.0
 

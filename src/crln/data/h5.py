@@ -22,6 +22,7 @@ import numpy as np
 
 from crln.atomic import atomic_path
 from crln.data.case import Case
+from crln.data.validate import is_real_numeric
 from crln.errors import CrlnError
 
 __all__ = [
@@ -128,8 +129,7 @@ def read_h5_case(
     if not ok_ndim:
         expected = "3D (H, W, D) or 4D (C, H, W, D)" if allow_channels else "3D (H, W, D)"
         raise CrlnError(f"{path}: key 'image' has shape {image.shape} ({image.ndim}D), expected {expected}")
-    # complex numbers are numeric too, but casting them to float32 would silently drop a part
-    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+    if not is_real_numeric(image.dtype):
         raise CrlnError(f"{path}: key 'image' has dtype {image.dtype}, expected a real numeric array")
     image = image.astype(np.float32, copy=False)
     if label is not None:

@@ -25,7 +25,7 @@ import numpy as np
 from crln.atomic import atomic_path
 from crln.data.case import Case
 from crln.data.transforms import zscore_channels
-from crln.data.validate import check_image_values
+from crln.data.validate import check_image_values, is_real_numeric
 from crln.dataset_json import DatasetJson
 from crln.errors import CrlnError
 
@@ -121,7 +121,7 @@ def _open(path: Path, *, verify: bool = True) -> Any:
 
 def _check_real(dtype: np.dtype, path: Path, what: str) -> None:
     """Refuse complex and structured (RGB) voxels: casting them to float would drop a part or fail."""
-    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+    if not is_real_numeric(dtype):
         raise CrlnError(f"{path}: {what} has dtype {dtype}, expected a real numeric array")
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "check_channels",
     "check_image_values",
     "check_patch_fits",
+    "is_real_numeric",
     "validate_case",
 ]
 
@@ -27,6 +28,12 @@ MAX_ABS_INTENSITY = 1e6
 #: smaller than the patch are zero-padded (the field's rule, e.g. LA at 0.5 scale: 44 slices in a
 #: 48-slice patch), but a patch that is mostly padding on every volume is a configuration mistake.
 MIN_PATCH_COVERAGE = 0.5
+
+
+def is_real_numeric(dtype: np.dtype) -> bool:
+    """Whether voxels of ``dtype`` are real numbers: complex ones would lose a part when cast to float32,
+    structured ones (RGB) cannot be cast at all."""
+    return bool(np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating))
 
 
 def _where(case: Case) -> str:
@@ -57,7 +64,7 @@ def validate_case(
         raise CrlnError(f"{where}: image has shape {image.shape} ({image.ndim}D), expected {expected_ndim}")
     if min(image.shape) < 1:
         raise CrlnError(f"{where}: image has an empty axis, shape {image.shape}")
-    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+    if not is_real_numeric(image.dtype):
         raise CrlnError(f"{where}: image dtype is {image.dtype}, expected a real numeric type")
     check_image_values(image, where)
     if case.label is None:
