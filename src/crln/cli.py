@@ -202,6 +202,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         description="Segment each INPUT (.nii, .nii.gz or .h5, or every such scan of a folder; nnU-Net channel "
         "files <case>_0000, <case>_0001 ... of one folder form one case) with a checkpoint (a run folder, a "
         "checkpoint_*.pt or model_final.pt) and write <case>_seg.nii.gz with the input's NIfTI header. "
+        "A raw NIfTI scan is normalised as the run's training data was (a `crln data prepare brats` run: "
+        "clipped and z-scored over the brain); h5 volumes are used as stored. "
         "Existing outputs are never replaced without --overwrite.",
     )
     p.add_argument("checkpoint", help="checkpoint file or run folder")
