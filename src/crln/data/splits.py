@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from crln.errors import CrlnError
 
-__all__ = ["Split", "plan_split", "split_train", "with_validation_list"]
+__all__ = ["Split", "plan_split", "split_difference", "split_train", "with_validation_list"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,22 @@ def _shown(ids: Sequence[str], limit: int = 6) -> str:
     if not ids:
         return "none"
     return ", ".join(ids[:limit]) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def split_difference(recorded: Mapping[str, Sequence[str]], split: Split) -> str | None:
+    """How ``split`` differs from the case lists ``recorded`` by role (a run's ``meta.json`` ``split``), in
+    words for the user, e.g. ``validation cases: case_009 instead of case_004``; ``None`` when they agree."""
+    for role, word in (("labeled", "labelled"), ("validation", "validation"), ("unlabeled", "unlabelled")):
+        was, now = list(recorded.get(role, [])), getattr(split, role)
+        if was == now:
+            continue
+        gone, came = [c for c in was if c not in now], [c for c in now if c not in was]
+        if came and gone:
+            change = f"{_shown(came)} instead of {_shown(gone)}"
+        else:
+            change = f"also {_shown(came)}" if came else f"no longer {_shown(gone)}" if gone else "another order"
+        return f"{word} cases: {change}"
+    return None
 
 
 def plan_split(dataset: Any, data: Any) -> tuple[Split, str]:

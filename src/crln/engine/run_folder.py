@@ -138,6 +138,14 @@ class RunFolder:
             meta["split_sha256"] = case_lists_sha256(meta["split"])
         atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
 
+    def recorded_split(self) -> dict[str, list[str]] | None:
+        """The case lists by role that ``meta.json`` recorded at the run's start (``None``: no readable record)."""
+        try:
+            split = json.loads((self.path / "meta.json").read_text()).get("split")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return split if isinstance(split, dict) else None
+
 
 class MetricsLog:
     """Append-only JSON-lines log; each record is flushed so a killed run keeps its history.

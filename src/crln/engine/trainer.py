@@ -44,7 +44,7 @@ from crln.data.batch import Batch
 from crln.data.case import Case
 from crln.data.loader import make_train_loader
 from crln.data.sources import open_dataset
-from crln.data.splits import Split, plan_split
+from crln.data.splits import Split, plan_split, split_difference
 from crln.data.transforms import AugmentConfig, normalize_intensity
 from crln.data.validate import check_channels, check_patch_fits, validate_case
 from crln.engine import distributed
@@ -125,7 +125,7 @@ def train(
     distributed.run_on_main(lambda: _check_run_folder(folder, resume, option=run_dir is not None))
     perf = _seed(config, device)
 
-    method, data = _prepare_data(config)
+    method, data = _prepare_data(config, folder if resume else None)
     run = _build_run(config, folder, method, perf, data)
     saved = read_resume_checkpoint(folder.checkpoint("latest"), config, run.world, device) if resume else None
     if saved is not None:
@@ -158,12 +158,15 @@ def _seed(config: RunConfig, device: torch.device) -> Performance:
     return Performance.for_device(device, config.train.amp, config.train.channels_last, config.train.deterministic)
 
 
-def _prepare_data(config: RunConfig) -> tuple[Method, _Data]:
-    """Split the training list, build the method (it says which cases it needs), decode every case once
-    into memory, check the cases and the patch size against them, and normalise the images."""
+def _prepare_data(config: RunConfig, resumed: RunFolder | None = None) -> tuple[Method, _Data]:
+    """Split the training list (on ``--resume``, ``resumed``'s folder: the split it started with), build the
+    method (it says which cases it needs), decode every case once into memory, check the cases and the
+    patch size against them, and normalise the images."""
     d = config.data
     dataset = open_dataset(d)
     split, split_rule = plan_split(dataset, d)
+    if resumed is not None:  # checked before the (long) decoding
+        distributed.run_on_main(lambda: _check_resume_split(resumed, split, d.root))
     method = method_for_run(config)
     if distributed.is_main_process():  # the user sees which cases train how before the (long) decoding starts
         unused = "" if method.uses_unlabeled else f" (method {config.method.name!r} does not use unlabelled cases)"
@@ -180,6 +183,20 @@ def _prepare_data(config: RunConfig) -> tuple[Method, _Data]:
     for case in (*labeled, *unlabeled, *validation):
         case.image = normalize_intensity(case.image, d.intensity)  # the model's input contract (data.intensity)
     return method, _Data(split, split_rule, labeled, unlabeled, validation)
+
+
+def _check_resume_split(folder: RunFolder, split: Split, root: str) -> None:
+    """Refuse to resume on another split than the one the run's ``meta.json`` recorded at its start: images
+    or label files added to or removed from the data folder since would silently move cases between the
+    roles (a new last id becomes the validation case, the old one a training case)."""
+    recorded = folder.recorded_split()
+    change = split_difference(recorded, split) if recorded is not None else None
+    if change is not None:
+        raise CrlnError(
+            f"--resume: the data in {root} now splits differently from the run's start ({change}; the split is "
+            f"recorded in {folder.path / 'meta.json'}); expected the same cases: restore the data folder as it "
+            "was, or start a new run (train.tag=...)"
+        )
 
 
 def _check_cases(config: RunConfig, labeled: list[Case], unlabeled: list[Case], validation: list[Case]) -> None:

@@ -1,0 +1,67 @@
+"""Training on one's own nnU-Net / MSD NIfTI folder: what a researcher's data does to ``crln train``.
+
+Each test builds a small phantom folder (32×32×32 volumes, 2 iterations), changes it as real data is
+often changed (a case added between a run and its resume, a missing channel file, more classes than
+the config says), and checks that the run either goes on as documented or stops with one
+``crln: error:`` line naming the file or key, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_user_error, tiny_overrides
+from crln.cli import main
+from crln.data import write_phantom_nifti_dataset
+
+SHAPE = (32, 32, 32)
+
+
+def _root(tmp_path: Path, **kwargs: object) -> Path:
+    """A phantom nnU-Net folder of 5 labelled training images and one test case."""
+    values: dict[str, object] = {"n_train": 5, "n_test": 1, "shape": SHAPE, "seed": 3, **kwargs}
+    return write_phantom_nifti_dataset(tmp_path / "Dataset002_Own", **values)  # type: ignore[arg-type]
+
+
+def _overrides(root: Path, runs: Path, **extra: object) -> list[str]:
+    values = {"data.format": "nifti", "train.iterations": 2, "method.name": "supervised", **extra}
+    return tiny_overrides(root, runs, **{"data.labeled": 2, "data.validation": 1, **values})
+
+
+def _train(argv: list[str]) -> str:
+    """Run ``crln train`` in-process (it must succeed); returns what it printed."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["train", "demo", *argv, "--no-progress"]) == 0
+    return out.getvalue()
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_a_data_folder_that_now_splits_differently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A case added between a run and its resume would become the validation case (the last id), and the
+    old one an unlabelled training case, while meta.json still records the old split."""
+    root, runs = _root(tmp_path), tmp_path / "runs"
+    _train(_overrides(root, runs))
+    (run,) = [p.parent for p in runs.rglob("checkpoint_final.pt")]
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    shutil.copy(root / "imagesTr" / "case_004_0000.nii.gz", root / "imagesTr" / "case_009_0000.nii.gz")
+    shutil.copy(root / "labelsTr" / "case_004.nii.gz", root / "labelsTr" / "case_009.nii.gz")
+
+    argv = ["train", "demo", *_overrides(root, runs, **{"train.iterations": 3}), "--resume"]
+    line = assert_user_error(argv, capsys, "--resume:", str(root), "meta.json", "validation", "case_009")
+    assert "case_004" in line
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # nothing rewritten
+
+    (root / "imagesTr" / "case_009_0000.nii.gz").unlink()  # the data as it was: the resume goes on
+    (root / "labelsTr" / "case_009.nii.gz").unlink()
+    _train([*_overrides(root, runs, **{"train.iterations": 3}), "--resume"])
+    assert json.loads((run / "meta.json").read_text())["split"]["validation"] == ["case_004"]
