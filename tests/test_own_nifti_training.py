@@ -65,3 +65,14 @@ def test_resume_refuses_a_data_folder_that_now_splits_differently(
     (root / "labelsTr" / "case_009.nii.gz").unlink()
     _train([*_overrides(root, runs, **{"train.iterations": 3}), "--resume"])
     assert json.loads((run / "meta.json").read_text())["split"]["validation"] == ["case_004"]
+
+
+# --- the split printed ----------------------------------------------------------------------------
+
+
+def test_a_method_without_unlabelled_cases_says_so_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """The note was appended to the split's last line, the validation cases, as if it were about them."""
+    out = _train(_overrides(_root(tmp_path), tmp_path / "runs"))
+    lines = out.splitlines()
+    assert "  validation: case_004" in lines and "  unlabelled: case_002, case_003" in lines
+    assert "  (method 'supervised' does not use the unlabelled cases)" in lines

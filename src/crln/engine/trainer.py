@@ -168,9 +168,10 @@ def _prepare_data(config: RunConfig, resumed: RunFolder | None = None) -> tuple[
     if resumed is not None:  # checked before the (long) decoding
         distributed.run_on_main(lambda: _check_resume_split(resumed, split, d.root))
     method = method_for_run(config)
+    if split.unlabeled and not method.uses_unlabeled:  # a line of its own: it is about no other line's cases
+        split_rule += f"\n  (method {config.method.name!r} does not use the unlabelled cases)"
     if distributed.is_main_process():  # the user sees which cases train how before the (long) decoding starts
-        unused = "" if method.uses_unlabeled else f" (method {config.method.name!r} does not use unlabelled cases)"
-        print(split_rule + unused, flush=True)
+        print(split_rule, flush=True)
     labeled = dataset.load_many(split.labeled, with_label=True)
     unlabeled = _load_unlabeled(dataset, split.unlabeled, method, d.train_split) if method.uses_unlabeled else []
     if method.uses_unlabeled and not unlabeled:
