@@ -76,3 +76,18 @@ def test_a_method_without_unlabelled_cases_says_so_on_a_line_of_its_own(tmp_path
     lines = out.splitlines()
     assert "  validation: case_004" in lines and "  unlabelled: case_002, case_003" in lines
     assert "  (method 'supervised' does not use the unlabelled cases)" in lines
+
+
+# --- channel files --------------------------------------------------------------------------------
+
+
+def test_a_case_without_its_first_channel_file_names_the_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said 'has channels [1], expected 0..0', an expectation no file of the folder can meet."""
+    root = _root(tmp_path, channels=2)
+    (root / "imagesTr" / "case_001_0000.nii.gz").unlink()
+    argv = ["train", "demo", *_overrides(root, tmp_path / "runs")]
+    line = assert_user_error(argv, capsys, f"{root / 'imagesTr'}: case 'case_001' has channels [1] but no ")
+    assert "case_001_0000.nii.gz, expected channels 0..1 without a gap" in line
+    assert not (tmp_path / "runs").exists()

@@ -333,11 +333,14 @@ class NiftiDataset:
             chans.sort()
             got = [c for c, _ in chans]
             if got != list(range(len(chans))):
-                # e.g. case_0001.nii.gz, case_0002.nii.gz: case ids ending in 4 digits, read as channels of 'case'
+                # A channel file missing (named, so the user finds it), or case ids ending in 4 digits
+                # (case_0001.nii.gz, case_0002.nii.gz) read as channels of 'case' (the renaming hint).
+                missing = ", ".join(f"{cid}_{k:04d}{self.file_ending}" for k in range(got[-1]) if k not in got)
                 example = chans[0][1].name.replace(self.file_ending, f"_0000{self.file_ending}")
                 raise CrlnError(
-                    f"{folder}: case {cid!r} has channels {got}, expected 0..{len(chans) - 1} (nnU-Net names "
-                    f"images <case>_<channel>{self.file_ending}; if {chans[0][1].name} is one case, name it {example})"
+                    f"{folder}: case {cid!r} has channels {got} but no {missing}, expected channels 0..{got[-1]} "
+                    f"without a gap (nnU-Net names images <case>_<channel>{self.file_ending}; if "
+                    f"{chans[0][1].name} is one case, name it {example})"
                 )
             out[cid] = [p for _, p in chans]
         self._files[split] = out
