@@ -91,3 +91,28 @@ def test_a_case_without_its_first_channel_file_names_the_missing_file(
     line = assert_user_error(argv, capsys, f"{root / 'imagesTr'}: case 'case_001' has channels [1] but no ")
     assert "case_001_0000.nii.gz, expected channels 0..1 without a gap" in line
     assert not (tmp_path / "runs").exists()
+
+
+# --- classes --------------------------------------------------------------------------------------
+
+
+def test_more_classes_in_the_labels_than_configured_names_data_num_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a dataset.json, data.num_classes is 2: a 3-class label said only 'outside [0, 1]'."""
+    root = _root(tmp_path, num_classes=3)
+    (root / "dataset.json").unlink()
+    argv = ["train", "demo", *_overrides(root, tmp_path / "runs")]
+    label = root / "labelsTr" / "case_000.nii.gz"
+    assert_user_error(argv, capsys, f"{label}: label values [2] outside", "[0, 1] of data.num_classes = 2")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_presets_num_classes_against_dataset_json_says_which_override_fits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 'la' preset sets data.num_classes: 2; 'leave data.num_classes unset' was no way out of that."""
+    root = _root(tmp_path, num_classes=3)
+    argv = ["train", "la", f"data.root={root}", "data.format=nifti", f"train.output_dir={tmp_path / 'runs'}"]
+    assert_user_error(argv, capsys, "config key data.num_classes = 2 contradicts", "override data.num_classes=3")
+    assert not (tmp_path / "runs").exists()

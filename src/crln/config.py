@@ -526,7 +526,8 @@ def resolve_from_dataset_json(config: RunConfig, raw: dict[str, Any]) -> None:
         if key in (raw.get(section) or {}) and current != value:
             raise CrlnError(
                 f"config key {section}.{key} = {current} contradicts {meta_path}: {what} gives {value}; "
-                f"expected the same value, or leave {section}.{key} unset"
+                # a preset's value counts as set (la*, pancreas*, brats* set data.num_classes): say what fits
+                f"expected the same value: override {section}.{key}={value}, or leave {section}.{key} unset"
             )
         setattr(getattr(config, section), key, value)
     try:

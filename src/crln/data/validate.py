@@ -86,7 +86,8 @@ def validate_case(
     bad = values[(values < 0) | (values > hi)]
     if bad.size:
         shown = ", ".join(str(int(v)) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
-        raise CrlnError(f"{where}: label values [{shown}] outside the expected range [0, {hi}]")
+        classes = "" if num_classes is None else f" of data.num_classes = {num_classes}"  # the key to change
+        raise CrlnError(f"{where}: label values [{shown}] outside the expected range [0, {hi}]{classes}")
     if label.dtype != np.uint8:
         case.label = label.astype(np.uint8)
     return case
