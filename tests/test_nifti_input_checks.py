@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -254,6 +255,24 @@ def test_predict_checks_every_input_before_the_first_inference(model: Path, tmp_
     with pytest.raises(CrlnError, match=r"c\.nii\.gz: unreadable NIfTI file"):
         _predict(model, scans, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*"))  # a and b were not segmented first
+
+
+def test_predict_checks_every_cases_channel_count_before_the_first_inference(model: Path, tmp_path: Path) -> None:
+    """The count was checked case by case once read: a folder with one 2-channel case among 1-channel ones
+    was segmented up to it, leaving outputs that a rerun would refuse to replace without --overwrite."""
+    folder = tmp_path / "in"
+    write_nifti(folder / "a.nii.gz", _image(0))
+    for k in (0, 1):
+        write_nifti(folder / f"b_000{k}.nii.gz", _image(k))
+    write_nifti(folder / "c.nii.gz", np.stack([_image(0), _image(1)], -1))  # MSD: one 4D file
+    files = f"{folder / 'b_0000.nii.gz'}, {folder / 'b_0001.nii.gz'}"
+    expected = f"{files}: image has 2 channel(s), expected model.in_channels = 1 of the checkpoint's network"
+    with pytest.raises(CrlnError, match=re.escape(expected)):
+        _predict(model, [folder], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*"))
+    with pytest.raises(CrlnError, match=re.escape(f"{folder / 'c.nii.gz'}: image has 2 channel(s)")):
+        _predict(model, [folder / "a.nii.gz", folder / "c.nii.gz"], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*"))
 
 
 def test_two_cases_writing_one_output_name_are_refused(model: Path, tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ Adding a format:
      see :class:`crln.data.sources.CaseSource`);
    - ``read_scan(paths: list[Path], case_id: str) -> Case``: one unlabelled scan for ``crln predict``
      (``paths``: one file, or the channel files of one case); only needed with ``scan_endings``;
-   - optionally ``check_scan(paths: list[Path]) -> None``: refuse a scan ``read_scan`` would refuse,
-     as far as cheap checks tell (headers, no voxels): ``crln predict`` runs it on every input before
+   - optionally ``check_scan(paths: list[Path], in_channels: int | None) -> None``: refuse a scan
+     ``read_scan`` would refuse, or (``in_channels``) whose channel count differs from the network's, as
+     far as cheap checks tell (headers, no voxels): ``crln predict`` runs it on every input before
      segmenting the first.
 
 2. Add one :class:`DataFormat` line to :data:`FORMATS`, at its place in the detection order, with
@@ -99,11 +100,12 @@ class DataFormat:
             return self._reader().read_scan(paths, case_id, normalize=normalize)
         return self._reader().read_scan(paths, case_id)
 
-    def check_scan(self, paths: list[Path]) -> None:
-        """The format's cheap checks of one scan (a no-op for a format without a ``check_scan``)."""
+    def check_scan(self, paths: list[Path], in_channels: int | None = None) -> None:
+        """The format's cheap checks of one scan, channel count against ``in_channels`` included (a no-op for
+        a format without a ``check_scan``)."""
         check = getattr(self._reader(), "check_scan", None)
         if check is not None:
-            check(paths)
+            check(paths, in_channels)
 
 
 #: Every format, in detection order; the last is the fallback of ``data.format=auto``.
@@ -181,11 +183,12 @@ def read_scan(paths: list[Path], case_id: str, prepare: Callable[[np.ndarray, st
     return case
 
 
-def check_scans(scans: list[list[Path]]) -> None:
-    """Check every scan (the files of each) as far as its format's cheap ``check_scan`` tells, before any is read.
+def check_scans(scans: list[list[Path]], in_channels: int | None = None) -> None:
+    """Check every scan (the files of each) as far as its format's cheap ``check_scan`` tells, before any is
+    read; with ``in_channels`` (the network's) the channel counts too.
 
     Raises:
         CrlnError: a file of no format's :data:`SCAN_ENDINGS`, or what the format's ``check_scan`` raises.
     """
     for paths in scans:
-        _scan_format_of(paths[0]).check_scan(paths)
+        _scan_format_of(paths[0]).check_scan(paths, in_channels)

@@ -458,15 +458,14 @@ def predict_files(
         CrlnError: ``out_dir`` is a file, two cases' outputs would have one name, an output already
             exists (without ``overwrite``), bad options, or a bad input. Before any inference every input
             is checked as far as its header tells (NIfTI: readable, 3D or 4D, real numbers, channel files
-            agreeing); what is found only once a case is read (a damaged gzip stream, NaN voxels, a
-            channel count other than the network's) stops the run there, the cases before it written.
+            agreeing, as many channels as the network takes); what is found only once a case is read (a
+            damaged gzip stream, NaN voxels) stops the run there, the cases before it written.
 
     Returns the segmentation paths.
     """
     out = check_output_dir(out_dir, "-o")
     ckpt_path, run_dir = _resolve_checkpoint(checkpoint, None)
     groups = _scan_groups(inputs)
-    check_scans([paths for _, paths in groups])
     names = {
         case_id: _output_names(
             case_id, nnunet_names=nnunet_names, probabilities=probabilities, entropy=entropy, preview=preview
@@ -476,6 +475,7 @@ def predict_files(
     _check_outputs(out, names, groups, overwrite)
     predictor = Predictor.from_checkpoint(ckpt_path, device)
     config = predictor.config
+    check_scans([paths for _, paths in groups], config.model.in_channels)  # headers only, before any inference
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
     prepare = _raw_scan_preparation(predictor, run_dir, groups)
     written, notes = [], set()

@@ -25,7 +25,7 @@ import numpy as np
 from crln.atomic import atomic_path
 from crln.data.case import Case
 from crln.data.transforms import zscore_channels
-from crln.data.validate import check_image_values, is_real_numeric
+from crln.data.validate import check_channel_count, check_image_values, is_real_numeric
 from crln.dataset_json import DatasetJson
 from crln.errors import CrlnError
 
@@ -469,13 +469,14 @@ def read_scan(paths: list[Path], case_id: str, *, normalize: bool = True) -> Cas
     return read_nifti_volume(paths, case_id, normalize=normalize)
 
 
-def check_scan(paths: Sequence[str | Path]) -> None:
+def check_scan(paths: Sequence[str | Path], in_channels: int | None = None) -> None:
     """What :func:`read_nifti_volume` checks that the headers alone tell, no voxel read (so ``crln
     predict`` checks every input before any inference): every file readable, an image 3D (or MSD's 4D)
-    of real numbers, several channel files each 3D with one shape and affine.
+    of real numbers, several channel files each 3D with one shape and affine, and (with ``in_channels``,
+    the network's) as many channels as the network takes.
 
     Raises:
-        CrlnError: naming the file, as :func:`read_nifti_volume` would.
+        CrlnError: naming the file, as :func:`read_nifti_volume` (or the channel check after it) would.
     """
     first: _Channel | None = None
     for p in map(Path, paths):
@@ -484,3 +485,6 @@ def check_scan(paths: Sequence[str | Path]) -> None:
         if len(paths) > 1:
             _check_channel(p, _squeezed(img.shape), img.affine, first)
         first = first or (p, _squeezed(img.shape), img.affine)
+    if in_channels is not None and first is not None:
+        found = len(paths) if len(paths) > 1 else first[1][3] if len(first[1]) == 4 else 1
+        check_channel_count(found, in_channels, ", ".join(map(str, paths)), " of the checkpoint's network")

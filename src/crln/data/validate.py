@@ -12,6 +12,7 @@ from crln.errors import CrlnError
 __all__ = [
     "MAX_ABS_INTENSITY",
     "MIN_PATCH_COVERAGE",
+    "check_channel_count",
     "check_channels",
     "check_image_values",
     "check_patch_fits",
@@ -125,8 +126,14 @@ def check_channels(case: Case, in_channels: int, whose: str = "") -> None:
     and ends with ``whose`` (e.g. " of the checkpoint's network").
     """
     found = 1 if case.image.ndim == 3 else int(case.image.shape[0])
+    files = ", ".join(case.channel_sources) if len(case.channel_sources) > 1 else _where(case)
+    check_channel_count(found, in_channels, files, whose)
+
+
+def check_channel_count(found: int, in_channels: int, files: str, whose: str = "") -> None:
+    """Refuse ``found`` channels of the image in ``files`` (named in the message) for ``in_channels``: the
+    message of :func:`check_channels`, for a reader that knows the count from headers alone."""
     if found != in_channels:
-        files = ", ".join(case.channel_sources) if len(case.channel_sources) > 1 else _where(case)
         raise CrlnError(f"{files}: image has {found} channel(s), expected model.in_channels = {in_channels}{whose}")
 
 
