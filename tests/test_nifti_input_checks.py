@@ -190,6 +190,19 @@ def test_evaluate_on_a_folder_holding_only_a_test_set(model: Path, tmp_path: Pat
     assert summary["n_cases"] == 1 and summary["split"] == "test"
 
 
+def test_evaluate_names_a_missing_test_label_before_the_first_inference(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It named the image ('label is missing') once that case was reached, after scoring the cases before it."""
+    root = write_phantom_nifti_dataset(tmp_path / "data", n_train=1, n_test=3, shape=SHAPE)
+    (root / "labelsTs" / "case_002.nii.gz").unlink()
+    monkeypatch.setattr(Predictor, "predict", lambda *a, **k: pytest.fail("inference before the label check"))
+    expected = f"{root / 'labelsTs' / 'case_002.nii.gz'}: file not found, expected the label of case 'case_002'"
+    with pytest.raises(CrlnError, match=re.escape(expected) + r".*1 of the 3 cases of 'test'"):
+        _quiet_evaluate(model, data_root=root, out_dir=tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_distance_unit_follows_the_format_not_the_spacing(model: Path, tmp_path: Path) -> None:
     """NIfTI at 1 mm isotropic is in mm; h5 (no spacing stored) is in voxels."""
     nifti = write_phantom_nifti_dataset(tmp_path / "nifti", n_train=1, n_test=1, shape=SHAPE, spacing=(1, 1, 1))

@@ -275,7 +275,7 @@ NIFTI_CASES: dict[str, tuple[Callable[[Path], None], Callable[[Path], None] | No
     "label-negative": (None, lambda p: _nii(p, _label_with(-3)), "expected class indices in [0, 255]"),
     "label-shape": (None, lambda p: _nii(p, _label((32, 32, 16))), "differs from image spatial shape"),
     "label-affine": (None, lambda p: _nii(p, _label(), _shifted_affine()), "affine differs"),
-    "label-missing": (None, lambda p: None, "file not found, expected a NIfTI volume"),
+    "label-missing": (None, lambda p: None, "file not found, expected the label of case 'bad'"),
 }
 
 

@@ -142,6 +142,23 @@ def case_ids(dataset: Any, config: RunConfig, split: str, other_data: bool = Fal
     return ids
 
 
+def _check_labels_exist(dataset: Any, ids: list[str], split: str) -> None:
+    """Every case to score has a label file, where the format tells it without decoding (NIfTI's
+    ``label_path``): a missing one is otherwise found only when inference reaches its case.
+
+    Raises:
+        CrlnError: naming the first missing label file and how many of the cases lack one.
+    """
+    label_path = getattr(dataset, "label_path", None)
+    missing = [cid for cid in ids if label_path is not None and not label_path(cid).is_file()]
+    if missing:
+        raise CrlnError(
+            f"{label_path(missing[0])}: file not found, expected the label of case {missing[0]!r} "
+            f"({len(missing)} of the {len(ids)} cases of {split!r} have none; crln evaluate scores labelled cases, "
+            "crln predict segments any)"
+        )
+
+
 class EvalResult(dict):
     """``{"summary": ..., "per_case": [...], "out_dir": Path}``."""
 
@@ -221,6 +238,7 @@ def evaluate(
     ids = case_ids(dataset, config, split_name, other_data)[:limit]
     if not ids:
         raise CrlnError(f"case list {split_name!r} in {root} is empty")
+    _check_labels_exist(dataset, ids, split_name)
     if progress and stride_note and distributed.is_main_process():
         print(f"note: {stride_note}", flush=True)
 
