@@ -116,3 +116,23 @@ def test_a_presets_num_classes_against_dataset_json_says_which_override_fits(
     argv = ["train", "la", f"data.root={root}", "data.format=nifti", f"train.output_dir={tmp_path / 'runs'}"]
     assert_user_error(argv, capsys, "config key data.num_classes = 2 contradicts", "override data.num_classes=3")
     assert not (tmp_path / "runs").exists()
+
+
+# --- folders --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["train", "evaluate"])
+def test_a_missing_image_folder_is_named(verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Training on a folder without imagesTr/ said 'the training list holds only 0', evaluating one without
+    imagesTs/ 'case list 'test' … is empty': neither names the folder crln looked for."""
+    root = _root(tmp_path)
+    missing = "imagesTr" if verb == "train" else "imagesTs"
+    shutil.rmtree(root / missing)
+    if verb == "train":
+        argv = ["train", "demo", *_overrides(root, tmp_path / "runs")]
+    else:
+        _train(_overrides(_root(tmp_path / "other"), tmp_path / "runs"))
+        (run,) = [p.parent for p in (tmp_path / "runs").rglob("checkpoint_final.pt")]
+        argv = ["evaluate", str(run), "--data", str(root), "--out", str(tmp_path / "eval")]
+    assert_user_error(argv, capsys, f"{root / missing}: no such folder, expected")
+    assert not (tmp_path / "eval").exists()

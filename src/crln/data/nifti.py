@@ -351,13 +351,18 @@ class NiftiDataset:
         (``"unlabeled"``, optional: an empty one is no error), sorted.
 
         Raises:
-            CrlnError: the folder exists but no file in it ends in ``file_ending`` (said, not an empty list),
-                or (train, test) an id is in both ``imagesTr/`` and ``imagesTs/``.
+            CrlnError: (train, test) the folder is missing, or it exists but no file in it ends in
+                ``file_ending`` (said, not an empty list), or an id is in both ``imagesTr/`` and ``imagesTs/``.
         """
+        folder = self.root / _SPLIT_DIRS.get(split, ("",))[0]
+        if split in ("train", "test") and not folder.is_dir():  # say which folder, not "an empty list"
+            raise CrlnError(
+                f"{folder}: no such folder, expected the {split} images (<case>_0000{self.file_ending}, "
+                f"one file per channel) of the nnU-Net/MSD folder {self.root}"
+            )
         if split in ("train", "test"):
             self._refuse_shared("test", "train")
         ids = sorted(self._scan(split))
-        folder = self.root / _SPLIT_DIRS[split][0]
         if not ids and folder.is_dir() and split != "unlabeled":
             names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
             found = f"it holds {len(names)} other files, e.g. {names[0]!r}" if names else "it is empty"
