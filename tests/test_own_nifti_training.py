@@ -136,3 +136,17 @@ def test_a_missing_image_folder_is_named(verb: str, tmp_path: Path, capsys: pyte
         argv = ["evaluate", str(run), "--data", str(root), "--out", str(tmp_path / "eval")]
     assert_user_error(argv, capsys, f"{root / missing}: no such folder, expected")
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_validation_scores_the_cases_the_run_held_out(tmp_path: Path) -> None:
+    """--split validation re-planned the split on the folder as it is now: with a case added since training
+    it scored the new last id, not the case the run held out (which could even have trained)."""
+    root, runs = _root(tmp_path), tmp_path / "runs"
+    _train(_overrides(root, runs))
+    (run,) = [p.parent for p in runs.rglob("checkpoint_final.pt")]
+    shutil.copy(root / "imagesTr" / "case_004_0000.nii.gz", root / "imagesTr" / "case_009_0000.nii.gz")
+    shutil.copy(root / "labelsTr" / "case_004.nii.gz", root / "labelsTr" / "case_009.nii.gz")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["evaluate", str(run), "--split", "validation", "--out", str(tmp_path / "eval")]) == 0
+    rows = (tmp_path / "eval" / "per_case.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["case_004"]

@@ -118,6 +118,8 @@ def test_evaluate_on_the_runs_held_out_validation_cases(
     import crln.evaluation
     from crln.data.splits import Split
 
+    # a run without a recorded split (meta.json's, which comes first) is split as its config says
+    monkeypatch.setattr(crln.evaluation.RunFolder, "recorded_split", lambda self: None)
     monkeypatch.setattr(crln.evaluation, "plan_split", lambda dataset, data: (Split(["a"], [], []), ""))
     with pytest.raises(CrlnError, match=r"--split validation: the run held out no validation cases"):
         evaluate(crln_run, split="validation", device="cpu", out_dir=tmp_path / "none", progress=False)

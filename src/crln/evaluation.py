@@ -127,13 +127,18 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def case_ids(dataset: Any, config: RunConfig, split: str, other_data: bool = False) -> list[str]:
-    """The ids of case list ``split``, or for :data:`VALIDATION_SPLIT` the run's own held-out validation cases."""
+def case_ids(
+    dataset: Any, config: RunConfig, split: str, other_data: bool = False, run_dir: Path | None = None
+) -> list[str]:
+    """The ids of case list ``split``, or for :data:`VALIDATION_SPLIT` the run's own held-out validation cases
+    (as ``run_dir``'s ``meta.json`` recorded them, else as its config splits ``dataset``)."""
     if split != VALIDATION_SPLIT:
         return list(dataset.ids(split))
     if other_data:
         raise CrlnError(f"--split {VALIDATION_SPLIT}: the run's held-out cases are in its own data, not in --data")
-    ids = plan_split(dataset, config.data)[0].validation
+    # The record, not a new plan: cases added to the folder since training would move the validation ids.
+    recorded = RunFolder(run_dir).recorded_split() if run_dir is not None else None
+    ids = list(recorded.get("validation", [])) if recorded else plan_split(dataset, config.data)[0].validation
     if not ids:
         raise CrlnError(
             f"--split {VALIDATION_SPLIT}: the run held out no validation cases "
@@ -235,7 +240,7 @@ def evaluate(
     out_dir = Path(out_dir)
     data_format = config.data.format if data_root is None else "auto"
     dataset = open_dataset_root(root, data_format)
-    ids = case_ids(dataset, config, split_name, other_data)[:limit]
+    ids = case_ids(dataset, config, split_name, other_data, run_dir)[:limit]
     if not ids:
         raise CrlnError(f"case list {split_name!r} in {root} is empty")
     _check_labels_exist(dataset, ids, split_name)
