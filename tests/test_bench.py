@@ -272,3 +272,21 @@ def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None
     assert "Every evaluation scored the same 3 cases" in table
     for suffix in ("dice", "paired", "paired_2"):
         assert f"]({plan.stem}_{suffix}.png)" in table and (tmp_path / f"{plan.stem}_{suffix}.png").is_file()
+
+
+def test_a_row_whose_config_keeps_the_largest_component_is_tabled(tmp_path: Path, phantom_root: Path) -> None:
+    # eval.largest_component=true (la_bcp, pancreas_bcp) makes crln evaluate write eval_test_final_lcc/, not eval/:
+    # the bench reads what it asked for, and finds it again on the next call instead of evaluating once more.
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "evaluate: {checkpoint: final, validation: false}\n"
+        "runs:\n  - name: LCC\n    config: demo\n    overrides: [eval.largest_component=true]\n",
+        seeds="[1]",
+    )
+    assert "| LCC | final | 1 | " in run_plan(plan, progress=False).read_text()
+    (summary,) = (tmp_path / "runs").rglob("summary.json")
+    assert summary.parent.name == "eval_test_final_lcc" and json.loads(summary.read_text())["largest_component"]
+    before = summary.stat().st_mtime_ns
+    run_plan(plan, progress=False)
+    assert summary.stat().st_mtime_ns == before

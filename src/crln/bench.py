@@ -497,17 +497,18 @@ def _evaluation(
 
     if not folder.checkpoint(checkpoint).exists():
         return None
-    ev = plan.evaluate
-    summary_path = _summary_path(folder, config, ev, checkpoint, split)
+    lcc = _largest_component(plan, config)
+    summary_path = _summary_path(folder, config, lcc, checkpoint, split)
     if not summary_path.exists():
         print(f"[bench] evaluating {label}, {checkpoint} checkpoint on {split or 'the test list'}", flush=True)
         evaluate(
             folder.path,
             split=split,
             checkpoint=checkpoint,
-            largest_component=ev.get("largest_component"),
+            largest_component=lcc,
             progress=progress,
             network=config.eval.network,
+            out_dir=summary_path.parent,  # where the table reads it, whatever the run folder's own config says
         )
     per_case = {
         str(r["case"]): {k: v for k, v in r.items() if k not in ("case", "seconds")}
@@ -658,14 +659,20 @@ def _validation(
     return _evaluation(plan, config, folder, checkpoint, label, progress, VALIDATION_SPLIT)
 
 
-def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any], checkpoint: str, split: str | None) -> Path:
+def _largest_component(plan: BenchPlan, config: Any) -> bool:
+    """The plan's ``evaluate.largest_component``, else the row's ``eval.largest_component`` (as crln evaluate)."""
+    value = plan.evaluate.get("largest_component")
+    return config.eval.largest_component if value is None else bool(value)
+
+
+def _summary_path(folder: RunFolder, config: Any, lcc: bool, checkpoint: str, split: str | None) -> Path:
     from crln.evaluation import eval_dir_name
 
     split = split or config.data.test_split
     name = eval_dir_name(
         split,
         checkpoint,
-        bool(ev.get("largest_component")),
+        lcc,
         default_split=config.data.test_split,
         default_checkpoint=config.eval.checkpoint,
         network=_other_network(folder, config),
