@@ -194,3 +194,25 @@ def test_report_loads_in_headless_chromium(crln_run: Path, tmp_path: Path) -> No
     assert shot.is_file(), proc.stderr[-2000:]
     pixels = mpimg.imread(shot)
     assert pixels.shape[:2] == (1600, 1280) and float(np.std(pixels[..., :3])) > 0.01
+
+
+def test_report_of_a_run_still_training_reads_what_crln_evaluate_wrote(supervised_run: Path, tmp_path: Path) -> None:
+    # While checkpoint_final.pt is missing, crln evaluate RUN scores checkpoint_latest.pt into eval_test_latest/;
+    # the report's "run crln evaluate" advice must lead to a report that shows that evaluation.
+    run = tmp_path / "training"
+    shutil.copytree(
+        supervised_run, run, ignore=shutil.ignore_patterns("checkpoint_final.pt", "checkpoint_best.pt", "eval*")
+    )
+    assert any("no evaluation yet" in n for n in build_report(run, tmp_path / "before", progress=False).notes)
+    evaluate(run, limit=2, device="cpu", progress=False)
+    assert (run / "eval_test_latest" / "summary.json").is_file()
+    result = build_report(run, tmp_path / "after", progress=False)
+    assert result.notes == [] and "Per case, worst first" in result.html.read_text()
+    assert "checkpoint checkpoint_latest.pt" in result.html.read_text()
+
+
+def test_report_of_a_run_keeping_the_largest_component_reads_its_evaluation(phantom_root: Path, tmp_path: Path) -> None:
+    run = _run(phantom_root, tmp_path / "runs", **{"eval.largest_component": "true"})
+    evaluate(run, limit=2, device="cpu", progress=False)  # writes eval_test_final_lcc/
+    result = build_report(run, tmp_path / "rep", progress=False)
+    assert result.notes == [] and "largest component True" in result.html.read_text()
