@@ -127,11 +127,36 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
         ("runs:\n  - config: demo\nevaluate: {splitt: test}\n", "evaluate.splitt: .*did you mean 'split'"),
         ("runs:\n  - config: demo\nseedz: [1]\n", "did you mean 'seeds'"),
         ("evaluate: {validation: 1}\nruns:\n  - config: demo\n", "evaluate.validation: expected true or false"),
+        (
+            "evaluate: {largest_component: maybe}\nruns:\n  - config: demo\n",
+            "evaluate.largest_component: expected true",
+        ),
+        ("evaluate: {split: 5}\nruns:\n  - config: demo\n", "evaluate.split: expected the name of a case list"),
+        ("evaluate: []\nruns:\n  - config: demo\n", "key evaluate must be a mapping"),
+        (
+            "runs:\n  - name: A\n    config: demo\n  - name: A\n    config: demo\n",
+            r"runs\[1\].name: 'A' is also the name of runs\[0\]; expected distinct names",
+        ),
+        # A row's config error names the row, among the many a plan may have.
+        (
+            "runs:\n  - config: demo\n  - name: B\n    config: demo\n    overrides: [optim.lrr=1]\n",
+            r"runs\[1\] \(B\): unknown",
+        ),
+        ("runs:\n  - config: nopreset\n", r"plan.yaml: runs\[0\] \(nopreset\): config 'nopreset': no such"),
     ],
 )
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:
     with pytest.raises(CrlnError, match=fragment):
         load_plan(_plan(tmp_path, phantom_root, body))
+
+
+@pytest.mark.parametrize(
+    ("seeds", "fragment"),
+    [("[1, 2, 1]", r"key seeds lists 1 more than once"), ("[true]", "non-empty list of integers"), ("'1'", "integers")],
+)
+def test_bad_seeds(tmp_path: Path, phantom_root: Path, seeds: str, fragment: str) -> None:
+    with pytest.raises(CrlnError, match=fragment):
+        load_plan(_plan(tmp_path, phantom_root, "runs:\n  - config: demo\n", seeds))
 
 
 @pytest.mark.parametrize(

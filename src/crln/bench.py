@@ -128,35 +128,69 @@ def load_plan(path: str | Path) -> BenchPlan:
                 _strings(item.get("overrides"), f"runs[{i}].overrides"),
             )
         )
-    seeds = raw.get("seeds", [1337])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
-        raise CrlnError(f"bench plan {path}: key seeds must be a non-empty list of integers, got {seeds!r}")
-    evaluate = raw.get("evaluate") or {}
-    if not isinstance(evaluate, dict):
-        raise CrlnError(
-            f"bench plan {path}: key evaluate must be a mapping (split, checkpoint, largest_component, validation)"
-        )
-    check_known_keys(
-        evaluate, ["split", "checkpoint", "largest_component", "validation"], source=source, prefix="evaluate."
-    )
-    if not isinstance(evaluate.get("validation", True), bool):
-        got = evaluate["validation"]
-        raise CrlnError(f"bench plan {path}: key evaluate.validation: expected true or false, got {got!r}")
+    _check_names(runs, path)
+    seeds = _seeds(raw.get("seeds", [1337]), path)
+    evaluate = _evaluate(raw.get("evaluate"), path)
     plan = BenchPlan(
         str(raw.get("title", path.stem)), runs, seeds, _strings(raw.get("overrides"), "overrides"), evaluate, path
     )
     plan.references = _references(raw.get("reference"), plan)
     _checkpoints(plan)
-    for run in plan.runs:
+    for i, run in enumerate(plan.runs):
         for seed in plan.seeds:
-            load_config(run.config, _run_overrides(plan, run, seed))
+            try:
+                load_config(run.config, _run_overrides(plan, run, seed))
+            except CrlnError as err:  # a plan may have many rows: say which one
+                raise CrlnError(f"bench plan {path}: runs[{i}] ({run.name}): {err}") from None
     return plan
+
+
+def _check_names(runs: list[BenchRun], path: Path) -> None:
+    """Row names are distinct: the table, ``reference`` and ``--row`` name rows by them."""
+    first: dict[str, int] = {}
+    for i, run in enumerate(runs):
+        j = first.setdefault(run.name, i)
+        if j != i:
+            raise CrlnError(
+                f"bench plan {path}: runs[{i}].name: {run.name!r} is also the name of runs[{j}]; expected distinct "
+                "names (a row without a name is named after its config)"
+            )
+
+
+def _seeds(value: Any, path: Path) -> list[int]:
+    """``seeds``: distinct integers (a seed listed twice would count one run twice in the table)."""
+    integers = isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    if not integers or not value:
+        raise CrlnError(f"bench plan {path}: key seeds must be a non-empty list of integers, got {value!r}")
+    repeated = sorted({s for s in value if value.count(s) > 1})
+    if repeated:
+        listed = ", ".join(map(str, repeated))
+        raise CrlnError(f"bench plan {path}: key seeds lists {listed} more than once, expected distinct seeds")
+    return value
+
+
+def _evaluate(value: Any, path: Path) -> dict[str, Any]:
+    """``evaluate``: a mapping of split (a case list's name), checkpoint, largest_component and validation."""
+    evaluate = {} if value is None else value
+    if not isinstance(evaluate, dict):
+        raise CrlnError(
+            f"bench plan {path}: key evaluate must be a mapping (split, checkpoint, largest_component, validation)"
+        )
+    keys = ["split", "checkpoint", "largest_component", "validation"]
+    check_known_keys(evaluate, keys, source=f"bench plan {path}", prefix="evaluate.")
+    for key in ("validation", "largest_component"):
+        if key in evaluate and not isinstance(evaluate[key], bool):
+            raise CrlnError(f"bench plan {path}: key evaluate.{key}: expected true or false, got {evaluate[key]!r}")
+    split = evaluate.get("split")
+    if split is not None and (not isinstance(split, str) or not split):
+        raise CrlnError(f"bench plan {path}: key evaluate.split: expected the name of a case list, got {split!r}")
+    return evaluate
 
 
 def _references(value: Any, plan: BenchPlan) -> list[str]:
     """``reference``: one run name or a list of them (each gets its own paired table and figure)."""
     names = [run.name for run in plan.runs]
-    chosen = _strings(value, "reference") if isinstance(value, list) else ([] if value is None else [value])
+    chosen = _strings(value, "reference") if isinstance(value, list) else ([] if value is None else [str(value)])
     for name in chosen:
         if name not in names:
             raise CrlnError(f"bench plan {plan.path}: key reference: {name!r} is not the name of a run ({names})")
