@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,6 +13,8 @@ import pytest
 
 from conftest import tiny_overrides
 from crln.bench import load_plan, run_plan
+from crln.cli import main
+from crln.engine.callbacks import Callback
 from crln.engine.run_folder import RunFolder, case_lists_sha256
 from crln.errors import CrlnError
 from crln.report.bench_figures import smooth, smoothing_window
@@ -315,3 +319,35 @@ def test_a_row_whose_config_keeps_the_largest_component_is_tabled(tmp_path: Path
     before = summary.stat().st_mtime_ns
     run_plan(plan, progress=False)
     assert summary.stat().st_mtime_ns == before
+
+
+class _SignalAt(Callback):
+    """Sends this process SIGINT as iteration ``step`` ends, as Ctrl-C in the terminal of ``crln bench`` would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, run: object, step: int, out: object) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_interrupted_bench_says_how_to_continue_it(
+    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import crln.engine.trainer as trainer_module
+
+    real_train = trainer_module.train
+    monkeypatch.setattr(
+        trainer_module, "train", lambda config, **kw: real_train(config, callbacks=[_SignalAt(0)], **kw)
+    )
+    plan = _plan(
+        tmp_path, phantom_root, "evaluate: {validation: false}\nruns:\n  - name: Sup\n    config: demo\n", "[1]"
+    )
+    assert main(["bench", str(plan), "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip()
+    # crln bench has no --resume: the same bench command resumes the run.
+    assert re.match(r"crln: stopped by SIGINT after iteration \d+; checkpoint saved in ", err) and "--resume" not in err
+    assert err.endswith("run the same command again: it resumes this run from that checkpoint")
+    monkeypatch.setattr(trainer_module, "train", real_train)
+    assert "| Sup | final | 1 |" in run_plan(plan, progress=False).read_text()

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from crln.atomic import atomic_write_text
 from crln.config import check_known_keys, load_config, load_yaml
-from crln.errors import CrlnError
+from crln.errors import CrlnError, RunInterrupted
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -605,7 +605,6 @@ def collect_rows(
         raise CrlnError(f"bench plan {plan.path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
     rows_to_train = select_rows(plan, only_rows) if only_rows else set(range(len(plan.runs)))
     from crln.engine.run_folder import RunFolder
-    from crln.engine.trainer import train
     from crln.methods import method_class
 
     rows: list[RowResult] = []
@@ -629,7 +628,7 @@ def collect_rows(
             else:
                 resume = folder.checkpoint("latest").exists()
                 print(f"[bench] {'resuming' if resume else 'training'} {label}", flush=True)
-                train(config, resume=resume, progress=progress)
+                _train(config, resume, progress)
             result = SeedResult(seed, _command(plan, run, seed), folder.path, _training_stats(folder.path))
             result.split_sha256 = _split_sha256(folder)
             for checkpoint in _checkpoints(plan):
@@ -643,6 +642,17 @@ def collect_rows(
             if on_update is not None:
                 on_update(rows)
     return rows
+
+
+def _train(config: Any, resume: bool, progress: bool) -> None:
+    """Train (or resume) one (run, seed); a stop by signal says how a bench continues: it has no ``--resume``."""
+    from crln.engine.trainer import train
+
+    try:
+        train(config, resume=resume, progress=progress)
+    except RunInterrupted as stop:
+        how = "run the same command again: it resumes this run from that checkpoint"
+        raise RunInterrupted(f"{stop.stopped}; {how}", stop.signal_name, stop.stopped) from None
 
 
 def _check_finished_run(plan: BenchPlan, folder: RunFolder, config: Any, label: str) -> None:
