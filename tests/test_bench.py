@@ -351,3 +351,13 @@ def test_an_interrupted_bench_says_how_to_continue_it(
     assert err.endswith("run the same command again: it resumes this run from that checkpoint")
     monkeypatch.setattr(trainer_module, "train", real_train)
     assert "| Sup | final | 1 |" in run_plan(plan, progress=False).read_text()
+
+
+def test_a_table_path_that_cannot_be_written_is_refused_before_any_training(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _plan(tmp_path, phantom_root, "runs:\n  - name: Sup\n    config: demo\n", "[1]")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CrlnError, match=r"--out .*folder: an existing folder, expected the table's file"):
+        run_plan(plan, out=tmp_path / "folder", progress=False)
+    with pytest.raises(CrlnError, match=r"--out .*plan.yaml/table.md: its folder .*plan.yaml: an existing file"):
+        run_plan(plan, out=plan / "table.md", progress=False)
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "plan.yaml"]

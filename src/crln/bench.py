@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crln.atomic import atomic_write_text
+from crln.atomic import atomic_write_text, check_output_dir
 from crln.config import check_known_keys, load_config, load_yaml
 from crln.errors import CrlnError, RunInterrupted
 
@@ -575,7 +575,7 @@ def run_plan(
     finished runs are evaluated (what they lack) and tabled. The table is rewritten after every seed.
     """
     plan = load_plan(plan_path)  # checked before torch loads
-    out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
+    out_path = _table_path(Path(out) if out else Path(plan_path).with_suffix(".md"))
     collect_rows(
         plan,
         dry_run=dry_run,
@@ -586,6 +586,14 @@ def run_plan(
         on_update=lambda rows: _write_table(plan, rows, out_path),
     )
     return out_path
+
+
+def _table_path(path: Path) -> Path:
+    """``path`` as the table's file, checked before any training: not a folder, no file above it."""
+    if path.is_dir():
+        raise CrlnError(f"--out {path}: an existing folder, expected the table's file (e.g. {path / 'table.md'})")
+    check_output_dir(path.parent, f"--out {path}: its folder")
+    return path
 
 
 def collect_rows(
