@@ -216,3 +216,18 @@ def test_report_of_a_run_keeping_the_largest_component_reads_its_evaluation(phan
     evaluate(run, limit=2, device="cpu", progress=False)  # writes eval_test_final_lcc/
     result = build_report(run, tmp_path / "rep", progress=False)
     assert result.notes == [] and "largest component True" in result.html.read_text()
+
+
+def _pixels_near(path: Path, color: str) -> int:
+    """How many pixels of the PNG at ``path`` are within a small distance of ``color`` (``#rrggbb``)."""
+    rgb = np.array([int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+    pixels = mpimg.imread(path)[..., :3]
+    return int((np.abs(pixels - rgb).max(axis=-1) < 0.08).sum())
+
+
+def test_a_log_of_one_record_draws_its_points(tmp_path: Path) -> None:
+    # A run reported early (one log_every so far) has one point per series: a line through it is invisible.
+    from crln.report.figures import plot_training_curves
+
+    fig = plot_training_curves([{"step": 10, "loss": 0.5}], tmp_path / "curves.png")
+    assert fig is not None and _pixels_near(fig.path, "#1f77b4") > 10  # matplotlib's first colour; no legend
