@@ -361,3 +361,20 @@ def test_a_table_path_that_cannot_be_written_is_refused_before_any_training(tmp_
     with pytest.raises(CrlnError, match=r"--out .*plan.yaml/table.md: its folder .*plan.yaml: an existing file"):
         run_plan(plan, out=plan / "table.md", progress=False)
     assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "plan.yaml"]
+
+
+def test_a_metric_undefined_for_every_case_of_one_seed_is_not_shown_as_a_one_seed_cell(
+    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # New's seed 1 predicted nothing on every case: its 95HD is undefined, so the over-seeds std is too.
+    monkeypatch.setitem(FAKE, ("New", 1, "final"), [(0.0, float("nan"))] * 3)
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "evaluate: {checkpoint: final}\nruns:\n  - name: New\n    config: demo\n    overrides: [train.tag=new]\n",
+    )
+    for seed in (1, 2):
+        _fake_run(RunFolder(tmp_path / "runs" / "phantom" / "supervised__vnet__new" / f"seed{seed}"), seed, "New")
+    (line,) = [x for x in run_plan(plan, progress=False).read_text().splitlines() if x.startswith("| New | final")]
+    # Seed 2's mean 95HD is 8.33; the cell says it stands for 1 of the row's 2 seeds, then the pooled bootstrap.
+    assert "| 8.33 (1 of 2 seeds defined) (8.45 ± 0.73 (3 undef.)) |" in line

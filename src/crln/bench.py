@@ -281,9 +281,14 @@ def seed_mean(evaluation: Evaluation, metric: str) -> float:
 
 
 def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric: str) -> str:
-    """``mean ± std over seeds (pooled bootstrap)``; a one-seed row has no spread: the bootstrap alone."""
+    """``mean ± std over seeds (pooled bootstrap)``; a one-seed row has no spread: the bootstrap alone. A row
+    of several seeds of which one has the metric defined (the others predicted nothing) says so."""
     scale = _scale(metric)
-    mean, std = _stats().seed_spread([seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
+    means = [seed_mean(e, metric) for _, e in row.evaluated(checkpoint)]
+    mean, std = _stats().seed_spread(means)
+    defined = sum(not math.isnan(m) for m in means)
+    if len(means) > 1 and defined == 1:
+        return f"{mean * scale:.2f} (1 of {len(means)} seeds defined) ({_fmt(pooled.get(metric), scale)})"
     if math.isnan(std):
         return _fmt(pooled.get(metric), scale)
     return f"{mean * scale:.2f} ± {std * scale:.2f} ({_fmt(pooled.get(metric), scale)})"
