@@ -11,6 +11,7 @@ with the reason when ``/usr/bin/chromium`` (Debian package ``chromium``) is abse
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -231,3 +232,16 @@ def test_a_log_of_one_record_draws_its_points(tmp_path: Path) -> None:
 
     fig = plot_training_curves([{"step": 10, "loss": 0.5}], tmp_path / "curves.png")
     assert fig is not None and _pixels_near(fig.path, "#1f77b4") > 10  # matplotlib's first colour; no legend
+
+
+def test_an_evaluation_of_an_earlier_iteration_is_noted(supervised_run: Path, tmp_path: Path) -> None:
+    # A run still training: crln evaluate scored checkpoint_latest.pt at some iteration, training went on since.
+    run = tmp_path / "copy"
+    shutil.copytree(supervised_run, run)
+    summary_path = run / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "checkpoint_step": 3}))
+    result = build_report(run, tmp_path / "rep", progress=False)
+    (note,) = result.notes
+    assert note.startswith("the evaluation scored iteration 3, these figures show checkpoint_final.pt at iteration 6")
+    assert note.endswith(f"run `crln evaluate {run}` again to score it")

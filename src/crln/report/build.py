@@ -398,6 +398,14 @@ def _case_figures(
         output.missing(section, f"cannot load {checkpoint_path.name}: {err}")
         return None
     ckpt_config = predictor.config
+    evaluated = (summary or {}).get("checkpoint_step")
+    if evaluated is not None and evaluated != predictor.step:  # a run still training, evaluated a while ago
+        output.missing(
+            section,
+            f"the evaluation scored iteration {evaluated}, these figures show {checkpoint_path.name} at iteration "
+            f"{predictor.step} (the Dice in their titles is the evaluation's): run `crln evaluate {run.path}` "
+            "again to score it",
+        )
     root = Path(str((summary or {}).get("data_root") or ckpt_config.data.root))
     loaded = _shown_cases(root, ckpt_config, per_case, summary, section, output)
     if loaded is None:
