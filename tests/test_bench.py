@@ -378,3 +378,13 @@ def test_a_metric_undefined_for_every_case_of_one_seed_is_not_shown_as_a_one_see
     (line,) = [x for x in run_plan(plan, progress=False).read_text().splitlines() if x.startswith("| New | final")]
     # Seed 2's mean 95HD is 8.33; the cell says it stands for 1 of the row's 2 seeds, then the pooled bootstrap.
     assert "| 8.33 (1 of 2 seeds defined) (8.45 ± 0.73 (3 undef.)) |" in line
+
+
+def test_no_train_before_any_run_finished_writes_a_table_saying_so(tmp_path: Path, phantom_root: Path) -> None:
+    # crln bench PLAN --no-train prints "table written: PATH": that file must exist and not claim results.
+    plan = _supervised_and_mean_teacher(tmp_path, phantom_root)
+    plan.write_text(plan.read_text() + "reference: Sup\n")
+    table = run_plan(plan, progress=False, train_missing=False).read_text()
+    assert "No run of this plan has finished yet." in table and "Warning" not in table
+    assert not [line for line in table.splitlines() if line.startswith("| Sup")]
+    assert not (tmp_path / "runs").exists()

@@ -399,6 +399,8 @@ def _data_lines(rows: list[RowResult]) -> list[str]:
         for s in row.seeds
         for e in s.evals.values()
     }
+    if not hashes:
+        return ["No run of this plan has finished yet."]
     if len(hashes) == 1:
         ((digest, n),) = hashes.items()
         return [f"Every evaluation scored the same {n} cases (case-list sha256 `{digest[:16]}`)."]
@@ -581,7 +583,7 @@ def run_plan(
     """
     plan = load_plan(plan_path)  # checked before torch loads
     out_path = _table_path(Path(out) if out else Path(plan_path).with_suffix(".md"))
-    collect_rows(
+    rows = collect_rows(
         plan,
         dry_run=dry_run,
         progress=progress,
@@ -590,6 +592,8 @@ def run_plan(
         train_missing=train_missing,
         on_update=lambda rows: _write_table(plan, rows, out_path),
     )
+    if not rows and not dry_run:  # e.g. --no-train before any run finished: a table that says so
+        _write_table(plan, rows, out_path)
     return out_path
 
 
