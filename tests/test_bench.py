@@ -123,6 +123,7 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
         ("reference: Nope\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
         ("reference: [Nope]\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
         ("evaluate: {checkpoint: latest}\nruns:\n  - config: demo\n", "expected final, best or a list"),
+        ("evaluate: {checkpoint: [final, final]}\nruns:\n  - config: demo\n", "expected final, best or a list"),
         ("runs:\n  - config: demo\nextra: 1\n", "unknown key extra"),
         (
             "runs:\n  - config: demo\n    overridez: [optim.lr=1]\n",

@@ -210,6 +210,11 @@ def _checkpoints(plan: BenchPlan) -> list[str]:
         raise CrlnError(
             f"bench plan {plan.path}: key evaluate.checkpoint: expected final, best or a list of them, got {value!r}"
         )
+    if len(set(chosen)) != len(chosen):  # each would get its table line twice
+        raise CrlnError(
+            f"bench plan {plan.path}: key evaluate.checkpoint: expected final, best or a list of them, each once, "
+            f"got {value!r}"
+        )
     return chosen
 
 
