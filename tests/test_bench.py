@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,6 +13,8 @@ import pytest
 
 from conftest import tiny_overrides
 from crln.bench import load_plan, run_plan
+from crln.cli import main
+from crln.engine.callbacks import Callback
 from crln.engine.run_folder import RunFolder, case_lists_sha256
 from crln.errors import CrlnError
 from crln.report.bench_figures import smooth, smoothing_window
@@ -119,6 +123,7 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
         ("reference: Nope\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
         ("reference: [Nope]\nruns:\n  - config: demo\n", "'Nope' is not the name of a run"),
         ("evaluate: {checkpoint: latest}\nruns:\n  - config: demo\n", "expected final, best or a list"),
+        ("evaluate: {checkpoint: [final, final]}\nruns:\n  - config: demo\n", "expected final, best or a list"),
         ("runs:\n  - config: demo\nextra: 1\n", "unknown key extra"),
         (
             "runs:\n  - config: demo\n    overridez: [optim.lr=1]\n",
@@ -127,11 +132,36 @@ def test_a_row_sharing_a_run_evaluates_its_own_network_without_training(tmp_path
         ("runs:\n  - config: demo\nevaluate: {splitt: test}\n", "evaluate.splitt: .*did you mean 'split'"),
         ("runs:\n  - config: demo\nseedz: [1]\n", "did you mean 'seeds'"),
         ("evaluate: {validation: 1}\nruns:\n  - config: demo\n", "evaluate.validation: expected true or false"),
+        (
+            "evaluate: {largest_component: maybe}\nruns:\n  - config: demo\n",
+            "evaluate.largest_component: expected true",
+        ),
+        ("evaluate: {split: 5}\nruns:\n  - config: demo\n", "evaluate.split: expected the name of a case list"),
+        ("evaluate: []\nruns:\n  - config: demo\n", "key evaluate must be a mapping"),
+        (
+            "runs:\n  - name: A\n    config: demo\n  - name: A\n    config: demo\n",
+            r"runs\[1\].name: 'A' is also the name of runs\[0\]; expected distinct names",
+        ),
+        # A row's config error names the row, among the many a plan may have.
+        (
+            "runs:\n  - config: demo\n  - name: B\n    config: demo\n    overrides: [optim.lrr=1]\n",
+            r"runs\[1\] \(B\): unknown",
+        ),
+        ("runs:\n  - config: nopreset\n", r"plan.yaml: runs\[0\] \(nopreset\): config 'nopreset': no such"),
     ],
 )
 def test_bad_plans(tmp_path: Path, phantom_root: Path, body: str, fragment: str) -> None:
     with pytest.raises(CrlnError, match=fragment):
         load_plan(_plan(tmp_path, phantom_root, body))
+
+
+@pytest.mark.parametrize(
+    ("seeds", "fragment"),
+    [("[1, 2, 1]", r"key seeds lists 1 more than once"), ("[true]", "non-empty list of integers"), ("'1'", "integers")],
+)
+def test_bad_seeds(tmp_path: Path, phantom_root: Path, seeds: str, fragment: str) -> None:
+    with pytest.raises(CrlnError, match=fragment):
+        load_plan(_plan(tmp_path, phantom_root, "runs:\n  - config: demo\n", seeds))
 
 
 @pytest.mark.parametrize(
@@ -272,3 +302,90 @@ def test_table_from_fake_evaluations(tmp_path: Path, phantom_root: Path) -> None
     assert "Every evaluation scored the same 3 cases" in table
     for suffix in ("dice", "paired", "paired_2"):
         assert f"]({plan.stem}_{suffix}.png)" in table and (tmp_path / f"{plan.stem}_{suffix}.png").is_file()
+
+
+def test_a_row_whose_config_keeps_the_largest_component_is_tabled(tmp_path: Path, phantom_root: Path) -> None:
+    # eval.largest_component=true (la_bcp, pancreas_bcp) makes crln evaluate write eval_test_final_lcc/, not eval/:
+    # the bench reads what it asked for, and finds it again on the next call instead of evaluating once more.
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "evaluate: {checkpoint: final, validation: false}\n"
+        "runs:\n  - name: LCC\n    config: demo\n    overrides: [eval.largest_component=true]\n",
+        seeds="[1]",
+    )
+    assert "| LCC | final | 1 | " in run_plan(plan, progress=False).read_text()
+    (summary,) = (tmp_path / "runs").rglob("summary.json")
+    assert summary.parent.name == "eval_test_final_lcc" and json.loads(summary.read_text())["largest_component"]
+    before = summary.stat().st_mtime_ns
+    run_plan(plan, progress=False)
+    assert summary.stat().st_mtime_ns == before
+
+
+class _SignalAt(Callback):
+    """Sends this process SIGINT as iteration ``step`` ends, as Ctrl-C in the terminal of ``crln bench`` would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, run: object, step: int, out: object) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_interrupted_bench_says_how_to_continue_it(
+    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import crln.engine.trainer as trainer_module
+
+    real_train = trainer_module.train
+    monkeypatch.setattr(
+        trainer_module, "train", lambda config, **kw: real_train(config, callbacks=[_SignalAt(0)], **kw)
+    )
+    plan = _plan(
+        tmp_path, phantom_root, "evaluate: {validation: false}\nruns:\n  - name: Sup\n    config: demo\n", "[1]"
+    )
+    assert main(["bench", str(plan), "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip()
+    # crln bench has no --resume: the same bench command resumes the run.
+    assert re.match(r"crln: stopped by SIGINT after iteration \d+; checkpoint saved in ", err) and "--resume" not in err
+    assert err.endswith("run the same command again: it resumes this run from that checkpoint")
+    monkeypatch.setattr(trainer_module, "train", real_train)
+    assert "| Sup | final | 1 |" in run_plan(plan, progress=False).read_text()
+
+
+def test_a_table_path_that_cannot_be_written_is_refused_before_any_training(tmp_path: Path, phantom_root: Path) -> None:
+    plan = _plan(tmp_path, phantom_root, "runs:\n  - name: Sup\n    config: demo\n", "[1]")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CrlnError, match=r"--out .*folder: an existing folder, expected the table's file"):
+        run_plan(plan, out=tmp_path / "folder", progress=False)
+    with pytest.raises(CrlnError, match=r"--out .*plan.yaml/table.md: its folder .*plan.yaml: an existing file"):
+        run_plan(plan, out=plan / "table.md", progress=False)
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "plan.yaml"]
+
+
+def test_a_metric_undefined_for_every_case_of_one_seed_is_not_shown_as_a_one_seed_cell(
+    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # New's seed 1 predicted nothing on every case: its 95HD is undefined, so the over-seeds std is too.
+    monkeypatch.setitem(FAKE, ("New", 1, "final"), [(0.0, float("nan"))] * 3)
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "evaluate: {checkpoint: final}\nruns:\n  - name: New\n    config: demo\n    overrides: [train.tag=new]\n",
+    )
+    for seed in (1, 2):
+        _fake_run(RunFolder(tmp_path / "runs" / "phantom" / "supervised__vnet__new" / f"seed{seed}"), seed, "New")
+    (line,) = [x for x in run_plan(plan, progress=False).read_text().splitlines() if x.startswith("| New | final")]
+    # Seed 2's mean 95HD is 8.33; the cell says it stands for 1 of the row's 2 seeds, then the pooled bootstrap.
+    assert "| 8.33 (1 of 2 seeds defined) (8.45 ± 0.73 (3 undef.)) |" in line
+
+
+def test_no_train_before_any_run_finished_writes_a_table_saying_so(tmp_path: Path, phantom_root: Path) -> None:
+    # crln bench PLAN --no-train prints "table written: PATH": that file must exist and not claim results.
+    plan = _supervised_and_mean_teacher(tmp_path, phantom_root)
+    plan.write_text(plan.read_text() + "reference: Sup\n")
+    table = run_plan(plan, progress=False, train_missing=False).read_text()
+    assert "No run of this plan has finished yet." in table and "Warning" not in table
+    assert not [line for line in table.splitlines() if line.startswith("| Sup")]
+    assert not (tmp_path / "runs").exists()

@@ -11,6 +11,7 @@ with the reason when ``/usr/bin/chromium`` (Debian package ``chromium``) is abse
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -194,3 +195,53 @@ def test_report_loads_in_headless_chromium(crln_run: Path, tmp_path: Path) -> No
     assert shot.is_file(), proc.stderr[-2000:]
     pixels = mpimg.imread(shot)
     assert pixels.shape[:2] == (1600, 1280) and float(np.std(pixels[..., :3])) > 0.01
+
+
+def test_report_of_a_run_still_training_reads_what_crln_evaluate_wrote(supervised_run: Path, tmp_path: Path) -> None:
+    # While checkpoint_final.pt is missing, crln evaluate RUN scores checkpoint_latest.pt into eval_test_latest/;
+    # the report's "run crln evaluate" advice must lead to a report that shows that evaluation.
+    run = tmp_path / "training"
+    shutil.copytree(
+        supervised_run, run, ignore=shutil.ignore_patterns("checkpoint_final.pt", "checkpoint_best.pt", "eval*")
+    )
+    assert any("no evaluation yet" in n for n in build_report(run, tmp_path / "before", progress=False).notes)
+    evaluate(run, limit=2, device="cpu", progress=False)
+    assert (run / "eval_test_latest" / "summary.json").is_file()
+    result = build_report(run, tmp_path / "after", progress=False)
+    assert result.notes == [] and "Per case, worst first" in result.html.read_text()
+    assert "checkpoint checkpoint_latest.pt" in result.html.read_text()
+
+
+def test_report_of_a_run_keeping_the_largest_component_reads_its_evaluation(phantom_root: Path, tmp_path: Path) -> None:
+    run = _run(phantom_root, tmp_path / "runs", **{"eval.largest_component": "true"})
+    evaluate(run, limit=2, device="cpu", progress=False)  # writes eval_test_final_lcc/
+    result = build_report(run, tmp_path / "rep", progress=False)
+    assert result.notes == [] and "largest component True" in result.html.read_text()
+
+
+def _pixels_near(path: Path, color: str) -> int:
+    """How many pixels of the PNG at ``path`` are within a small distance of ``color`` (``#rrggbb``)."""
+    rgb = np.array([int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+    pixels = mpimg.imread(path)[..., :3]
+    return int((np.abs(pixels - rgb).max(axis=-1) < 0.08).sum())
+
+
+def test_a_log_of_one_record_draws_its_points(tmp_path: Path) -> None:
+    # A run reported early (one log_every so far) has one point per series: a line through it is invisible.
+    from crln.report.figures import plot_training_curves
+
+    fig = plot_training_curves([{"step": 10, "loss": 0.5}], tmp_path / "curves.png")
+    assert fig is not None and _pixels_near(fig.path, "#1f77b4") > 10  # matplotlib's first colour; no legend
+
+
+def test_an_evaluation_of_an_earlier_iteration_is_noted(supervised_run: Path, tmp_path: Path) -> None:
+    # A run still training: crln evaluate scored checkpoint_latest.pt at some iteration, training went on since.
+    run = tmp_path / "copy"
+    shutil.copytree(supervised_run, run)
+    summary_path = run / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "checkpoint_step": 3}))
+    result = build_report(run, tmp_path / "rep", progress=False)
+    (note,) = result.notes
+    assert note.startswith("the evaluation scored iteration 3, these figures show checkpoint_final.pt at iteration 6")
+    assert note.endswith(f"run `crln evaluate {run}` again to score it")

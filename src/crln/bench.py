@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crln.atomic import atomic_write_text
+from crln.atomic import atomic_write_text, check_output_dir
 from crln.config import check_known_keys, load_config, load_yaml
-from crln.errors import CrlnError
+from crln.errors import CrlnError, RunInterrupted
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -128,35 +128,69 @@ def load_plan(path: str | Path) -> BenchPlan:
                 _strings(item.get("overrides"), f"runs[{i}].overrides"),
             )
         )
-    seeds = raw.get("seeds", [1337])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
-        raise CrlnError(f"bench plan {path}: key seeds must be a non-empty list of integers, got {seeds!r}")
-    evaluate = raw.get("evaluate") or {}
-    if not isinstance(evaluate, dict):
-        raise CrlnError(
-            f"bench plan {path}: key evaluate must be a mapping (split, checkpoint, largest_component, validation)"
-        )
-    check_known_keys(
-        evaluate, ["split", "checkpoint", "largest_component", "validation"], source=source, prefix="evaluate."
-    )
-    if not isinstance(evaluate.get("validation", True), bool):
-        got = evaluate["validation"]
-        raise CrlnError(f"bench plan {path}: key evaluate.validation: expected true or false, got {got!r}")
+    _check_names(runs, path)
+    seeds = _seeds(raw.get("seeds", [1337]), path)
+    evaluate = _evaluate(raw.get("evaluate"), path)
     plan = BenchPlan(
         str(raw.get("title", path.stem)), runs, seeds, _strings(raw.get("overrides"), "overrides"), evaluate, path
     )
     plan.references = _references(raw.get("reference"), plan)
     _checkpoints(plan)
-    for run in plan.runs:
+    for i, run in enumerate(plan.runs):
         for seed in plan.seeds:
-            load_config(run.config, _run_overrides(plan, run, seed))
+            try:
+                load_config(run.config, _run_overrides(plan, run, seed))
+            except CrlnError as err:  # a plan may have many rows: say which one
+                raise CrlnError(f"bench plan {path}: runs[{i}] ({run.name}): {err}") from None
     return plan
+
+
+def _check_names(runs: list[BenchRun], path: Path) -> None:
+    """Row names are distinct: the table, ``reference`` and ``--row`` name rows by them."""
+    first: dict[str, int] = {}
+    for i, run in enumerate(runs):
+        j = first.setdefault(run.name, i)
+        if j != i:
+            raise CrlnError(
+                f"bench plan {path}: runs[{i}].name: {run.name!r} is also the name of runs[{j}]; expected distinct "
+                "names (a row without a name is named after its config)"
+            )
+
+
+def _seeds(value: Any, path: Path) -> list[int]:
+    """``seeds``: distinct integers (a seed listed twice would count one run twice in the table)."""
+    integers = isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    if not integers or not value:
+        raise CrlnError(f"bench plan {path}: key seeds must be a non-empty list of integers, got {value!r}")
+    repeated = sorted({s for s in value if value.count(s) > 1})
+    if repeated:
+        listed = ", ".join(map(str, repeated))
+        raise CrlnError(f"bench plan {path}: key seeds lists {listed} more than once, expected distinct seeds")
+    return value
+
+
+def _evaluate(value: Any, path: Path) -> dict[str, Any]:
+    """``evaluate``: a mapping of split (a case list's name), checkpoint, largest_component and validation."""
+    evaluate = {} if value is None else value
+    if not isinstance(evaluate, dict):
+        raise CrlnError(
+            f"bench plan {path}: key evaluate must be a mapping (split, checkpoint, largest_component, validation)"
+        )
+    keys = ["split", "checkpoint", "largest_component", "validation"]
+    check_known_keys(evaluate, keys, source=f"bench plan {path}", prefix="evaluate.")
+    for key in ("validation", "largest_component"):
+        if key in evaluate and not isinstance(evaluate[key], bool):
+            raise CrlnError(f"bench plan {path}: key evaluate.{key}: expected true or false, got {evaluate[key]!r}")
+    split = evaluate.get("split")
+    if split is not None and (not isinstance(split, str) or not split):
+        raise CrlnError(f"bench plan {path}: key evaluate.split: expected the name of a case list, got {split!r}")
+    return evaluate
 
 
 def _references(value: Any, plan: BenchPlan) -> list[str]:
     """``reference``: one run name or a list of them (each gets its own paired table and figure)."""
     names = [run.name for run in plan.runs]
-    chosen = _strings(value, "reference") if isinstance(value, list) else ([] if value is None else [value])
+    chosen = _strings(value, "reference") if isinstance(value, list) else ([] if value is None else [str(value)])
     for name in chosen:
         if name not in names:
             raise CrlnError(f"bench plan {plan.path}: key reference: {name!r} is not the name of a run ({names})")
@@ -175,6 +209,11 @@ def _checkpoints(plan: BenchPlan) -> list[str]:
     if not isinstance(chosen, list) or not chosen or any(c not in CHECKPOINTS for c in chosen):
         raise CrlnError(
             f"bench plan {plan.path}: key evaluate.checkpoint: expected final, best or a list of them, got {value!r}"
+        )
+    if len(set(chosen)) != len(chosen):  # each would get its table line twice
+        raise CrlnError(
+            f"bench plan {plan.path}: key evaluate.checkpoint: expected final, best or a list of them, each once, "
+            f"got {value!r}"
         )
     return chosen
 
@@ -247,9 +286,14 @@ def seed_mean(evaluation: Evaluation, metric: str) -> float:
 
 
 def _metric_cell(row: RowResult, checkpoint: str, pooled: dict[str, Any], metric: str) -> str:
-    """``mean ± std over seeds (pooled bootstrap)``; a one-seed row has no spread: the bootstrap alone."""
+    """``mean ± std over seeds (pooled bootstrap)``; a one-seed row has no spread: the bootstrap alone. A row
+    of several seeds of which one has the metric defined (the others predicted nothing) says so."""
     scale = _scale(metric)
-    mean, std = _stats().seed_spread([seed_mean(e, metric) for _, e in row.evaluated(checkpoint)])
+    means = [seed_mean(e, metric) for _, e in row.evaluated(checkpoint)]
+    mean, std = _stats().seed_spread(means)
+    defined = sum(not math.isnan(m) for m in means)
+    if len(means) > 1 and defined == 1:
+        return f"{mean * scale:.2f} (1 of {len(means)} seeds defined) ({_fmt(pooled.get(metric), scale)})"
     if math.isnan(std):
         return _fmt(pooled.get(metric), scale)
     return f"{mean * scale:.2f} ± {std * scale:.2f} ({_fmt(pooled.get(metric), scale)})"
@@ -360,6 +404,8 @@ def _data_lines(rows: list[RowResult]) -> list[str]:
         for s in row.seeds
         for e in s.evals.values()
     }
+    if not hashes:
+        return ["No run of this plan has finished yet."]
     if len(hashes) == 1:
         ((digest, n),) = hashes.items()
         return [f"Every evaluation scored the same {n} cases (case-list sha256 `{digest[:16]}`)."]
@@ -497,17 +543,18 @@ def _evaluation(
 
     if not folder.checkpoint(checkpoint).exists():
         return None
-    ev = plan.evaluate
-    summary_path = _summary_path(folder, config, ev, checkpoint, split)
+    lcc = _largest_component(plan, config)
+    summary_path = _summary_path(folder, config, lcc, checkpoint, split)
     if not summary_path.exists():
         print(f"[bench] evaluating {label}, {checkpoint} checkpoint on {split or 'the test list'}", flush=True)
         evaluate(
             folder.path,
             split=split,
             checkpoint=checkpoint,
-            largest_component=ev.get("largest_component"),
+            largest_component=lcc,
             progress=progress,
             network=config.eval.network,
+            out_dir=summary_path.parent,  # where the table reads it, whatever the run folder's own config says
         )
     per_case = {
         str(r["case"]): {k: v for k, v in r.items() if k not in ("case", "seconds")}
@@ -540,8 +587,8 @@ def run_plan(
     finished runs are evaluated (what they lack) and tabled. The table is rewritten after every seed.
     """
     plan = load_plan(plan_path)  # checked before torch loads
-    out_path = Path(out) if out else Path(plan_path).with_suffix(".md")
-    collect_rows(
+    out_path = _table_path(Path(out) if out else Path(plan_path).with_suffix(".md"))
+    rows = collect_rows(
         plan,
         dry_run=dry_run,
         progress=progress,
@@ -550,7 +597,17 @@ def run_plan(
         train_missing=train_missing,
         on_update=lambda rows: _write_table(plan, rows, out_path),
     )
+    if not rows and not dry_run:  # e.g. --no-train before any run finished: a table that says so
+        _write_table(plan, rows, out_path)
     return out_path
+
+
+def _table_path(path: Path) -> Path:
+    """``path`` as the table's file, checked before any training: not a folder, no file above it."""
+    if path.is_dir():
+        raise CrlnError(f"--out {path}: an existing folder, expected the table's file (e.g. {path / 'table.md'})")
+    check_output_dir(path.parent, f"--out {path}: its folder")
+    return path
 
 
 def collect_rows(
@@ -570,7 +627,6 @@ def collect_rows(
         raise CrlnError(f"bench plan {plan.path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
     rows_to_train = select_rows(plan, only_rows) if only_rows else set(range(len(plan.runs)))
     from crln.engine.run_folder import RunFolder
-    from crln.engine.trainer import train
     from crln.methods import method_class
 
     rows: list[RowResult] = []
@@ -594,7 +650,7 @@ def collect_rows(
             else:
                 resume = folder.checkpoint("latest").exists()
                 print(f"[bench] {'resuming' if resume else 'training'} {label}", flush=True)
-                train(config, resume=resume, progress=progress)
+                _train(config, resume, progress)
             result = SeedResult(seed, _command(plan, run, seed), folder.path, _training_stats(folder.path))
             result.split_sha256 = _split_sha256(folder)
             for checkpoint in _checkpoints(plan):
@@ -608,6 +664,17 @@ def collect_rows(
             if on_update is not None:
                 on_update(rows)
     return rows
+
+
+def _train(config: Any, resume: bool, progress: bool) -> None:
+    """Train (or resume) one (run, seed); a stop by signal says how a bench continues: it has no ``--resume``."""
+    from crln.engine.trainer import train
+
+    try:
+        train(config, resume=resume, progress=progress)
+    except RunInterrupted as stop:
+        how = "run the same command again: it resumes this run from that checkpoint"
+        raise RunInterrupted(f"{stop.stopped}; {how}", stop.signal_name, stop.stopped) from None
 
 
 def _check_finished_run(plan: BenchPlan, folder: RunFolder, config: Any, label: str) -> None:
@@ -658,14 +725,20 @@ def _validation(
     return _evaluation(plan, config, folder, checkpoint, label, progress, VALIDATION_SPLIT)
 
 
-def _summary_path(folder: RunFolder, config: Any, ev: dict[str, Any], checkpoint: str, split: str | None) -> Path:
+def _largest_component(plan: BenchPlan, config: Any) -> bool:
+    """The plan's ``evaluate.largest_component``, else the row's ``eval.largest_component`` (as crln evaluate)."""
+    value = plan.evaluate.get("largest_component")
+    return config.eval.largest_component if value is None else bool(value)
+
+
+def _summary_path(folder: RunFolder, config: Any, lcc: bool, checkpoint: str, split: str | None) -> Path:
     from crln.evaluation import eval_dir_name
 
     split = split or config.data.test_split
     name = eval_dir_name(
         split,
         checkpoint,
-        bool(ev.get("largest_component")),
+        lcc,
         default_split=config.data.test_split,
         default_checkpoint=config.eval.checkpoint,
         network=_other_network(folder, config),

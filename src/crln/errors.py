@@ -34,11 +34,14 @@ class RunInterrupted(Exception):
     Args:
         message: what happened and how to continue.
         signal_name: ``"SIGINT"`` or ``"SIGTERM"`` (``None``: another process of the job got it).
+        stopped: what happened alone (default ``message``), for a caller that continues the run another way
+            (``crln bench`` resumes it when run again; it has no ``--resume``).
     """
 
-    def __init__(self, message: str, signal_name: str | None = None) -> None:
+    def __init__(self, message: str, signal_name: str | None = None, stopped: str | None = None) -> None:
         super().__init__(message)
         self.signal_name = signal_name
+        self.stopped = stopped or message
 
     @property
     def exit_code(self) -> int:

@@ -42,6 +42,7 @@ __all__ = [
     "eval_dir_name",
     "evaluate",
     "format_summary_table",
+    "own_eval_dir",
     "predict_files",
 ]
 
@@ -72,13 +73,32 @@ def _resolve_checkpoint(target: str | Path, which: str | None) -> tuple[Path, Pa
         return path, (path.parent if (path.parent / "config.yaml").exists() else None)
     if path.is_dir():
         folder = RunFolder(path)
-        which = which or _configured_checkpoint(folder)
-        order = ["final", "latest"] if which == "final" else [which]
+        order = _checkpoint_order(which or _configured_checkpoint(folder))
         for name in order:
             if folder.checkpoint(name).exists():
                 return folder.checkpoint(name), path
         raise CrlnError(f"run folder {path}: no checkpoint_{'/'.join(order)}.pt (did training finish?)")
     raise CrlnError(f"{path}: no such run folder or checkpoint file")
+
+
+def _checkpoint_order(which: str) -> list[str]:
+    """The checkpoints that stand for ``which``, first found first: ``final`` falls back to ``latest``."""
+    return ["final", "latest"] if which == "final" else [which]
+
+
+def own_eval_dir(folder: RunFolder, config: RunConfig) -> Path:
+    """The folder that ``crln evaluate RUN`` writes with no option: ``eval/``, or e.g. ``eval_test_latest/``
+    for a run still training and ``eval_test_final_lcc/`` for one whose ``eval.largest_component`` is set."""
+    order = _checkpoint_order(config.eval.checkpoint)
+    which = next((name for name in order if folder.checkpoint(name).exists()), order[0])
+    split = config.data.test_split
+    return folder.path / eval_dir_name(
+        split,
+        which,
+        config.eval.largest_component,
+        default_split=split,
+        default_checkpoint=config.eval.checkpoint,
+    )
 
 
 def _check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:

@@ -218,11 +218,11 @@ class SignalStop(Callback):
         # torchrun forwards the signal to every process, not always within the same iteration: agree.
         if distributed.any_process(self.signal_name is not None):
             run.checkpoint("latest", run.completed)
-            raise RunInterrupted(
+            stopped = (
                 f"stopped by {self.signal_name or 'a signal to another process'} after iteration {run.completed}; "
-                f"checkpoint saved in {run.folder.path}; continue with the same command and --resume",
-                self.signal_name,
+                f"checkpoint saved in {run.folder.path}"
             )
+            raise RunInterrupted(f"{stopped}; continue with the same command and --resume", self.signal_name, stopped)
 
     def on_train_end(self, run: RunState) -> None:
         for sig, handler in self._previous.items():

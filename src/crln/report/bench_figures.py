@@ -27,7 +27,7 @@ import numpy as np
 from crln.comparison import PairedDifference
 from crln.methods.base import TimelineMark
 from crln.metrics import PERCENT, Metric, metric_of
-from crln.report.figures import SavedFigure, save_figure
+from crln.report.figures import SavedFigure, point_marker, save_figure
 
 __all__ = [
     "LoggedRun",
@@ -207,7 +207,10 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
                 x, y = _series(run.records, key)
                 if x.size:
                     ax.plot(x, y, color=color, alpha=0.2, lw=0.8)
-                    ax.plot(x, smooth(y, smoothing_window(y.size)), color=color, lw=1.6, label=f"{label} rectification")
+                    smoothed = smooth(y, smoothing_window(y.size))
+                    ax.plot(
+                        x, smoothed, color=color, lw=1.6, marker=point_marker(x.size), label=f"{label} rectification"
+                    )
             for mark in run.marks:
                 ax.axvline(mark.step, color="grey", ls="--", lw=1, label=mark.label)
             ax.set_ylim(-0.02, 1.02)
@@ -227,7 +230,7 @@ def plot_mu(runs: Sequence[LoggedRun], path: str | Path) -> SavedFigure | None:
     fig, ax = plt.subplots(figsize=(7.0, 3.8), layout="constrained")
     for run in runs:
         x, y = _series(run.records, "mu")
-        ax.plot(x, y, lw=1.5, label=run.name)
+        ax.plot(x, y, lw=1.5, marker=point_marker(x.size), label=run.name)
     for step in sorted({mark.step for run in runs for mark in run.marks}):
         ax.axvline(step, color="grey", ls="--", lw=1)
     ax.set_xlabel("iteration")

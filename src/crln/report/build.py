@@ -198,6 +198,7 @@ def build_report(
     when ``run_dir`` is not a run folder, ``out_dir`` is a file, or an option is out of range.
     """
     from crln.engine.device import resolve_device
+    from crln.evaluation import own_eval_dir
     from crln.methods import method_class
 
     start = time.perf_counter()
@@ -220,7 +221,7 @@ def build_report(
     marks = method_cls.timeline_marks(config.method)
     facts = _facts_section(run, config, records, method_cls)
     curves = _curves_section(records, marks, config.method.name, output)
-    evaluation, per_case, summary = _evaluation_section(run, output)
+    evaluation, per_case, summary = _evaluation_section(run, own_eval_dir(run, config), output)
     cases = _case_sections(run, config, per_case, summary, dev, (stride, sw_batch_size), output)
     sections = [facts, curves, evaluation, *cases]
     if result.notes:
@@ -312,10 +313,13 @@ def _curves_section(
     return curves
 
 
-def _evaluation_section(run: RunFolder, output: _Output) -> tuple[Section, list[dict[str, Any]], dict[str, Any] | None]:
-    """The run's evaluation (summary and per-case tables), with the per-case rows and the summary it read."""
+def _evaluation_section(
+    run: RunFolder, eval_dir: Path, output: _Output
+) -> tuple[Section, list[dict[str, Any]], dict[str, Any] | None]:
+    """The run's evaluation in ``eval_dir`` (summary and per-case tables), with the per-case rows and the
+    summary it read."""
     evaluation = Section("Evaluation")
-    per_case_path, summary_path = run.eval_dir / "per_case.csv", run.eval_dir / "summary.json"
+    per_case_path, summary_path = eval_dir / "per_case.csv", eval_dir / "summary.json"
     per_case: list[dict[str, Any]] = []
     summary = _read_json(summary_path) if summary_path.is_file() else None
     if per_case_path.is_file():
@@ -394,6 +398,14 @@ def _case_figures(
         output.missing(section, f"cannot load {checkpoint_path.name}: {err}")
         return None
     ckpt_config = predictor.config
+    evaluated = (summary or {}).get("checkpoint_step")
+    if evaluated is not None and evaluated != predictor.step:  # a run still training, evaluated a while ago
+        output.missing(
+            section,
+            f"the evaluation scored iteration {evaluated}, these figures show {checkpoint_path.name} at iteration "
+            f"{predictor.step} (the Dice in their titles is the evaluation's): run `crln evaluate {run.path}` "
+            "again to score it",
+        )
     root = Path(str((summary or {}).get("data_root") or ckpt_config.data.root))
     loaded = _shown_cases(root, ckpt_config, per_case, summary, section, output)
     if loaded is None:

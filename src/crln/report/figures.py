@@ -43,6 +43,7 @@ __all__ = [
     "plot_slice_overlay",
     "plot_surface_render",
     "plot_training_curves",
+    "point_marker",
     "save_figure",
 ]
 
@@ -81,6 +82,12 @@ def save_figure(fig: Figure, path: str | Path) -> SavedFigure:
 
 
 # --- training curves -------------------------------------------------------------------------
+
+
+def point_marker(n_points: int) -> str | None:
+    """The marker of a logged series: a dot when it has one point (a run reported early), since a line
+    through one point draws nothing; none otherwise."""
+    return "o" if n_points == 1 else None
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +176,8 @@ def plot_training_curves(
             x, y = _series(records, key)
             if not len(x):
                 continue
-            ax.plot(x, y, color=color, label=label, lw=1.4, marker="o" if opts.get("markers") else None, ms=4)
+            marker = "o" if opts.get("markers") else point_marker(x.size)
+            ax.plot(x, y, color=color, label=label, lw=1.4, marker=marker, ms=4)
         if opts.get("log"):
             _, ys = _series(records, keys[0][0])
             if len(ys) and np.all(ys > 0) and ys.max() / max(ys.min(), 1e-12) > 20:
