@@ -211,6 +211,22 @@ def test_non_finite_weights_are_never_checkpointed(
     assert kept["step"] == CHECKPOINT_EVERY and _weights_finite(kept)
 
 
+def test_a_divergence_carries_its_iteration_for_callers_that_record_it() -> None:
+    # crln bench records the iteration (diverged.json) from this field, not by parsing the message.
+    from crln.engine.state import _check_finite_weights
+    from crln.engine.trainer import _check_finite
+    from crln.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="at iteration 5;") as loss:
+        _check_finite({"loss": torch.tensor(float("inf"))}, 4)  # 0-based step 4: the 5th iteration
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="after iteration 4;") as weights:
+        _check_finite_weights(layer, 4)  # checked after 4 iterations
+    assert (loss.value.iteration, weights.value.iteration) == (5, 4)
+
+
 def test_fp16_gradient_overflow_is_skipped_by_the_scaler(
     phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

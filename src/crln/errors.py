@@ -25,7 +25,17 @@ class CrlnError(Exception):
 
 
 class TrainingDiverged(CrlnError):
-    """The loss or the weights became non-finite; the last good checkpoint is kept."""
+    """The loss or the weights became non-finite; the last good checkpoint is kept.
+
+    Args:
+        message: what diverged, where, and what to try.
+        iteration: the 1-based iteration at which it was found (the one whose loss was non-finite, or the one
+            after which the weights were); for callers that record it (``crln bench``) without parsing the text.
+    """
+
+    def __init__(self, message: str, iteration: int | None = None) -> None:
+        super().__init__(message)
+        self.iteration = iteration
 
 
 class RunInterrupted(Exception):

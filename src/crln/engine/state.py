@@ -146,7 +146,8 @@ def _check_finite_weights(method: Method, step: int) -> None:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise TrainingDiverged(
                 f"training diverged: weight {name!r} is not finite after iteration {step}; "
-                "the last good checkpoint is kept (lower optim.lr or check the data)"
+                "the last good checkpoint is kept (lower optim.lr or check the data)",
+                iteration=step,
             )
 
 

@@ -398,7 +398,8 @@ def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
         shown = ", ".join(f"{name!r} is {bad[name]}" for name in sorted(bad, key=lambda name: name == "loss"))
         raise TrainingDiverged(
             f"training diverged: loss term {shown} at iteration {step + 1}; "
-            "the last good checkpoint is kept (lower optim.lr or check the data)"
+            "the last good checkpoint is kept (lower optim.lr or check the data)",
+            iteration=step + 1,
         )
 
 
