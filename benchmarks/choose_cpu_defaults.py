@@ -120,19 +120,30 @@ def _per_seed(values: dict[int, float], seeds: list[int]) -> str:
     return f"{sum(values[s] for s in seeds) / len(seeds):.2f} ({shown})" if len(seeds) > 1 else shown
 
 
-def _plan_dice(plan_path: str, seeds: list[int]) -> tuple[dict[str, dict[int, float]], dict[str, str]]:
-    """Final val Dice (points) by row name and seed of the plan's finished runs; the selectors' row names."""
+def waiting_line(missing: list[str], diverged: dict[str, str]) -> str:
+    """The runs the rule waits for; one that diverged (``diverged``: "row (seed S)" -> "diverged at iteration N")
+    says so, as it will not finish unless retried (``crln bench`` does not train a recorded divergence again)."""
+    shown = [f"{m}: {diverged[m]}, see its diverged.json" if m in diverged else m for m in missing]
+    return "No verdict yet; waiting for: " + "; ".join(shown)
+
+
+def _plan_dice(plan_path: str, seeds: list[int]) -> tuple[dict[str, dict[int, float]], dict[str, str], dict[str, str]]:
+    """Final val Dice (points) by row name and seed of the plan's finished runs; the selectors' row names; the
+    diverged runs ("row (seed S)" -> "diverged at iteration N")."""
     from crln.bench import collect_rows, load_plan, seed_mean, select_rows
 
     plan = load_plan(plan_path)
     selectors = [*PATH_ROWS.values(), DROPOUT, *NETWORK_ROWS.values()]
     names = {sel: plan.runs[next(iter(select_rows(plan, [sel])))].name for sel in selectors}
     dice: dict[str, dict[int, float]] = {}
+    diverged: dict[str, str] = {}
     for row in collect_rows(plan, progress=False, train_missing=False):
         for result in row.seeds:
             if result.seed in seeds and "final" in result.validation:
                 dice.setdefault(row.name, {})[result.seed] = 100 * seed_mean(result.validation["final"], "dice")
-    return dice, names
+        for d in row.diverged:
+            diverged[f"{row.name} (seed {d.seed})"] = f"diverged at iteration {d.iteration}"
+    return dice, names, diverged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 2024])
     parser.add_argument("--margin", type=float, default=3.0, help="points a change must gain (default 3)")
     args = parser.parse_args(argv)
-    dice, names = _plan_dice(args.plan, args.seeds)
+    dice, names, diverged = _plan_dice(args.plan, args.seeds)
     decision = decide(dice, names, args.seeds, args.margin)
     if decision.lines:
         print("\n".join(decision.lines))
     if decision.missing:
-        print("No verdict yet; waiting for: " + "; ".join(decision.missing))
+        print(waiting_line(decision.missing, diverged))
         return 2
     return 0
 

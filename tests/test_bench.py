@@ -389,3 +389,127 @@ def test_no_train_before_any_run_finished_writes_a_table_saying_so(tmp_path: Pat
     assert "No run of this plan has finished yet." in table and "Warning" not in table
     assert not [line for line in table.splitlines() if line.startswith("| Sup")]
     assert not (tmp_path / "runs").exists()
+
+
+def _diverge_seed(monkeypatch: pytest.MonkeyPatch, seed: int, at_step: int) -> None:
+    """Supervised runs of ``seed`` get an infinite loss at (0-based) iteration ``at_step``; others train as usual."""
+    import torch
+
+    from crln.methods.supervised import Supervised
+
+    original = Supervised.train_step
+
+    def poisoned(self: Supervised, batch: object, step: int) -> dict[str, torch.Tensor]:
+        out = original(self, batch, step)
+        if step == at_step and torch.initial_seed() == seed:  # the trainer seeds torch with train.seed
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(Supervised, "train_step", poisoned)
+
+
+def test_a_diverged_seed_is_recorded_tabled_and_not_trained_again(
+    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import crln.engine.trainer as trainer_module
+    from crln.errors import EXIT_DIVERGED
+
+    plan = _supervised_and_mean_teacher(tmp_path, phantom_root)
+    plan.write_text(plan.read_text() + "evaluate: {checkpoint: final, validation: false}\n")
+    _diverge_seed(monkeypatch, seed=2, at_step=1)
+    # Sup's seed 2 diverges; the bench records it and goes on with MT, then says so with exit 3.
+    assert main(["bench", str(plan), "--no-progress"]) == EXIT_DIVERGED
+    captured = capsys.readouterr()
+    (marker,) = (tmp_path / "runs").rglob("diverged.json")
+    assert marker.parent.name == "seed2" and marker.parent.parent.name.startswith("supervised")
+    record = json.loads(marker.read_text())
+    assert record["iteration"] == 2 and "loss term 'loss' is inf" in record["message"]
+    (error,) = captured.err.strip().splitlines()
+    assert error.startswith("crln: error: ") and "Sup (seed 2) diverged at iteration 2" in error
+    assert str(marker) in error and "Traceback" not in captured.err
+    table = plan.with_suffix(".md").read_text()
+    # The diverged seed has a line of its own, and is not among the seeds of Sup's statistics.
+    assert "| Sup | final | 1 |" in table and "| MT | final | 1, 2 |" in table
+    assert "| Sup | diverged at iteration 2 | 2 |" in table
+    # Run again: the recorded divergence is not trained again (it would diverge again), and says how to retry.
+    monkeypatch.setattr(trainer_module, "train", lambda *a, **k: pytest.fail("a recorded divergence trained again"))
+    assert main(["bench", str(plan), "--no-progress"]) == EXIT_DIVERGED
+    out = capsys.readouterr().out
+    assert f"Sup (seed 2) diverged at iteration 2 (recorded in {marker}): not training it again" in out
+    assert "delete that file" in out and "train.tag" in out
+    assert "| Sup | diverged at iteration 2 | 2 |" in plan.with_suffix(".md").read_text()
+    # A call that trains nothing, or not that row, does not fail on it; the table still shows it.
+    assert main(["bench", str(plan), "--no-progress", "--no-train"]) == 0
+    assert main(["bench", str(plan), "--no-progress", "--row", "MT"]) == 0
+    assert "| Sup | diverged at iteration 2 | 2 |" in plan.with_suffix(".md").read_text()
+
+
+def test_an_unfinished_run_of_an_edited_row_is_refused_in_bench_terms(
+    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import crln.engine.trainer as trainer_module
+
+    real_train = trainer_module.train
+    monkeypatch.setattr(
+        trainer_module, "train", lambda config, **kw: real_train(config, callbacks=[_SignalAt(0)], **kw)
+    )
+    plan = _plan(
+        tmp_path, phantom_root, "evaluate: {validation: false}\nruns:\n  - name: Sup\n    config: demo\n", "[1]"
+    )
+    assert main(["bench", str(plan), "--no-progress"]) == 130  # stopped: checkpoint_latest.pt, no final
+    monkeypatch.setattr(trainer_module, "train", real_train)
+    plan.write_text(plan.read_text().replace("config: demo\n", "config: demo\n    overrides: [optim.lr=0.02]\n"))
+    with pytest.raises(CrlnError) as caught:
+        run_plan(plan, progress=False)
+    message = str(caught.value)
+    assert re.search(
+        r"Sup \(seed 1\): .*seed1 holds an unfinished run trained with another config "
+        r"\(optim.lr: 0.01 -> 0.02\); ",
+        message,
+    )
+    assert "--resume" not in message and "train.tag" in message
+
+
+def _fake_new_runs(tmp_path: Path, seeds: tuple[int, ...] = (1, 2)) -> None:
+    for seed in seeds:
+        _fake_run(RunFolder(tmp_path / "runs" / "phantom" / "supervised__vnet__new" / f"seed{seed}"), seed, "New")
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "shown", "absent"), [("final", "final", "val-best"), ("best", "val-best", "final")]
+)
+def test_the_table_header_describes_only_the_checkpoints_it_shows(
+    tmp_path: Path, phantom_root: Path, checkpoint: str, shown: str, absent: str
+) -> None:
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        f"evaluate: {{checkpoint: {checkpoint}}}\n"
+        "runs:\n  - name: New\n    config: demo\n    overrides: [train.tag=new]\n",
+    )
+    _fake_new_runs(tmp_path)
+    header = next(line for line in run_plan(plan, progress=False).read_text().splitlines() if line.startswith("Plan:"))
+    assert f"Checkpoint: {shown} (" in header and absent not in header
+
+
+def test_a_one_seed_bracket_is_the_runs_own_bootstrap_with_its_resamples(tmp_path: Path, phantom_root: Path) -> None:
+    from crln.metrics import summarize
+    from crln.results import read_per_case
+
+    plan = _plan(
+        tmp_path,
+        phantom_root,
+        "evaluate: {checkpoint: final, validation: false}\nruns:\n  - name: New\n    config: demo\n"
+        "    overrides: [train.tag=new, eval.bootstrap_resamples=7]\n",
+        seeds="[1]",
+    )
+    _fake_new_runs(tmp_path, (1,))
+    table = run_plan(plan, progress=False).read_text()
+    # What crln evaluate writes in summary.json: the cases' bootstrap with the run's eval.bootstrap_resamples.
+    (csv,) = (tmp_path / "runs").rglob("eval/per_case.csv")
+    rows = [{k: v for k, v in r.items() if k not in ("case", "seconds")} for r in read_per_case(csv)]
+    own, default = (summarize(rows, n_resamples=n, seed=0)["dice"] for n in (7, 100))
+    cell = f"| {100 * own['boot_mean']:.2f} ± {100 * own['boot_std']:.2f} |"
+    assert cell != f"| {100 * default['boot_mean']:.2f} ± {100 * default['boot_std']:.2f} |"
+    assert cell in next(line for line in table.splitlines() if line.startswith("| New | final"))
+    assert "(7 resamples)" in table

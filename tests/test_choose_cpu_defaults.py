@@ -74,6 +74,14 @@ def test_missing_seeds_are_named_and_give_no_verdict():
     assert waiting.path == rule.AUTHORS and waiting.dropout is None and len(waiting.missing) == 6
 
 
+def test_a_diverged_run_is_named_as_such_among_those_waited_for():
+    # crln bench does not train a recorded divergence again: waiting for it plainly would be waiting forever.
+    line = rule.waiting_line(["A (seed 1)", "B (seed 2)"], {"B (seed 2)": "diverged at iteration 40"})
+    assert (
+        line == "No verdict yet; waiting for: A (seed 1); B (seed 2): diverged at iteration 40, see its diverged.json"
+    )
+
+
 def test_the_selectors_name_one_row_each_of_the_fidelity_plan():
     from crln.bench import load_plan, select_rows
 

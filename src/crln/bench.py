@@ -24,6 +24,11 @@ row gathers a run's seeds: the mean ± std over seeds of the per-seed means besi
 over cases × seeds pooled, and, with a ``reference``, the paired difference per case
 (:mod:`crln.comparison`). The table is rewritten after every (run, seed), so partial results are
 always on disk, and it lists the exact commands.
+
+A (run, seed) whose training diverges (:class:`crln.errors.TrainingDiverged`) is recorded in its run folder
+(``diverged.json``: the iteration the trainer reported) and tabled as such; the bench goes on with the other
+rows and seeds, never trains a recorded divergence again (it would diverge again: on CPU a run repeats
+exactly), and ends with the divergence's exit status.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crln.atomic import atomic_write_text, check_output_dir
-from crln.config import check_known_keys, load_config, load_yaml
-from crln.errors import CrlnError, RunInterrupted
+from crln.config import EvalConfig, check_known_keys, load_config, load_yaml
+from crln.errors import CrlnError, RunInterrupted, TrainingDiverged
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -56,7 +61,11 @@ __all__ = ["BenchPlan", "RowResult", "collect_rows", "load_plan", "run_plan", "s
 PAIRED_METRICS = ("dice", "hd95")
 CHECKPOINTS = ("final", "best")  # the last iteration's weights; the best on the validation split
 CHECKPOINT_LABELS = {"final": "final", "best": "val-best"}
-POOLED_RESAMPLES = 100  # as the evaluation's own summary (eval.bootstrap_resamples), so one seed matches it
+CHECKPOINT_DESCRIPTIONS = {
+    "final": "final (the last iteration)",
+    "best": "val-best (best Dice on the validation split, never the test cases)",
+}
+DIVERGED_RECORD = "diverged.json"  # in the run folder of a (run, seed) whose training diverged
 
 
 @dataclass
@@ -259,12 +268,27 @@ class SeedResult:
 
 
 @dataclass
+class DivergedSeed:
+    """A (run, seed) whose training diverged: the iteration the trainer reported, the record of it in the run
+    folder, and whether this call was asked to train it (then the bench's exit status says it diverged)."""
+
+    seed: int
+    command: str
+    record: Path
+    iteration: int | None
+    asked: bool
+
+
+@dataclass
 class RowResult:
     """A plan run (one table row per checkpoint) and the seeds done so far."""
 
     name: str
     marks: tuple[TimelineMark, ...]  # the method's timeline marks (CRLN's S), drawn on the log figures
     seeds: list[SeedResult] = field(default_factory=list)
+    # the pooled bootstrap's resamples: the row's eval.bootstrap_resamples, as its runs' own summary.json
+    resamples: int = EvalConfig.bootstrap_resamples
+    diverged: list[DivergedSeed] = field(default_factory=list)  # tabled apart: they have no results
 
     def evaluated(self, checkpoint: str) -> list[tuple[SeedResult, Evaluation]]:
         return [(s, s.evals[checkpoint]) for s in self.seeds if checkpoint in s.evals]
@@ -321,7 +345,7 @@ def _row_line(row: RowResult, checkpoint: str, with_validation: bool) -> str:
     if not done:
         why = "none (no checkpoint_best.pt: data.validation = 0?)" if checkpoint == "best" else "not evaluated"
         return f"| {row.name} | {label}: {why} | {seeds} |" + " — |" * (len(_metrics()) + 4 + with_validation)
-    pooled = _stats().pooled_summary(row.per_case(checkpoint), n_resamples=POOLED_RESAMPLES)
+    pooled = _stats().pooled_summary(row.per_case(checkpoint), n_resamples=row.resamples)
     per_it = [s.training["seconds_per_iteration"] for s, _ in done if "seconds_per_iteration" in s.training]
     minutes = [s.training["train_minutes"] for s, _ in done if "train_minutes" in s.training]
     validation = f"{_validation_cell(done, checkpoint)} | " if with_validation else ""
@@ -433,7 +457,7 @@ def _write_figures(plan: BenchPlan, rows: list[RowResult], out: Path) -> list[tu
         MethodScores(
             f"{row.name} · {CHECKPOINT_LABELS[ck]}",
             tuple(seed_mean(e, "dice") for _, e in row.evaluated(ck)),
-            _stats().pooled_summary(row.per_case(ck), n_resamples=POOLED_RESAMPLES).get("dice", {}),
+            _stats().pooled_summary(row.per_case(ck), n_resamples=row.resamples).get("dice", {}),
         )
         for row in rows
         for ck in _checkpoints(plan)
@@ -492,16 +516,63 @@ def _units_sentence() -> str:
     return ", ".join(parts) + "."
 
 
+def _checkpoints_sentence(checkpoints: list[str]) -> str:
+    """What the table's checkpoint lines are: only those the plan evaluates (``evaluate.checkpoint``)."""
+    described = " and ".join(CHECKPOINT_DESCRIPTIONS[c] for c in checkpoints)
+    plural = "s" if len(checkpoints) > 1 else ""
+    return f"Checkpoint{plural}: {described}; iterations: the checkpoint's, per seed when they differ."
+
+
+def _validation_sentence(checkpoints: list[str]) -> str:
+    """The val Dice column, and the val-best line's bias when the table has one."""
+    sentence = (
+        " val Dice: the same checkpoint's mean Dice (%) on the run's validation cases (held out of its training "
+        "list), mean ± std over seeds: the column settings may be chosen on; the test columns may not."
+    )
+    if "best" in checkpoints:
+        sentence += " The val-best line's val Dice is the best of several validations, so it is biased upwards"
+        sentence += "; compare settings on the final line's." if "final" in checkpoints else "."
+    return sentence
+
+
+def _resamples_text(rows: list[RowResult]) -> str:
+    """The pooled bootstrap's resamples: one number, or each row's when rows set eval.bootstrap_resamples apart."""
+    counts = sorted({row.resamples for row in rows}) or [EvalConfig.bootstrap_resamples]
+    if len(counts) == 1:
+        return f"{counts[0]} resamples"
+    return f"each row's eval.bootstrap_resamples resamples: {', '.join(map(str, counts))}"
+
+
+def _diverged_at(iteration: int | None) -> str:
+    return "diverged" if iteration is None else f"diverged at iteration {iteration}"
+
+
+def _diverged_lines(row: RowResult, with_validation: bool) -> list[str]:
+    """One line per diverged seed: it has no results, so it is shown apart from the row's seed statistics."""
+    dashes = " — |" * (len(_metrics()) + 4 + with_validation)
+    return [f"| {row.name} | {_diverged_at(d.iteration)} | {d.seed} |{dashes}" for d in row.diverged]
+
+
+def _command_lines(rows: list[RowResult]) -> list[str]:
+    """Each (run, seed)'s command and run folder; a diverged one says how to train it again."""
+    lines = []
+    for row in rows:
+        for s in row.seeds:
+            digest = f" (split `{s.split_sha256[:16]}`)" if s.split_sha256 else ""
+            lines.append(f"- `{s.command}` → `{s.run_dir}`{digest}")
+        for d in row.diverged:
+            lines.append(
+                f"- `{d.command}` → `{d.record.parent}`: **{_diverged_at(d.iteration)}**; the bench does not train "
+                f"it again until `{d.record.name}` is deleted there"
+            )
+    return lines
+
+
 def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
     import torch
 
     validation = _with_validation(plan)
-    val_sentence = (
-        " val Dice: the same checkpoint's mean Dice (%) on the run's validation cases (held out of its training "
-        "list), mean ± std over seeds: the column settings may be chosen on; the test columns may not. The "
-        "val-best line's val Dice is the best of several validations, so it is biased upwards; compare settings "
-        "on the final line's."
-    )
+    checkpoints = _checkpoints(plan)
     lines = [
         f"# {plan.title}",
         "",
@@ -509,9 +580,9 @@ def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
         f"torch {torch.__version__}. Each metric cell: mean ± std (ddof 1) over seeds of the per-seed case means "
         f"then in brackets the bootstrapped mean ± std over the cases of all seeds pooled (a one-seed row: the "
         f"bootstrap alone) "
-        f"({POOLED_RESAMPLES} resamples). {_units_sentence()} "
-        "Checkpoints: final (the last iteration) and val-best (best Dice on the validation split, never the test "
-        "cases); iterations: the checkpoint's, per seed when they differ." + (val_sentence if validation else ""),
+        f"({_resamples_text(rows)}). {_units_sentence()} "
+        + _checkpoints_sentence(checkpoints)
+        + (_validation_sentence(checkpoints) if validation else ""),
         "",
         "| method | checkpoint | seeds | "
         + ("val Dice | " if validation else "")
@@ -519,15 +590,13 @@ def _write_table(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
         + " | cases | iterations | s/it | train min |",
         "|---|---|---|" + "---|" * (len(_metrics()) + validation) + "---|---|---|---|",
     ]
-    lines += [_row_line(row, ck, validation) for row in rows for ck in _checkpoints(plan)]
+    for row in rows:  # a row whose every seed diverged has no checkpoint lines
+        lines += [_row_line(row, ck, validation) for ck in checkpoints if row.seeds]
+        lines += _diverged_lines(row, validation)
     for name in plan.references:
         lines += _paired_lines(plan, rows, name)
     lines += ["", *_data_lines(rows), "", "Commands (training split: sha256 of the labelled, unlabelled and validation "
-              "case lists in the run's meta.json):", ""]  # fmt: skip
-    for row in rows:
-        for s in row.seeds:
-            digest = f" (split `{s.split_sha256[:16]}`)" if s.split_sha256 else ""
-            lines.append(f"- `{s.command}` → `{s.run_dir}`{digest}")
+              "case lists in the run's meta.json):", "", *_command_lines(rows)]  # fmt: skip
     for caption, name in _write_figures(plan, rows, out):
         lines += ["", f"![{caption}]({name})"]
     atomic_write_text(out, "\n".join(lines) + "\n")
@@ -585,6 +654,10 @@ def run_plan(
     With ``only_seeds`` or ``only_rows`` (see :func:`select_rows`), the other seeds or rows are not trained,
     but those already finished stay in the table; with ``train_missing=False`` nothing is trained: the
     finished runs are evaluated (what they lack) and tabled. The table is rewritten after every seed.
+
+    Raises:
+        TrainingDiverged: after every other (run, seed) asked for is done and tabled, when one of them diverged,
+            in this call or an earlier one (its ``diverged.json``): the plan is not complete.
     """
     plan = load_plan(plan_path)  # checked before torch loads
     out_path = _table_path(Path(out) if out else Path(plan_path).with_suffix(".md"))
@@ -599,7 +672,23 @@ def run_plan(
     )
     if not rows and not dry_run:  # e.g. --no-train before any run finished: a table that says so
         _write_table(plan, rows, out_path)
+    _raise_if_diverged(plan, rows, out_path)
     return out_path
+
+
+def _raise_if_diverged(plan: BenchPlan, rows: list[RowResult], out: Path) -> None:
+    """The divergences among the (run, seed)s this call was asked to train, as one line (exit 3 from the CLI)."""
+    diverged = [
+        f"{row.name} (seed {d.seed}) {_diverged_at(d.iteration)} ({d.record})"
+        for row in rows
+        for d in row.diverged
+        if d.asked
+    ]
+    if diverged:
+        raise TrainingDiverged(
+            f"bench plan {plan.path}: {'; '.join(diverged)}; the other rows and seeds asked for are done, and {out} "
+            f"tables them all; delete a run's {DIVERGED_RECORD} to train it again, or give the row its own train.tag"
+        )
 
 
 def _table_path(path: Path) -> Path:
@@ -620,8 +709,8 @@ def collect_rows(
     train_missing: bool = True,
     on_update: Callable[[list[RowResult]], None] | None = None,
 ) -> list[RowResult]:
-    """The plan's rows with their finished seeds (trained and evaluated as :func:`run_plan` says), in plan
-    order; rows with no finished seed are left out. ``on_update`` sees the rows after every seed."""
+    """The plan's rows with their finished and diverged seeds (trained and evaluated as :func:`run_plan` says),
+    in plan order; rows with neither are left out. ``on_update`` sees the rows after every seed."""
     unknown = sorted(set(only_seeds or []) - set(plan.seeds))
     if unknown:
         raise CrlnError(f"bench plan {plan.path}: seed(s) {unknown} are not in its seeds {plan.seeds}")
@@ -636,34 +725,93 @@ def collect_rows(
             config = load_config(run.config, _run_overrides(plan, run, seed))
             folder = RunFolder.for_config(config)
             skipped = not train_missing or index not in rows_to_train or (only_seeds and seed not in only_seeds)
-            if skipped and not folder.checkpoint("final").exists():
+            finished = folder.checkpoint("final").exists()
+            if skipped and not finished and not _diverged_record(folder).exists():
                 continue
             if dry_run:
                 print(_command(plan, run, seed))
                 continue
             if row is None:
-                row = RowResult(run.name, method_class(config.method.name).timeline_marks(config.method))
+                marks = method_class(config.method.name).timeline_marks(config.method)
+                row = RowResult(run.name, marks, resamples=config.eval.bootstrap_resamples)
                 rows.append(row)
             label = f"{run.name} (seed {seed})"
-            if folder.checkpoint("final").exists():
+            if finished:
                 _check_finished_run(plan, folder, config, label)
+            diverged = (
+                None if finished else _train_unless_diverged(plan, run, seed, config, folder, progress, not skipped)
+            )
+            if diverged is not None:
+                row.diverged.append(diverged)
             else:
-                resume = folder.checkpoint("latest").exists()
-                print(f"[bench] {'resuming' if resume else 'training'} {label}", flush=True)
-                _train(config, resume, progress)
-            result = SeedResult(seed, _command(plan, run, seed), folder.path, _training_stats(folder.path))
-            result.split_sha256 = _split_sha256(folder)
-            for checkpoint in _checkpoints(plan):
-                evaluation = _evaluation(plan, config, folder, checkpoint, label, progress, plan.evaluate.get("split"))
-                if evaluation is not None:
-                    result.evals[checkpoint] = evaluation
-                validation = _validation(plan, config, folder, checkpoint, label, progress)
-                if validation is not None:
-                    result.validation[checkpoint] = validation
-            row.seeds.append(result)
+                row.seeds.append(_evaluated(plan, config, folder, label, progress, _command(plan, run, seed)))
             if on_update is not None:
                 on_update(rows)
     return rows
+
+
+def _evaluated(plan: BenchPlan, config: Any, folder: RunFolder, label: str, progress: bool, command: str) -> SeedResult:
+    """A finished (run, seed) with its evaluations (run now where their summaries are missing)."""
+    result = SeedResult(config.train.seed, command, folder.path, _training_stats(folder.path))
+    result.split_sha256 = _split_sha256(folder)
+    for checkpoint in _checkpoints(plan):
+        evaluation = _evaluation(plan, config, folder, checkpoint, label, progress, plan.evaluate.get("split"))
+        if evaluation is not None:
+            result.evals[checkpoint] = evaluation
+        validation = _validation(plan, config, folder, checkpoint, label, progress)
+        if validation is not None:
+            result.validation[checkpoint] = validation
+    return result
+
+
+def _diverged_record(folder: RunFolder) -> Path:
+    return folder.path / DIVERGED_RECORD
+
+
+def _train_unless_diverged(
+    plan: BenchPlan, run: BenchRun, seed: int, config: Any, folder: RunFolder, progress: bool, asked: bool
+) -> DivergedSeed | None:
+    """Train (or resume) an unfinished (run, seed); its divergence, recorded now or by an earlier call (then it is
+    not trained again: on CPU it would diverge again at the same iteration), or None once it finished."""
+    label = f"{run.name} (seed {seed})"
+    _check_unfinished_run(plan, folder, config, label)
+    record = _diverged_record(folder)
+    if record.exists():
+        diverged = _read_divergence(record, seed, _command(plan, run, seed), asked)
+        if asked:
+            print(
+                f"[bench] {label} {_diverged_at(diverged.iteration)} (recorded in {record}): not training it again; "
+                "delete that file to retry it from its last checkpoint, or give the row its own train.tag to train "
+                "it anew",
+                flush=True,
+            )
+        return diverged
+    resume = folder.checkpoint("latest").exists()
+    print(f"[bench] {'resuming' if resume else 'training'} {label}", flush=True)
+    try:
+        _train(config, resume, progress)
+    except TrainingDiverged as err:
+        _write_divergence(record, err)
+        print(f"[bench] {label}: {err}; recorded in {record}, going on with the rest of the plan", flush=True)
+        return _read_divergence(record, seed, _command(plan, run, seed), asked)
+    return None
+
+
+def _write_divergence(record: Path, err: TrainingDiverged) -> None:
+    """``diverged.json`` in the run folder: the iteration and message the trainer reported, and when."""
+    entry = {"iteration": err.iteration, "message": str(err), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(record, json.dumps(entry, indent=2) + "\n")
+
+
+def _read_divergence(record: Path, seed: int, command: str, asked: bool) -> DivergedSeed:
+    try:
+        entry = json.loads(record.read_text())
+        iteration = entry.get("iteration")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise CrlnError(
+            f"{record}: not a divergence record of crln bench ({err}); delete it to train that run again"
+        ) from None
+    return DivergedSeed(seed, command, record, iteration if isinstance(iteration, int) else None, asked)
 
 
 def _train(config: Any, resume: bool, progress: bool) -> None:
@@ -677,22 +825,62 @@ def _train(config: Any, resume: bool, progress: bool) -> None:
         raise RunInterrupted(f"{stop.stopped}; {how}", stop.signal_name, stop.stopped) from None
 
 
-def _check_finished_run(plan: BenchPlan, folder: RunFolder, config: Any, label: str) -> None:
-    """Refuse a finished run folder that another config trained (a preset default changed since, or two rows
-    share a ``train.tag``): its results would be tabled as this row's. Evaluation settings may differ (a row
-    may score another network of the same run); where and how fast it ran may too."""
+def _saved_and_current(folder: RunFolder, config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run folder's ``config.yaml`` (empty without one) and the row's config, as nested dicts."""
     import yaml
 
-    from crln.config import RUN_INVARIANT_KEYS, config_changes, config_to_dict
+    from crln.config import config_to_dict
 
     saved = yaml.safe_load(folder.config_path.read_text()) if folder.config_path.is_file() else None
-    changed = config_changes(saved or {}, config_to_dict(config), RUN_INVARIANT_KEYS | {"eval.", "logging."})
+    return saved or {}, config_to_dict(config)
+
+
+def _training_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What the row changes of the run's training: evaluation settings may differ (a row may score another
+    network of the same run); where and how fast it ran may too."""
+    from crln.config import RUN_INVARIANT_KEYS, config_changes
+
+    return config_changes(saved, current, RUN_INVARIANT_KEYS | {"eval.", "logging."})
+
+
+def _listed(changed: list[str]) -> str:
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return f"{', '.join(changed[:3])}{more}"
+
+
+def _check_finished_run(plan: BenchPlan, folder: RunFolder, config: Any, label: str) -> None:
+    """Refuse a finished run folder that another config trained (a preset default changed since, or two rows
+    share a ``train.tag``): its results would be tabled as this row's."""
+    changed = _training_changes(*_saved_and_current(folder, config))
     if changed:
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise CrlnError(
             f"bench plan {plan.path}: {label}: {folder.path} was trained with another config "
-            f"({', '.join(changed[:3])}{more}); give the row its own train.tag, or move that folder away to retrain it"
+            f"({_listed(changed)}); give the row its own train.tag, or move that folder away to retrain it"
         )
+
+
+def _check_unfinished_run(plan: BenchPlan, folder: RunFolder, config: Any, label: str) -> None:
+    """Refuse an unfinished run (interrupted or diverged) that the row's config may not resume, in the bench's
+    terms (the trainer's own refusal names ``--resume``, which the bench has not): the trainer's rule,
+    :func:`crln.engine.state.resume_config_changes`, against the run folder's ``config.yaml``."""
+    if not folder.checkpoint("latest").exists() and not _diverged_record(folder).exists():
+        return  # nothing to resume: the trainer starts it afresh
+    from crln.engine.state import resume_config_changes
+
+    saved, current = _saved_and_current(folder, config)
+    changed = resume_config_changes(saved, current)
+    if not changed:
+        return
+    how = (
+        "finish it first with the row that started it (--row), then this row evaluates it"
+        if not _training_changes(saved, current)  # e.g. a row scoring the teacher of another row's run
+        else "restore the row as it was to resume it, give the row its own train.tag, or move that folder away "
+        "to train it anew"
+    )
+    raise CrlnError(
+        f"bench plan {plan.path}: {label}: {folder.path} holds an unfinished run trained with another config "
+        f"({_listed(changed)}); {how}"
+    )
 
 
 def select_rows(plan: BenchPlan, selectors: list[str]) -> set[int]:

@@ -491,7 +491,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="run a benchmark plan (configs x seeds) into one Markdown table",
         description="Train and evaluate every run x seed of a plan YAML, sequentially and resumably "
         "(finished runs are skipped, interrupted ones resume), and write one Markdown table with "
-        "bootstrapped metrics, s/iteration, wall time and the exact commands.",
+        "bootstrapped metrics, s/iteration, wall time and the exact commands. A run that diverges is recorded "
+        "(diverged.json in its folder) and not trained again; the other runs go on, and the command exits 3.",
     )
     p.add_argument("plan", help="plan YAML (see benchmarks/plans/)")
     p.add_argument("--out", help="Markdown table path (default: the plan path with .md)")

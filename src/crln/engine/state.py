@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the engine names methods' types here; only the trainer buil
     from crln.methods import Method
     from crln.methods.base import Optimizers
 
-__all__ = ["NullLog", "RunState", "inference_weights", "read_resume_checkpoint"]
+__all__ = ["NullLog", "RunState", "inference_weights", "read_resume_checkpoint", "resume_config_changes"]
 
 
 class NullLog:
@@ -155,9 +155,15 @@ def _check_finite_weights(method: Method, step: int) -> None:
 _RESUMABLE_CHANGES = RUN_INVARIANT_KEYS | {"train.iterations", "train.val_every"}
 
 
+def resume_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every change of ``current`` against the ``saved`` config of a run that forbids
+    resuming it (what is trained changes; the run's length, where it runs and how fast may change)."""
+    return config_changes(saved, current, _RESUMABLE_CHANGES)
+
+
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint under a config that changes what is being trained."""
-    changed = config_changes(saved, current, _RESUMABLE_CHANGES)
+    changed = resume_config_changes(saved, current)
     if changed:
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise CrlnError(
