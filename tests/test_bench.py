@@ -333,9 +333,8 @@ class _SignalAt(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_an_interrupted_bench_says_how_to_continue_it(
-    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _plan_whose_training_gets_sigint(tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A one-row plan whose training receives SIGINT at its first iteration (``monkeypatch.undo()`` ends that)."""
     import crln.engine.trainer as trainer_module
 
     real_train = trainer_module.train
@@ -345,12 +344,19 @@ def test_an_interrupted_bench_says_how_to_continue_it(
     plan = _plan(
         tmp_path, phantom_root, "evaluate: {validation: false}\nruns:\n  - name: Sup\n    config: demo\n", "[1]"
     )
+    return plan
+
+
+def test_an_interrupted_bench_says_how_to_continue_it(
+    tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = _plan_whose_training_gets_sigint(tmp_path, phantom_root, monkeypatch)
     assert main(["bench", str(plan), "--no-progress"]) == 130
     err = capsys.readouterr().err.strip()
     # crln bench has no --resume: the same bench command resumes the run.
     assert re.match(r"crln: stopped by SIGINT after iteration \d+; checkpoint saved in ", err) and "--resume" not in err
     assert err.endswith("run the same command again: it resumes this run from that checkpoint")
-    monkeypatch.setattr(trainer_module, "train", real_train)
+    monkeypatch.undo()  # the real training again
     assert "| Sup | final | 1 |" in run_plan(plan, progress=False).read_text()
 
 
@@ -447,17 +453,9 @@ def test_a_diverged_seed_is_recorded_tabled_and_not_trained_again(
 def test_an_unfinished_run_of_an_edited_row_is_refused_in_bench_terms(
     tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import crln.engine.trainer as trainer_module
-
-    real_train = trainer_module.train
-    monkeypatch.setattr(
-        trainer_module, "train", lambda config, **kw: real_train(config, callbacks=[_SignalAt(0)], **kw)
-    )
-    plan = _plan(
-        tmp_path, phantom_root, "evaluate: {validation: false}\nruns:\n  - name: Sup\n    config: demo\n", "[1]"
-    )
+    plan = _plan_whose_training_gets_sigint(tmp_path, phantom_root, monkeypatch)
     assert main(["bench", str(plan), "--no-progress"]) == 130  # stopped: checkpoint_latest.pt, no final
-    monkeypatch.setattr(trainer_module, "train", real_train)
+    monkeypatch.undo()  # the real training again
     plan.write_text(plan.read_text().replace("config: demo\n", "config: demo\n    overrides: [optim.lr=0.02]\n"))
     with pytest.raises(CrlnError) as caught:
         run_plan(plan, progress=False)
