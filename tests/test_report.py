@@ -283,3 +283,15 @@ def test_a_folder_without_any_network_names_every_file_looked_for(supervised_run
     shutil.copytree(supervised_run, bare, ignore=shutil.ignore_patterns("*.pt", "eval*"))
     with pytest.raises(CrlnError, match=r"no checkpoint_final\.pt, checkpoint_latest\.pt or model_final\.pt"):
         evaluate(bare, device="cpu", progress=False)
+
+
+def test_the_evaluation_line_names_the_network_scored(crln_run: Path, tmp_path: Path) -> None:
+    # One CRLN checkpoint holds the student and the (rectified) teacher: the line says which one the numbers are of.
+    html = build_report(crln_run, tmp_path / "rep", progress=False).html.read_text()
+    assert "(iteration 6), network student, patch" in html
+    run = tmp_path / "copy"
+    shutil.copytree(crln_run, run, ignore=shutil.ignore_patterns("report"))
+    summary_path = run / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "network": "teacher_rectified"}))  # crln evaluate --network
+    assert "network teacher_rectified, patch" in build_report(run, progress=False).html.read_text()

@@ -346,11 +346,14 @@ def _evaluation_section(
 
 
 def _evaluation_line(summary: dict[str, Any]) -> str:
-    """What the summary scored: cases, split, checkpoint and the sliding-window protocol."""
+    """What the summary scored: cases, split, checkpoint, network (``eval.network``: one checkpoint holds several,
+    e.g. CRLN's student and rectified teacher) and the sliding-window protocol."""
+    network = summary.get("network")  # absent from summaries written before it was recorded
     return (
         f"{summary.get('n_cases')} cases of split {summary.get('split')!r}, checkpoint "
         f"{Path(str(summary.get('checkpoint', ''))).name} (iteration {summary.get('checkpoint_step')}), "
-        f"patch {summary.get('patch_size')}, stride {summary.get('stride')}, "
+        + (f"network {network}, " if network else "")
+        + f"patch {summary.get('patch_size')}, stride {summary.get('stride')}, "
         f"largest component {summary.get('largest_component')}, {summary.get('date', '')}"
     )
 
