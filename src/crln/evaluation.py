@@ -25,7 +25,13 @@ from crln.config import RunConfig, build_config, load_yaml
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
 from crln.data.splits import plan_split
-from crln.data.validate import check_channels, validate_case
+from crln.data.validate import (
+    CHANNEL_STEM_RE,
+    channel_file_name,
+    check_channel_numbers,
+    check_channels,
+    validate_case,
+)
 from crln.data_formats import SCAN_ENDINGS, check_scans, read_scan, scan_format, select_format
 from crln.engine import distributed
 from crln.engine.run_folder import INFERENCE_WEIGHTS_NAME, RunFolder
@@ -402,14 +408,18 @@ def _is_scan(path: Path) -> bool:
     return path.is_file() and path.name.endswith(SCAN_ENDINGS) and not path.name.startswith(".")
 
 
+def _nifti_ending(path: Path) -> str:
+    """The NIfTI ending of ``path``'s name: ``.nii.gz``, else ``.nii``."""
+    return ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+
+
 def _case_and_channel(path: Path) -> tuple[str, int | None]:
     """``(case id, k)`` for an nnU-Net channel file ``<case>_000k.nii[.gz]`` whose ``<case>_0000`` is beside
     it, else ``(case id, None)``: a lone ``scan_0003.nii.gz`` is case ``scan_0003``."""
-    ending = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    stem, _, tail = path.name.removesuffix(ending).rpartition("_")
-    channel_file = path.name.endswith(ending) and stem and len(tail) == 4 and tail.isdigit()
-    if channel_file and (path.parent / f"{stem}_0000{ending}").is_file():
-        return stem, int(tail)
+    ending = _nifti_ending(path)
+    match = CHANNEL_STEM_RE.match(path.name.removesuffix(ending)) if path.name.endswith(ending) else None
+    if match and (path.parent / channel_file_name(match["id"], 0, ending)).is_file():
+        return match["id"], int(match["ch"])
     return _case_id_from_path(path), None
 
 
@@ -443,12 +453,10 @@ def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
                 )
             group.append(path)
     for case_id, paths in groups.items():
-        paths.sort(key=lambda p: _case_and_channel(p)[1] or 0)
-        channels = [_case_and_channel(p)[1] or 0 for p in paths]
-        if channels != list(range(len(paths))):
-            raise CrlnError(
-                f"input {paths[0].parent}: case {case_id!r} has channels {channels}, expected 0..{len(paths) - 1}"
-            )
+        channels = sorted((_case_and_channel(p)[1] or 0, p) for p in paths)
+        # the dataset reader's own check and message, so predict and training say the same of a missing file
+        check_channel_numbers(paths[0].parent, case_id, channels, _nifti_ending(paths[0]))
+        paths[:] = [p for _, p in channels]
     return list(groups.items())
 
 
