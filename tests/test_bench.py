@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,7 +18,8 @@ from crln.cli import main
 from crln.engine.callbacks import Callback
 from crln.engine.run_folder import RunFolder, case_lists_sha256
 from crln.errors import CrlnError
-from crln.report.bench_figures import smooth, smoothing_window
+from crln.report.bench_figures import LoggedRun, plot_pseudo_label_quality, smooth, smoothing_window
+from crln.report.figures import legend_if_labelled
 
 
 def _plan(tmp_path: Path, phantom_root: Path, body: str, seeds: str = "[1, 2]") -> Path:
@@ -206,6 +208,22 @@ def test_smoothing_window_follows_the_run_length() -> None:
     assert smoothing_window(100) == 5  # 1000 iterations logged every 10: a 50-iteration window
     assert smoothing_window(4000) == 25  # capped
     assert smoothing_window(3) == 1
+
+
+def test_pseudo_label_panels_without_data_draw_no_empty_legend(tmp_path: Path) -> None:
+    # A run that logged reliability but no pseudo-label Dice (its unlabelled cases have no labels), and no
+    # timeline mark: the Dice panels hold nothing labelled, and matplotlib warns of an empty legend.
+    records = [{"step": s, "reliable_before": 0.5, "reliable_after": 0.6} for s in (10, 20, 30)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_pseudo_label_quality([LoggedRun("crln", records)], tmp_path / "pseudo_labels.png")
+    assert fig is not None and fig.path.is_file()
+    _, (empty, drawn) = plt.subplots(1, 2)
+    drawn.plot([0, 1], [0, 1], label="before rectification")
+    for ax in (empty, drawn):
+        legend_if_labelled(ax)
+    assert empty.get_legend() is None and drawn.get_legend() is not None  # a panel with data keeps its legend
+    plt.close("all")
 
 
 def test_case_lists_sha256_depends_on_the_cases_not_on_the_key_order() -> None:

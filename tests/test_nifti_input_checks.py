@@ -30,7 +30,7 @@ from crln.dataset_json import DatasetJson
 from crln.engine.checkpoint import save_checkpoint
 from crln.engine.state import inference_weights
 from crln.errors import CrlnError
-from crln.evaluation import evaluate, predict_files
+from crln.evaluation import _scan_groups, evaluate, predict_files
 from crln.methods import method_for_run
 from crln.predictor import Predictor
 
@@ -296,3 +296,29 @@ def test_two_cases_writing_one_output_name_are_refused(model: Path, tmp_path: Pa
     with pytest.raises(CrlnError, match=r"cases 'x' and 'x_prob' would both write x_prob\.nii\.gz"):
         _predict(model, scans, tmp_path / "out", nnunet_names=True, probabilities=True)
     assert not list((tmp_path / "out").glob("*"))
+
+
+def test_predict_names_a_cases_missing_last_channel_file(tmp_path: Path) -> None:
+    """With the 2-channel network, a case whose second channel file is missing named only its first file."""
+    two_channels = _model(tmp_path / "model_final.pt", **{"data.format": "nifti", "model.in_channels": 2})
+    folder = tmp_path / "in"
+    for k in (0, 1):
+        write_nifti(folder / f"a_000{k}.nii.gz", _image(k))
+    write_nifti(folder / "b_0000.nii.gz", _image(2))
+    expected = f"{folder / 'b_0000.nii.gz'}: image has 1 channel(s), expected model.in_channels = 2 of the "
+    with pytest.raises(CrlnError, match=re.escape(expected) + r".*: no b_0001\.nii\.gz beside it$"):
+        _predict(two_channels, [folder], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*"))
+
+
+def test_predict_and_the_dataset_reader_say_the_same_of_a_channel_gap(tmp_path: Path) -> None:
+    """crln predict's own grouping said 'has channels [0, 2], expected 0..1'; the reader named the missing file."""
+    folder = tmp_path / "imagesTr"
+    for k in (0, 2):
+        write_nifti(folder / f"c_000{k}.nii.gz", _image(k))
+    with pytest.raises(CrlnError) as reader:
+        NiftiDataset(tmp_path).ids("train")
+    with pytest.raises(CrlnError) as predict:
+        _scan_groups([folder])
+    assert str(predict.value) == str(reader.value)
+    assert str(reader.value).startswith(f"{folder}: case 'c' has channels [0, 2] but no c_0001.nii.gz, expected ")

@@ -93,6 +93,19 @@ def test_a_case_without_its_first_channel_file_names_the_missing_file(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_case_without_its_last_channel_file_names_the_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said 'case_001_0000.nii.gz: image has 1 channel(s), expected model.in_channels = 2', naming the file
+    that is there and not the one that is missing."""
+    root = _root(tmp_path, channels=2)
+    (root / "imagesTr" / "case_001_0001.nii.gz").unlink()
+    argv = ["train", "demo", *_overrides(root, tmp_path / "runs")]
+    line = assert_user_error(argv, capsys, f"{root / 'imagesTr' / 'case_001_0000.nii.gz'}: image has 1 channel(s)")
+    assert line.endswith("expected model.in_channels = 2: no case_001_0001.nii.gz beside it")
+    assert not (tmp_path / "runs").exists()
+
+
 # --- classes --------------------------------------------------------------------------------------
 
 

@@ -91,7 +91,7 @@ def test_crln_report_has_rectification_figure(crln_run: Path, tmp_path: Path) ->
 
 def test_missing_parts_become_notes(supervised_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "copy"
-    shutil.copytree(supervised_run, run, ignore=shutil.ignore_patterns("checkpoint_*", "eval"))
+    shutil.copytree(supervised_run, run, ignore=shutil.ignore_patterns("*.pt", "eval"))  # model_final.pt too
     result = build_report(run, progress=False)
     assert result.html == run / "report" / "report.html"
     assert set(result.figures) == {"curves"}
@@ -245,3 +245,53 @@ def test_an_evaluation_of_an_earlier_iteration_is_noted(supervised_run: Path, tm
     (note,) = result.notes
     assert note.startswith("the evaluation scored iteration 3, these figures show checkpoint_final.pt at iteration 6")
     assert note.endswith(f"run `crln evaluate {run}` again to score it")
+
+
+def _shared_copy(run: Path, dest: Path) -> Path:
+    """What a colleague is sent to share a run (CHECKPOINTS.txt: "the file to share"): the folder without its
+    resumable ``checkpoint_*.pt`` files and without an evaluation, so ``model_final.pt`` is its only network."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoint_*", "eval*", "report"))
+    return dest
+
+
+def test_a_run_folder_shared_with_only_model_final_is_evaluated_and_reported(
+    supervised_run: Path, tmp_path: Path
+) -> None:
+    shared = _shared_copy(supervised_run, tmp_path / "shared")
+    result = evaluate(shared, limit=2, device="cpu", progress=False)
+    assert result["out_dir"] == shared / "eval"  # the folder crln report reads
+    assert result["summary"]["checkpoint"] == str(shared / "model_final.pt")
+    report = build_report(shared, tmp_path / "rep", progress=False)
+    assert report.notes == []
+    assert {"overlay_worst", "render_worst"} <= set(report.figures)
+    assert "checkpoint model_final.pt" in report.html.read_text()
+
+
+def test_a_shared_crln_folder_notes_that_the_rectification_figure_needs_a_full_checkpoint(
+    crln_run: Path, tmp_path: Path
+) -> None:
+    shared = _shared_copy(crln_run, tmp_path / "shared")
+    evaluate(shared, limit=2, device="cpu", progress=False)
+    report = build_report(shared, tmp_path / "rep", progress=False)
+    assert "rectification" not in report.figures and "overlay_worst" in report.figures
+    (note,) = report.notes
+    assert "model_final.pt" in note and "rectification" in note
+
+
+def test_a_folder_without_any_network_names_every_file_looked_for(supervised_run: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(supervised_run, bare, ignore=shutil.ignore_patterns("*.pt", "eval*"))
+    with pytest.raises(CrlnError, match=r"no checkpoint_final\.pt, checkpoint_latest\.pt or model_final\.pt"):
+        evaluate(bare, device="cpu", progress=False)
+
+
+def test_the_evaluation_line_names_the_network_scored(crln_run: Path, tmp_path: Path) -> None:
+    # One CRLN checkpoint holds the student and the (rectified) teacher: the line says which one the numbers are of.
+    html = build_report(crln_run, tmp_path / "rep", progress=False).html.read_text()
+    assert "(iteration 6), network student, patch" in html
+    run = tmp_path / "copy"
+    shutil.copytree(crln_run, run, ignore=shutil.ignore_patterns("report"))
+    summary_path = run / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "network": "teacher_rectified"}))  # crln evaluate --network
+    assert "network teacher_rectified, patch" in build_report(run, progress=False).html.read_text()

@@ -25,10 +25,16 @@ from crln.config import RunConfig, build_config, load_yaml
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
 from crln.data.splits import plan_split
-from crln.data.validate import check_channels, validate_case
+from crln.data.validate import (
+    CHANNEL_STEM_RE,
+    channel_file_name,
+    check_channel_numbers,
+    check_channels,
+    validate_case,
+)
 from crln.data_formats import SCAN_ENDINGS, check_scans, read_scan, scan_format, select_format
 from crln.engine import distributed
-from crln.engine.run_folder import RunFolder
+from crln.engine.run_folder import INFERENCE_WEIGHTS_NAME, RunFolder
 from crln.errors import CrlnError
 from crln.inference import entropy_map
 from crln.metrics import case_metrics, per_class_metric_names, summarize
@@ -39,6 +45,8 @@ __all__ = [
     "VALIDATION_SPLIT",
     "EvalResult",
     "case_ids",
+    "checkpoint_candidates",
+    "checkpoint_label",
     "eval_dir_name",
     "evaluate",
     "format_summary_table",
@@ -65,32 +73,48 @@ def _configured_checkpoint(folder: RunFolder) -> str:
 def _resolve_checkpoint(target: str | Path, which: str | None) -> tuple[Path, Path | None]:
     """``target`` is a checkpoint file or a run folder; returns (checkpoint, run folder or None).
 
-    In a run folder the checkpoint is ``which``, else the run's ``eval.checkpoint``; the default
-    ``final`` falls back to ``latest`` (a run stopped early).
+    In a run folder the checkpoint is ``which``, else the run's ``eval.checkpoint``, looked for as
+    :func:`checkpoint_candidates` says.
     """
     path = Path(target)
     if path.is_file():
         return path, (path.parent if (path.parent / "config.yaml").exists() else None)
     if path.is_dir():
         folder = RunFolder(path)
-        order = _checkpoint_order(which or _configured_checkpoint(folder))
-        for name in order:
-            if folder.checkpoint(name).exists():
-                return folder.checkpoint(name), path
-        raise CrlnError(f"run folder {path}: no checkpoint_{'/'.join(order)}.pt (did training finish?)")
+        candidates = checkpoint_candidates(folder, which or _configured_checkpoint(folder))
+        found = next((candidate for candidate in candidates if candidate.exists()), None)
+        if found is not None:
+            return found, path
+        names = [candidate.name for candidate in candidates]
+        looked_for = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise CrlnError(f"run folder {path}: no {looked_for} (did training finish?)")
     raise CrlnError(f"{path}: no such run folder or checkpoint file")
 
 
-def _checkpoint_order(which: str) -> list[str]:
-    """The checkpoints that stand for ``which``, first found first: ``final`` falls back to ``latest``."""
-    return ["final", "latest"] if which == "final" else [which]
+def checkpoint_candidates(folder: RunFolder, which: str) -> list[Path]:
+    """The files of ``folder`` that stand for its checkpoint ``which``, the first one found to be used.
+
+    ``final`` falls back to ``latest`` (a run stopped early), then to ``model_final.pt``: a run folder
+    shared without its resumable checkpoints (``CHECKPOINTS.txt`` calls it the file to share) still
+    holds the final network. The other checkpoints stand for themselves.
+    """
+    if which != "final":
+        return [folder.checkpoint(which)]
+    return [folder.checkpoint("final"), folder.checkpoint("latest"), folder.inference_weights]
+
+
+def checkpoint_label(path: Path) -> str:
+    """The checkpoint name a file stands for in evaluation folder names: ``final`` for ``checkpoint_final.pt``
+    and for ``model_final.pt`` (the same network's weights, the same predictions), ``best`` for
+    ``checkpoint_best.pt``, the file's stem for any other file."""
+    return "final" if path.name == INFERENCE_WEIGHTS_NAME else path.stem.removeprefix("checkpoint_")
 
 
 def own_eval_dir(folder: RunFolder, config: RunConfig) -> Path:
     """The folder that ``crln evaluate RUN`` writes with no option: ``eval/``, or e.g. ``eval_test_latest/``
     for a run still training and ``eval_test_final_lcc/`` for one whose ``eval.largest_component`` is set."""
-    order = _checkpoint_order(config.eval.checkpoint)
-    which = next((name for name in order if folder.checkpoint(name).exists()), order[0])
+    candidates = checkpoint_candidates(folder, config.eval.checkpoint)
+    which = checkpoint_label(next((path for path in candidates if path.exists()), candidates[0]))
     split = config.data.test_split
     return folder.path / eval_dir_name(
         split,
@@ -207,7 +231,8 @@ def evaluate(
 
     Args:
         target: run folder (uses the checkpoint of the run's ``eval.checkpoint``, by default
-            ``checkpoint_final.pt``, unless ``checkpoint`` says otherwise) or a checkpoint file.
+            ``checkpoint_final.pt``, unless ``checkpoint`` says otherwise; :func:`checkpoint_candidates`) or a
+            checkpoint file.
         data_root: dataset folder; default the run's ``data.root``.
         split: case list to evaluate; default the run's ``data.test_split``. ``"validation"``
             (:data:`VALIDATION_SPLIT`): the cases the run held out of training for validation.
@@ -246,10 +271,9 @@ def evaluate(
     stride, stride_note = inference_stride(config, stride, root, run_dir, predictor.training_data)
     windows_per_batch = _check_sw_batch_size(sw_batch_size, config)
     if out_dir is None:
-        which = ckpt_path.stem.replace("checkpoint_", "")
         name = eval_dir_name(
             split_name,
-            which,
+            checkpoint_label(ckpt_path),
             lcc,
             default_split=config.data.test_split,
             data_name=Path(root).name if other_data else None,
@@ -384,14 +408,18 @@ def _is_scan(path: Path) -> bool:
     return path.is_file() and path.name.endswith(SCAN_ENDINGS) and not path.name.startswith(".")
 
 
+def _nifti_ending(path: Path) -> str:
+    """The NIfTI ending of ``path``'s name: ``.nii.gz``, else ``.nii``."""
+    return ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+
+
 def _case_and_channel(path: Path) -> tuple[str, int | None]:
     """``(case id, k)`` for an nnU-Net channel file ``<case>_000k.nii[.gz]`` whose ``<case>_0000`` is beside
     it, else ``(case id, None)``: a lone ``scan_0003.nii.gz`` is case ``scan_0003``."""
-    ending = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    stem, _, tail = path.name.removesuffix(ending).rpartition("_")
-    channel_file = path.name.endswith(ending) and stem and len(tail) == 4 and tail.isdigit()
-    if channel_file and (path.parent / f"{stem}_0000{ending}").is_file():
-        return stem, int(tail)
+    ending = _nifti_ending(path)
+    match = CHANNEL_STEM_RE.match(path.name.removesuffix(ending)) if path.name.endswith(ending) else None
+    if match and (path.parent / channel_file_name(match["id"], 0, ending)).is_file():
+        return match["id"], int(match["ch"])
     return _case_id_from_path(path), None
 
 
@@ -425,12 +453,10 @@ def _scan_groups(inputs: list[str | Path]) -> list[tuple[str, list[Path]]]:
                 )
             group.append(path)
     for case_id, paths in groups.items():
-        paths.sort(key=lambda p: _case_and_channel(p)[1] or 0)
-        channels = [_case_and_channel(p)[1] or 0 for p in paths]
-        if channels != list(range(len(paths))):
-            raise CrlnError(
-                f"input {paths[0].parent}: case {case_id!r} has channels {channels}, expected 0..{len(paths) - 1}"
-            )
+        channels = sorted((_case_and_channel(p)[1] or 0, p) for p in paths)
+        # the dataset reader's own check and message, so predict and training say the same of a missing file
+        check_channel_numbers(paths[0].parent, case_id, channels, _nifti_ending(paths[0]))
+        paths[:] = [p for _, p in channels]
     return list(groups.items())
 
 

@@ -13,7 +13,6 @@ Layout::
 from __future__ import annotations
 
 import gzip
-import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,13 +24,18 @@ import numpy as np
 from crln.atomic import atomic_path
 from crln.data.case import Case
 from crln.data.transforms import zscore_channels
-from crln.data.validate import check_channel_count, check_image_values, is_real_numeric
+from crln.data.validate import (
+    CHANNEL_STEM_RE,
+    check_channel_count,
+    check_channel_numbers,
+    check_image_values,
+    is_real_numeric,
+)
 from crln.dataset_json import DatasetJson
 from crln.errors import CrlnError
 
 __all__ = ["NiftiDataset", "affine_spacing", "load_nifti", "nifti_header", "read_nifti_volume", "write_nifti"]
 
-_CHANNEL_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
 _AFFINE_TOL = 1e-4
 # "unlabeled": crln's optional folder of extra training images that have no labels at all
 _SPLIT_DIRS = {
@@ -232,7 +236,7 @@ def read_nifti_volume(
         stem = paths[0].name
         for ending in (".nii.gz", ".nii"):
             stem = _strip_ending(stem, ending) or stem
-        m = _CHANNEL_RE.match(stem)
+        m = CHANNEL_STEM_RE.match(stem)
         case_id = m.group("id") if m else stem
     return Case(
         case_id=case_id,
@@ -325,23 +329,13 @@ class NiftiDataset:
                 stem = _strip_ending(p.name, self.file_ending)
                 if stem is None or p.name.startswith("."):  # MSD tarballs ship macOS "._x.nii.gz" files
                     continue
-                m = _CHANNEL_RE.match(stem)
+                m = CHANNEL_STEM_RE.match(stem)
                 cid, ch = (m.group("id"), int(m.group("ch"))) if m else (stem, 0)
                 files.setdefault(cid, []).append((ch, p))
         out: dict[str, list[Path]] = {}
         for cid, chans in files.items():
             chans.sort()
-            got = [c for c, _ in chans]
-            if got != list(range(len(chans))):
-                # A channel file missing (named, so the user finds it), or case ids ending in 4 digits
-                # (case_0001.nii.gz, case_0002.nii.gz) read as channels of 'case' (the renaming hint).
-                missing = ", ".join(f"{cid}_{k:04d}{self.file_ending}" for k in range(got[-1]) if k not in got)
-                example = chans[0][1].name.replace(self.file_ending, f"_0000{self.file_ending}")
-                raise CrlnError(
-                    f"{folder}: case {cid!r} has channels {got} but no {missing}, expected channels 0..{got[-1]} "
-                    f"without a gap (nnU-Net names images <case>_<channel>{self.file_ending}; if "
-                    f"{chans[0][1].name} is one case, name it {example})"
-                )
+            check_channel_numbers(folder, cid, chans, self.file_ending)
             out[cid] = [p for _, p in chans]
         self._files[split] = out
         return out
@@ -492,4 +486,4 @@ def check_scan(paths: Sequence[str | Path], in_channels: int | None = None) -> N
         first = first or (p, _squeezed(img.shape), img.affine)
     if in_channels is not None and first is not None:
         found = len(paths) if len(paths) > 1 else first[1][3] if len(first[1]) == 4 else 1
-        check_channel_count(found, in_channels, ", ".join(map(str, paths)), " of the checkpoint's network")
+        check_channel_count(found, in_channels, paths, " of the checkpoint's network")

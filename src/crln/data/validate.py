@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -10,9 +12,12 @@ from crln.data.case import Case
 from crln.errors import CrlnError
 
 __all__ = [
+    "CHANNEL_STEM_RE",
     "MAX_ABS_INTENSITY",
     "MIN_PATCH_COVERAGE",
+    "channel_file_name",
     "check_channel_count",
+    "check_channel_numbers",
     "check_channels",
     "check_image_values",
     "check_patch_fits",
@@ -126,15 +131,67 @@ def check_channels(case: Case, in_channels: int, whose: str = "") -> None:
     and ends with ``whose`` (e.g. " of the checkpoint's network").
     """
     found = 1 if case.image.ndim == 3 else int(case.image.shape[0])
-    files = ", ".join(case.channel_sources) if len(case.channel_sources) > 1 else _where(case)
+    files = case.channel_sources if len(case.channel_sources) > 1 else (_where(case),)
     check_channel_count(found, in_channels, files, whose)
 
 
-def check_channel_count(found: int, in_channels: int, files: str, whose: str = "") -> None:
+def check_channel_count(found: int, in_channels: int, files: Sequence[str | Path], whose: str = "") -> None:
     """Refuse ``found`` channels of the image in ``files`` (named in the message) for ``in_channels``: the
-    message of :func:`check_channels`, for a reader that knows the count from headers alone."""
-    if found != in_channels:
-        raise CrlnError(f"{files}: image has {found} channel(s), expected model.in_channels = {in_channels}{whose}")
+    message of :func:`check_channels`, for a reader that knows the count from headers alone.
+
+    Too few channels in nnU-Net channel files ``<case>_0000``, ... name the files that are missing: the
+    files there are right, the user has to find the one that is not.
+    """
+    if found == in_channels:
+        return
+    message = f"{', '.join(map(str, files))}: image has {found} channel(s), expected model.in_channels = {in_channels}"
+    missing = _missing_last_channels(files, in_channels) if found < in_channels else []
+    beside = f": no {', '.join(missing)} beside {'it' if len(files) == 1 else 'them'}" if missing else ""
+    raise CrlnError(f"{message}{whose}{beside}")
+
+
+#: nnU-Net's name of a channel file without its ending: ``<case>_<channel, 4 digits>``, e.g. ``case_001_0000``.
+CHANNEL_STEM_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
+# the same with the file's ending, e.g. case_001_0000.nii.gz (an ending holds no "_")
+_CHANNEL_FILE_RE = re.compile(CHANNEL_STEM_RE.pattern.removesuffix("$") + r"(?P<ending>\.[^_]+)$")
+
+
+def channel_file_name(case_id: str, channel: int, ending: str) -> str:
+    """nnU-Net's name of channel ``channel`` of case ``case_id``: ``<case>_<channel as 4 digits><ending>``."""
+    return f"{case_id}_{channel:04d}{ending}"
+
+
+def _missing_last_channels(files: Sequence[str | Path], in_channels: int) -> list[str]:
+    """The names of channel files ``len(files)`` .. ``in_channels - 1`` when ``files`` are a case's channel files
+    ``<case>_0000``, ``<case>_0001``, ... in order; ``[]`` for files named otherwise (an MSD 4D file, a scan)."""
+    parsed = [_CHANNEL_FILE_RE.match(Path(f).name) for f in files]
+    if not all(parsed):
+        return []
+    case_id, ending = parsed[0]["id"], parsed[0]["ending"]  # type: ignore[index]
+    expected = [channel_file_name(case_id, k, ending) for k in range(len(files))]
+    if [Path(f).name for f in files] != expected:
+        return []
+    return [channel_file_name(case_id, k, ending) for k in range(len(files), in_channels)]
+
+
+def check_channel_numbers(folder: Path, case_id: str, channels: Sequence[tuple[int, Path]], ending: str) -> None:
+    """Refuse a case whose nnU-Net channel files in ``folder`` (``(channel, file)``, sorted) are not numbered
+    ``0 .. n-1``: the message names the missing files, and says how to name case ids that end in 4 digits
+    (``case_0001.nii.gz``, ``case_0002.nii.gz`` read as channels of case ``case``).
+
+    The one check of the dataset reader (:class:`crln.data.nifti.NiftiDataset`) and of ``crln predict``'s grouping
+    of a folder's scans, so that both say the same.
+    """
+    got = [channel for channel, _ in channels]
+    if got == list(range(len(got))):
+        return
+    missing = ", ".join(channel_file_name(case_id, k, ending) for k in range(got[-1]) if k not in got)
+    first = channels[0][1].name
+    example = first.replace(ending, f"_0000{ending}")
+    raise CrlnError(
+        f"{folder}: case {case_id!r} has channels {got} but no {missing}, expected channels 0..{got[-1]} "
+        f"without a gap (nnU-Net names images <case>_<channel>{ending}; if {first} is one case, name it {example})"
+    )
 
 
 def check_patch_fits(cases: Sequence[Case], patch_size: Sequence[int], key: str = "data.patch_size") -> None:

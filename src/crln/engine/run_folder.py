@@ -37,7 +37,8 @@ checkpoint_latest.pt  full state of the last saved iteration (all networks, opti
 checkpoint_best.pt    full state at the best validation Dice (only with data.validation > 0)
 checkpoint_final.pt   full state at the end of training: crln evaluate / predict / report use it
 {INFERENCE_WEIGHTS_NAME}        the inference network's weights and the config only, at the end of training:
-                      the file to share; crln evaluate and crln predict accept it, training cannot resume from it
+                      the file to share; crln evaluate and crln predict accept it, and use it (with crln report)
+                      in a folder without checkpoint_final.pt and checkpoint_latest.pt; training cannot resume from it
 """
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from crln.comparison import PairedDifference
 from crln.methods.base import TimelineMark
 from crln.metrics import PERCENT, Metric, metric_of
-from crln.report.figures import SavedFigure, point_marker, save_figure
+from crln.report.figures import SavedFigure, legend_if_labelled, point_marker, save_figure
 
 __all__ = [
     "LoggedRun",
@@ -218,7 +218,7 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
             ax.set_xlabel("iteration", fontsize=8)
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right")
+            legend_if_labelled(ax, fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
 

@@ -336,22 +336,26 @@ def _evaluation_section(
     if summary and summary.get("metrics"):
         rows = _summary_rows(summary["metrics"], unit)
         evaluation.html(table(["metric", "bootstrap mean ± std", "mean ± std (cases)", "n"], rows))
-        evaluation.html(
-            '<p class="muted">'
-            + html.escape(
-                f"{summary.get('n_cases')} cases of split {summary.get('split')!r}, checkpoint "
-                f"{Path(str(summary.get('checkpoint', ''))).name} (iteration {summary.get('checkpoint_step')}), "
-                f"patch {summary.get('patch_size')}, stride {summary.get('stride')}, "
-                f"largest component {summary.get('largest_component')}, {summary.get('date', '')}"
-            )
-            + "</p>"
-        )
+        evaluation.html(f'<p class="muted">{html.escape(_evaluation_line(summary))}</p>')
     else:
         evaluation.note(f"{summary_path} missing or unreadable: per-case table only.")
     evaluation.heading("Per case, worst first")
     evaluation.html(_per_case_table(per_case, unit))
     output.say("evaluation tables")
     return evaluation, per_case, summary
+
+
+def _evaluation_line(summary: dict[str, Any]) -> str:
+    """What the summary scored: cases, split, checkpoint, network (``eval.network``: one checkpoint holds several,
+    e.g. CRLN's student and rectified teacher) and the sliding-window protocol."""
+    network = summary.get("network")  # absent from summaries written before it was recorded
+    return (
+        f"{summary.get('n_cases')} cases of split {summary.get('split')!r}, checkpoint "
+        f"{Path(str(summary.get('checkpoint', ''))).name} (iteration {summary.get('checkpoint_step')}), "
+        + (f"network {network}, " if network else "")
+        + f"patch {summary.get('patch_size')}, stride {summary.get('stride')}, "
+        f"largest component {summary.get('largest_component')}, {summary.get('date', '')}"
+    )
 
 
 def _case_sections(
@@ -364,18 +368,39 @@ def _case_sections(
     output: _Output,
 ) -> list[Section]:
     """Slices and surfaces of 3 test cases, then the rectification figure when the method has one."""
+    from crln.evaluation import checkpoint_candidates
+
     cases_section = Section("Test cases: slices and surfaces")
-    # The run's evaluated checkpoint (eval.checkpoint) first, so that the figures show what the tables score.
-    names = dict.fromkeys((config.eval.checkpoint, "final", "latest", "best"))
-    checkpoint_path = next((run.checkpoint(w) for w in names if run.checkpoint(w).is_file()), None)
+    # The run's evaluated checkpoint (eval.checkpoint) first, so that the figures show what the tables score;
+    # crln evaluate's own fallbacks next, so a folder shared with model_final.pt alone still shows its cases.
+    own = checkpoint_candidates(run, config.eval.checkpoint)
+    paths = dict.fromkeys((*own, *checkpoint_candidates(run, "final"), run.checkpoint("best")))
+    checkpoint_path = next((path for path in paths if path.is_file()), None)
     if checkpoint_path is None:
         output.missing(
             cases_section, "no checkpoint in the run folder: no slice overlays, renders or rectification figure"
         )
         return [cases_section]
     shown = _case_figures(run, checkpoint_path, per_case, summary, device, window, cases_section, output)
-    rectification = _rectification_section(*shown, output) if shown is not None else None
+    if shown is None:
+        return [cases_section]
+    if shown[0].method is None:  # model_final.pt: the inference network alone, without the method's other parts
+        if _rectifies(config.method.name):
+            output.missing(
+                cases_section,
+                f"{checkpoint_path.name} holds the inference network only: no rectification figure "
+                "(it needs a full checkpoint_*.pt)",
+            )
+        return [cases_section]
+    rectification = _rectification_section(*shown, output)
     return [cases_section] if rectification is None else [cases_section, rectification]
+
+
+def _rectifies(method_name: str) -> bool:
+    """Whether the method draws a rectification figure (overrides :meth:`crln.methods.Method.rectification_views`)."""
+    from crln.methods import Method, method_class
+
+    return method_class(method_name).rectification_views is not Method.rectification_views
 
 
 def _case_figures(
@@ -393,7 +418,9 @@ def _case_figures(
     from crln.predictor import Predictor, inference_stride
 
     try:
-        predictor = Predictor.from_checkpoint(checkpoint_path, device, with_method=True)
+        # The rectification figure needs the whole method, which only a full checkpoint holds.
+        full = checkpoint_path != run.inference_weights
+        predictor = Predictor.from_checkpoint(checkpoint_path, device, with_method=full)
     except (CrlnError, OSError, RuntimeError, KeyError) as err:
         output.missing(section, f"cannot load {checkpoint_path.name}: {err}")
         return None

@@ -27,6 +27,7 @@ matplotlib.use("Agg")  # before pyplot: offscreen rendering only
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from crln.atomic import atomic_path
@@ -38,6 +39,7 @@ __all__ = [
     "DPI",
     "SavedFigure",
     "curve_panels",
+    "legend_if_labelled",
     "object_centre",
     "plot_rectification",
     "plot_slice_overlay",
@@ -79,6 +81,13 @@ def save_figure(fig: Figure, path: str | Path) -> SavedFigure:
     finally:
         plt.close(fig)
     return SavedFigure(path, int(width), int(height))
+
+
+def legend_if_labelled(ax: Axes, **kwargs: Any) -> None:
+    """``ax.legend(**kwargs)`` when something on ``ax`` is labelled: a panel whose series were not logged
+    holds nothing, and an empty legend is a matplotlib warning on the command's output."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
 
 
 # --- training curves -------------------------------------------------------------------------
@@ -191,7 +200,7 @@ def plot_training_curves(
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         if len(keys) > 1:
-            ax.legend(fontsize=7, loc="best")
+            legend_if_labelled(ax, fontsize=7, loc="best")
     return save_figure(fig, path)
 
 
