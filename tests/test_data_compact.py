@@ -4,6 +4,7 @@ training/evaluation reading the compact copy exactly like the h5 copy."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,24 @@ def test_merge_refuses_mismatched_copies(h5_and_compact: tuple[Path, Path], tmp_
         merge_compact([h5_root], tmp_path / "m")
     with pytest.raises(CrlnError, match="already a compact copy"):
         compact_h5_dataset(compact_root, tmp_path / "again")
+
+
+def test_scale_and_preparation_records_travel_with_the_copy_its_parts_and_merges(tmp_path: Path) -> None:
+    from crln.data.compact import merge_compact
+    from crln.data.prepare import PREPARE_MANIFEST, prepare_h5_dataset, recorded_scale
+
+    src, half, out = tmp_path / "LA", tmp_path / "LA_0.5", tmp_path / "LA_0.5_compact"
+    _write_dataset(src, fallback_case=None)
+    prepare_h5_dataset(src, half, scale=0.5)
+    compact_h5_dataset(half, out)
+    largest = max(p.stat().st_size for p in (out / "cases").iterdir())
+    parts = compact_h5_dataset(half, out, max_part_mib=(largest + 72 * 1024) / 2**20).parts
+    assert len(parts) >= 2
+    carried = tmp_path / "carried"  # a part carried alone, as to a lent GPU machine, then merged there
+    for part in parts:
+        shutil.copytree(part, carried / part.name)
+    merged = tmp_path / "merged"
+    merge_compact(sorted(carried.iterdir()), merged)
+    for root in (out, *sorted(carried.iterdir()), merged):
+        assert recorded_scale(root) == 0.5, root
+        assert (root / PREPARE_MANIFEST).read_bytes() == (half / PREPARE_MANIFEST).read_bytes(), root

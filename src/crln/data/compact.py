@@ -12,6 +12,7 @@ Layout of a compact folder (``crln data compact --src H5ROOT --dst OUT``)::
 
     OUT/crln_compact.json     manifest: format, codec, one entry per case (file, bytes, encoding, source stat)
     OUT/train.list, test.list the source's case lists, copied
+    OUT/crln_scale.json ...   the source's records of its scale and preparation, where it has them
     OUT/cases/<id>.npz        one case: ``header`` (JSON), ``image`` (compressed bytes), ``table``, ``label``
     OUT/part1/, part2/ ...    with ``--max-part-mib``: self-contained folders of the same layout, each
                               within the size budget, merged back with ``crln data merge``
@@ -41,7 +42,7 @@ from crln import __version__
 from crln.atomic import atomic_path, atomic_write_text
 from crln.data.case import Case
 from crln.data.h5 import H5Dataset, locate_case, read_case_list, read_h5_case
-from crln.data.prepare import SCALE_RECORD
+from crln.data.prepare import PREPARE_MANIFEST, SCALE_RECORD
 from crln.data.validate import validate_case
 from crln.errors import CrlnError
 
@@ -83,6 +84,9 @@ MIB = 2**20
 _LIST_SUFFIXES = (".list", ".txt")
 _PART_NAME = re.compile(rf"^{PART_PREFIX}(\d+)$")
 _MANIFEST_RESERVE_BYTES = 64 * 1024  # room kept in each part's budget for its manifest
+# How the source data was made (its scale, its preparation): a run records both from its data folder
+# (crln.data.prepare.training_data_record), so they travel with the copy, into each part and each merge.
+_DATA_RECORDS = (SCALE_RECORD, PREPARE_MANIFEST)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,6 +438,14 @@ def _copy_file(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _copy_records(sources: Sequence[Path], dst: Path) -> None:
+    """Copy into ``dst`` each data record (scale, preparation) that ``dst`` lacks, from the first source holding it."""
+    for name in _DATA_RECORDS:
+        found = next((root / name for root in (dst, *sources) if (root / name).is_file()), None)
+        if found is not None and found != dst / name:
+            _copy_file(found, dst / name)
+
+
 def _entry_done(root: Path, entry: dict[str, Any] | None, source: dict[str, int]) -> bool:
     if not entry or entry.get("source_bytes") != source["bytes"] or entry.get("source_mtime_ns") != source["mtime_ns"]:
         return False
@@ -562,8 +574,9 @@ def _start_manifest(
     dst.mkdir(parents=True, exist_ok=True)
     for name, _ in lists:
         _copy_file(src / name, dst / name)
-    if (src / SCALE_RECORD).is_file():  # a rescaled source: the copy is at its scale (parts find it above them)
-        _copy_file(src / SCALE_RECORD, dst / SCALE_RECORD)
+    for name in _DATA_RECORDS:  # a copy of a rescaled source is at its scale
+        if (src / name).is_file():
+            _copy_file(src / name, dst / name)
     return manifest, old_cases
 
 
@@ -621,7 +634,7 @@ def write_parts(root: str | Path, max_part_mib: float) -> list[Path]:
 
     Cases go in list order (the training list first, so ``part1`` holds the labelled cases), and a
     new part starts at each list boundary, so training parts hold no test cases. Every part holds
-    all case lists and a manifest of its own cases; case files are hard links where possible.
+    all case lists, the data records and a manifest of its own cases; case files are hard links where possible.
     Earlier parts are replaced.
 
     Returns:
@@ -636,7 +649,8 @@ def write_parts(root: str | Path, max_part_mib: float) -> list[Path]:
         raise CrlnError(f"{root / MANIFEST_NAME}: the copy is incomplete, rerun crln data compact before splitting")
     budget = int(max_part_mib * MIB)
     list_names = list(manifest["lists"])
-    fixed = sum((root / name).stat().st_size for name in list_names) + _MANIFEST_RESERVE_BYTES
+    shared = [*list_names, *(name for name in _DATA_RECORDS if (root / name).is_file())]  # in every part
+    fixed = sum((root / name).stat().st_size for name in shared) + _MANIFEST_RESERVE_BYTES
     groups: list[list[str]] = []
     assigned: set[str] = set()
     for name in list_names:
@@ -664,7 +678,7 @@ def write_parts(root: str | Path, max_part_mib: float) -> list[Path]:
     parts = []
     for number, ids in enumerate(groups, 1):
         part = root / f"{PART_PREFIX}{number}"
-        for name in list_names:
+        for name in shared:
             _copy_file(root / name, part / name)
         for cid in ids:
             entry = manifest["cases"][cid]
@@ -684,7 +698,8 @@ def merge_compact(sources: Sequence[str | Path], dst: str | Path) -> CompactSumm
     """Merge compact folders (e.g. the parts of one copy) into ``dst``; a ``dst`` that is one already is kept.
 
     Every source must have the same codec and the same case lists. Case files are copied
-    atomically; a case already in ``dst`` with the same size is not copied again.
+    atomically; a case already in ``dst`` with the same size is not copied again. The data records
+    (scale, preparation) that ``dst`` lacks come from the first source holding them.
 
     Returns:
         A :class:`CompactSummary` of ``dst`` (``written`` = cases copied now).
@@ -718,6 +733,7 @@ def merge_compact(sources: Sequence[str | Path], dst: str | Path) -> CompactSumm
     for name in reference["lists"]:
         if not (dst / name).is_file():
             _copy_file(reference_root / name, dst / name)
+    _copy_records([root for root, _ in manifests], dst)
     copied = 0
     for root, manifest in manifests:
         if os.path.realpath(root) == os.path.realpath(dst):
