@@ -292,3 +292,50 @@ def test_scale_and_preparation_records_travel_with_the_copy_its_parts_and_merges
     for root in (out, *sorted(carried.iterdir()), merged):
         assert recorded_scale(root) == 0.5, root
         assert (root / PREPARE_MANIFEST).read_bytes() == (half / PREPARE_MANIFEST).read_bytes(), root
+
+
+def test_a_destination_that_is_a_file_or_another_folder_is_refused_in_one_line(
+    h5_and_compact: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h5_root, compact_root = h5_and_compact
+    other = tmp_path / "other"  # e.g. another dataset: its case lists must not be overwritten
+    other.mkdir()
+    (other / "train.list").write_text("mine\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for argv in (
+        ["data", "compact", "--src", str(h5_root), "--dst", str(other)],
+        ["data", "merge", str(compact_root), "--dst", str(other)],
+        ["data", "compact", "--src", str(h5_root), "--dst", str(a_file)],
+        ["data", "merge", str(compact_root), "--dst", str(a_file)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("crln: error: --dst "), err
+    assert sorted(p.name for p in other.iterdir()) == ["train.list"] and (other / "train.list").read_text() == "mine\n"
+    assert a_file.read_text() == "x"
+
+
+def test_a_copy_or_merge_killed_before_its_first_case_is_finished_by_a_rerun(
+    h5_and_compact: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import crln.data.compact as compact
+
+    h5_root, compact_root = h5_and_compact
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compact, "write_compact_case", killed)
+    monkeypatch.setattr(compact, "_copy_file", killed)  # also before the case lists
+    for run in (
+        lambda: compact_h5_dataset(h5_root, tmp_path / "c"),
+        lambda: compact.merge_compact([compact_root], tmp_path / "m"),
+    ):
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    monkeypatch.undo()
+    assert compact_h5_dataset(h5_root, tmp_path / "c").written == N_TRAIN + N_TEST
+    assert compact.merge_compact([compact_root], tmp_path / "m").written == N_TRAIN + N_TEST
+    for root in (tmp_path / "c", tmp_path / "m"):
+        assert read_manifest(root)["complete"] and (root / "test.list").is_file()

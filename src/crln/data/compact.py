@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from crln import __version__
-from crln.atomic import atomic_path, atomic_write_text
+from crln.atomic import atomic_path, atomic_write_text, check_output_dir
 from crln.data.case import Case
 from crln.data.h5 import H5Dataset, locate_case, read_case_list, read_h5_case
 from crln.data.prepare import PREPARE_MANIFEST, SCALE_RECORD
@@ -446,6 +446,20 @@ def _copy_records(sources: Sequence[Path], dst: Path) -> None:
             _copy_file(found, dst / name)
 
 
+def _check_destination(dst: Path) -> None:
+    """Refuse a ``dst`` that is a file, or a folder holding anything but a compact copy (e.g. another dataset,
+    whose case lists the copy would overwrite). A copy writes its manifest before anything else, so an
+    interrupted one is always recognised."""
+    check_output_dir(dst, "--dst")
+    if dst.is_dir() and not is_compact_root(dst):
+        found = sorted(p.name for p in dst.iterdir())
+        if found:
+            shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise CrlnError(
+                f"--dst {dst}: holds {shown} but no {MANIFEST_NAME}, expected a new or empty folder or a compact copy"
+            )
+
+
 def _entry_done(root: Path, entry: dict[str, Any] | None, source: dict[str, int]) -> bool:
     if not entry or entry.get("source_bytes") != source["bytes"] or entry.get("source_mtime_ns") != source["mtime_ns"]:
         return False
@@ -543,6 +557,7 @@ def _checked_sources(src: Path, dst: Path, codec: str, max_part_mib: float | Non
     H5Dataset(src)  # checks the folder exists
     if os.path.realpath(src) == os.path.realpath(dst):
         raise CrlnError(f"--dst {dst}: the same folder as --src, expected a new folder")
+    _check_destination(dst)
     lists = _ordered_ids(src)
     if not lists:
         raise CrlnError(f"--src {src}: no case lists (*.list or *.txt), expected train.list and test.list")
@@ -572,6 +587,7 @@ def _start_manifest(
         "cases": {},
     }
     dst.mkdir(parents=True, exist_ok=True)
+    _write_manifest(dst, {**manifest, "cases": old_cases})  # first: a rerun after a kill finds its own folder
     for name, _ in lists:
         _copy_file(src / name, dst / name)
     for name in _DATA_RECORDS:  # a copy of a rescaled source is at its scale
@@ -711,6 +727,7 @@ def merge_compact(sources: Sequence[str | Path], dst: str | Path) -> CompactSumm
     if not sources:
         raise CrlnError("crln data merge: no source folders given, expected one or more compact folders")
     manifests = [(Path(s), read_manifest(s)) for s in sources]
+    _check_destination(dst)
     base = read_manifest(dst) if is_compact_root(dst) else None
     reference_root, reference = (dst, base) if base is not None else manifests[0]
     for root, manifest in manifests:
@@ -724,15 +741,20 @@ def merge_compact(sources: Sequence[str | Path], dst: str | Path) -> CompactSumm
                 f"{root / MANIFEST_NAME}: case lists {manifest.get('lists')}, expected {reference.get('lists')}"
             )
         for name in manifest["lists"]:
-            if (root / name).read_bytes() != (reference_root / name).read_bytes():
-                raise CrlnError(f"{root / name}: differs from {reference_root / name}, expected the same case list")
+            expected = reference_root / name
+            if not expected.is_file():  # a merge killed before it copied its lists
+                expected = manifests[0][0] / name
+            if (root / name).read_bytes() != expected.read_bytes():
+                raise CrlnError(f"{root / name}: differs from {expected}, expected the same case list")
 
     merged = {key: value for key, value in reference.items() if key != "part"}
     cases = dict(base["cases"]) if base is not None else {}
     dst.mkdir(parents=True, exist_ok=True)
+    if base is None:  # first: a rerun after a kill finds its own folder
+        _write_manifest(dst, {**merged, "cases": {}, "complete": False, "parts_merged": True})
     for name in reference["lists"]:
         if not (dst / name).is_file():
-            _copy_file(reference_root / name, dst / name)
+            _copy_file(manifests[0][0] / name, dst / name)  # every source holds the same lists
     _copy_records([root for root, _ in manifests], dst)
     copied = 0
     for root, manifest in manifests:
