@@ -339,3 +339,20 @@ def test_a_copy_or_merge_killed_before_its_first_case_is_finished_by_a_rerun(
     assert compact.merge_compact([compact_root], tmp_path / "m").written == N_TRAIN + N_TEST
     for root in (tmp_path / "c", tmp_path / "m"):
         assert read_manifest(root)["complete"] and (root / "test.list").is_file()
+
+
+def test_merge_refuses_parts_of_copies_of_different_sources(h5_and_compact: tuple[Path, Path], tmp_path: Path) -> None:
+    from crln.data.compact import merge_compact, write_parts
+    from crln.data.prepare import prepare_h5_dataset
+
+    h5_root, _ = h5_and_compact
+    half = tmp_path / "LA_0.5"  # the same case lists, other volumes
+    prepare_h5_dataset(h5_root, half, scale=0.5)
+    full_parts = write_parts(compact_h5_dataset(h5_root, tmp_path / "full").dst, 1.0)
+    half_parts = write_parts(compact_h5_dataset(half, tmp_path / "half").dst, 1.0)
+    with pytest.raises(CrlnError, match=rf"part1/{MANIFEST_NAME}: a copy of {half}, expected .* of {h5_root}"):
+        merge_compact([full_parts[0], half_parts[0]], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    merge_compact([full_parts[0]], tmp_path / "m")
+    with pytest.raises(CrlnError, match=f"a copy of {half}"):  # nor into a folder merged from the other
+        merge_compact([half_parts[-1]], tmp_path / "m")

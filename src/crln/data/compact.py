@@ -713,15 +713,15 @@ def write_parts(root: str | Path, max_part_mib: float) -> list[Path]:
 def merge_compact(sources: Sequence[str | Path], dst: str | Path) -> CompactSummary:
     """Merge compact folders (e.g. the parts of one copy) into ``dst``; a ``dst`` that is one already is kept.
 
-    Every source must have the same codec and the same case lists. Case files are copied
-    atomically; a case already in ``dst`` with the same size is not copied again. The data records
-    (scale, preparation) that ``dst`` lacks come from the first source holding them.
+    Every source must be a copy of the same h5 folder, with the same codec and the same case lists.
+    Case files are copied atomically; a case already in ``dst`` with the same size is not copied again.
+    The data records (scale, preparation) that ``dst`` lacks come from the first source holding them.
 
     Returns:
         A :class:`CompactSummary` of ``dst`` (``written`` = cases copied now).
 
     Raises:
-        CrlnError: a source that is not a compact folder, or sources that disagree (codec, lists).
+        CrlnError: a source that is not a compact folder, or sources that disagree (source folder, codec, lists).
     """
     dst = Path(dst)
     if not sources:
@@ -735,6 +735,11 @@ def merge_compact(sources: Sequence[str | Path], dst: str | Path) -> CompactSumm
             raise CrlnError(
                 f"{root / MANIFEST_NAME}: codec {manifest.get('codec')!r}, expected {reference.get('codec')!r} "
                 f"as {reference_root}"
+            )
+        if manifest.get("source") != reference.get("source"):  # e.g. a part of the 0.5-scale copy among full-scale ones
+            raise CrlnError(
+                f"{root / MANIFEST_NAME}: a copy of {manifest.get('source')}, expected a part of the copy of "
+                f"{reference.get('source')} as {reference_root}"
             )
         if manifest.get("lists") != reference.get("lists"):
             raise CrlnError(
