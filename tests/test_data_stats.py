@@ -49,3 +49,23 @@ def test_cli_prints_one_line_per_case(phantom_root: Path, capsys: pytest.Capture
     n_cases = len(dataset.ids("train")) + len(dataset.ids("test"))
     assert sum(line.startswith("| case_") for line in out.splitlines()) == n_cases
     assert f"{n_cases} cases: means" in out
+
+
+def test_cli_shows_unlabelled_nifti_training_images_without_contrast(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crln.data.phantom import write_phantom_nifti_dataset
+
+    root = write_phantom_nifti_dataset(tmp_path / "nifti", n_train=3, n_test=1, shape=(12, 12, 8), n_unlabeled=1)
+    assert main(["data", "stats", str(root)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| case_")]
+    assert len(rows) == 3 and sum(line.endswith("| — | — | — | — |") for line in rows) == 1  # case_002: no label
+
+
+def test_cli_refuses_an_empty_case_list_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from crln.data.phantom import write_phantom_h5_dataset
+
+    root = write_phantom_h5_dataset(tmp_path / "h5", n_train=1, n_test=0, shape=(8, 8, 8))
+    assert main(["data", "stats", str(root), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{root}: split 'test' holds no case, expected at least one" in err

@@ -476,11 +476,11 @@ def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from crln.data.sources import open_dataset_root
-    from crln.data.stats import case_intensities, format_intensity_table
+    from crln.data.stats import case_intensities, format_intensity_table, split_ids
 
     dataset = open_dataset_root(args.root, args.format)
-    ids = [case_id for split in args.split or ["train"] for case_id in dataset.ids(split)]
-    print(format_intensity_table(list(case_intensities(dataset, ids))))
+    ids, unlabelled = split_ids(dataset, args.root, args.split or ["train"])
+    print(format_intensity_table(list(case_intensities(dataset, ids, unlabelled))))
     return 0
 
 

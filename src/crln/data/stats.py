@@ -8,14 +8,22 @@ collapse to an empty prediction). ``crln data stats`` shows that spread before a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from crln.data.sources import CaseSource
+from crln.errors import CrlnError
 
-__all__ = ["CaseIntensity", "case_intensities", "format_intensity_table", "is_zscored", "spread_sentence"]
+__all__ = [
+    "CaseIntensity",
+    "case_intensities",
+    "format_intensity_table",
+    "is_zscored",
+    "split_ids",
+    "spread_sentence",
+]
 
 ZSCORED_TOLERANCE = 0.05  # |mean| and |std - 1| below this: the case is already z-scored
 
@@ -58,10 +66,30 @@ def _one_case(case_id: str, image: np.ndarray, label: np.ndarray | None) -> Case
     )
 
 
-def case_intensities(dataset: CaseSource, ids: list[str]) -> Iterator[CaseIntensity]:
-    """The statistics of each case of ``ids``, read one at a time (a large dataset never sits in memory)."""
+def split_ids(dataset: CaseSource, root: str, splits: Sequence[str]) -> tuple[list[str], set[str]]:
+    """The ids of ``splits`` in order, and those of them that have no label to read.
+
+    Raises:
+        CrlnError: a split without a case list (the dataset says), or with an empty one.
+    """
+    ids: list[str] = []
+    unlabelled: set[str] = set()
+    labeled_ids = getattr(dataset, "labeled_ids", None)  # NIfTI: a training image without a label file is unlabelled
+    for split in splits:
+        found = dataset.ids(split)
+        if not found:
+            raise CrlnError(f"{root}: split {split!r} holds no case, expected at least one")
+        ids += [case_id for case_id in found if case_id not in ids]
+        if labeled_ids is not None:
+            unlabelled |= set(found) - set(labeled_ids(split))
+    return ids, unlabelled
+
+
+def case_intensities(dataset: CaseSource, ids: list[str], unlabelled: Collection[str] = ()) -> Iterator[CaseIntensity]:
+    """The statistics of each case of ``ids`` (without the label columns for ``unlabelled``), read one at a time
+    (a large dataset never sits in memory)."""
     for case_id in ids:
-        (case,) = dataset.load_many([case_id], with_label=True)
+        (case,) = dataset.load_many([case_id], with_label=case_id not in unlabelled)
         yield _one_case(case_id, case.image, case.label)
 
 
