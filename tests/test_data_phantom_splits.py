@@ -34,6 +34,12 @@ def test_phantom_classes_and_contrast(num_classes: int) -> None:
     validate_case(case, num_classes=num_classes, require_label=True)
 
 
+@pytest.mark.parametrize("num_classes", [1, 257])
+def test_phantom_class_counts_a_uint8_label_cannot_hold_are_one_clear_error(num_classes: int) -> None:
+    with pytest.raises(CrlnError, match=rf"num_classes = {num_classes}, expected 2 to 256"):
+        make_phantom(0, (8, 8, 8), num_classes)
+
+
 def test_phantom_size_varies_and_is_fast() -> None:
     t0 = time.perf_counter()
     sizes = [int((make_phantom(s).label > 0).sum()) for s in range(3)]

@@ -104,8 +104,8 @@ def make_phantom(
     Returns:
         A :class:`Case` with image ``(H, W, D)`` float32 (z-scored) and label ``(H, W, D)`` uint8.
     """
-    if num_classes < 2:
-        raise CrlnError(f"num_classes = {num_classes}, expected at least 2 for a phantom")
+    if not 2 <= num_classes <= 256:  # the label is uint8: classes 0..255
+        raise CrlnError(f"num_classes = {num_classes}, expected 2 to 256 for a phantom")
     shape3 = tuple(int(s) for s in shape)
     if len(shape3) != 3 or min(shape3) < 8:
         raise CrlnError(f"phantom shape {tuple(shape)}, expected 3 axes of at least 8 voxels")
