@@ -337,6 +337,10 @@ def test_a_copy_or_merge_killed_before_its_first_case_is_finished_by_a_rerun(
     monkeypatch.undo()
     assert compact_h5_dataset(h5_root, tmp_path / "c").written == N_TRAIN + N_TEST
     assert compact.merge_compact([compact_root], tmp_path / "m").written == N_TRAIN + N_TEST
+    leftover = tmp_path / "c" / "cases" / ".CASE00.npz.k1ll3d.tmp"  # what a SIGKILL inside a case write leaves
+    leftover.write_bytes(b"half a case")
+    compact_h5_dataset(h5_root, tmp_path / "c")
+    assert not leftover.exists()
     for root in (tmp_path / "c", tmp_path / "m"):
         assert read_manifest(root)["complete"] and (root / "test.list").is_file()
 

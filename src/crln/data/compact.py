@@ -588,6 +588,8 @@ def _start_manifest(
     }
     dst.mkdir(parents=True, exist_ok=True)
     _write_manifest(dst, {**manifest, "cases": old_cases})  # first: a rerun after a kill finds its own folder
+    for leftover in (dst / CASES_DIR).glob(".*.tmp"):  # a case write killed midway (crln.atomic's temp files)
+        leftover.unlink(missing_ok=True)
     for name, _ in lists:
         _copy_file(src / name, dst / name)
     for name in _DATA_RECORDS:  # a copy of a rescaled source is at its scale
