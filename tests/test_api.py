@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import crln
+from crln import CrlnError, load_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -27,3 +30,11 @@ def test_importing_crln_loads_no_torch() -> None:
 def test_the_documented_example_runs() -> None:
     (example,) = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     exec(compile(example, str(DOC), "exec"), {})
+
+
+def test_a_config_error_from_python_is_a_crln_error() -> None:
+    """A negative train.iterations names that key (not an AttributeError of a method without pretraining)."""
+    with pytest.raises(CrlnError, match=r"train\.iterations: expected an integer >= 1, got -1"):
+        load_config("demo", ["train.iterations=-1"])
+    with pytest.raises(CrlnError, match=r"overrides: expected a list of key=value strings"):
+        load_config("demo", "train.iterations=4")  # type: ignore[arg-type]
