@@ -98,6 +98,8 @@ def test_eval_checkpoint_chooses_what_evaluate_uses(crln_run: Path, tmp_path: Pa
     (copy / "checkpoint_best.pt").unlink()
     with pytest.raises(CrlnError, match=r"no checkpoint_best\.pt"):
         evaluate(copy, device="cpu", limit=1, progress=False)
+    with pytest.raises(CrlnError, match=r"checkpoint 'last': expected one of latest, best, final"):
+        evaluate(crln_run, checkpoint="last", device="cpu", limit=1, progress=False)
 
 
 def test_evaluate_on_the_runs_held_out_validation_cases(
