@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import crln
+from conftest import tiny_overrides
 from crln import CrlnError, load_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -38,3 +40,31 @@ def test_a_config_error_from_python_is_a_crln_error() -> None:
         load_config("demo", ["train.iterations=-1"])
     with pytest.raises(CrlnError, match=r"overrides: expected a list of key=value strings"):
         load_config("demo", "train.iterations=4")  # type: ignore[arg-type]
+
+
+def test_train_leaves_the_process_torch_settings_as_it_found_them(phantom_root: Path, tmp_path: Path) -> None:
+    """A notebook's next run (or its own code) gets the thread count and kernels it had before train()."""
+    threads = torch.get_num_threads()
+    extra = {"train.iterations": 2, "train.threads": threads + 1, "train.deterministic": "true"}
+    crln.train(crln.load_config("demo", tiny_overrides(phantom_root, tmp_path, **extra)), progress=False)
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_crln_train_evaluate_keeps_train_threads_for_its_evaluation(
+    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI is one command: train.threads holds for --evaluate after the training too."""
+    import crln.evaluation
+    from crln.cli import main
+
+    threads, seen = torch.get_num_threads(), []
+
+    def fake_evaluate(*args: object, **kwargs: object) -> None:
+        seen.append(torch.get_num_threads())
+        raise CrlnError("evaluation skipped")
+
+    monkeypatch.setattr(crln.evaluation, "evaluate", fake_evaluate)
+    overrides = tiny_overrides(phantom_root, tmp_path, **{"train.iterations": 2, "train.threads": threads + 1})
+    assert main(["train", "demo", *overrides, "--no-progress", "--evaluate"]) == 2
+    assert seen == [threads + 1] and torch.get_num_threads() == threads
