@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -68,3 +69,19 @@ def test_crln_train_evaluate_keeps_train_threads_for_its_evaluation(
     overrides = tiny_overrides(phantom_root, tmp_path, **{"train.iterations": 2, "train.threads": threads + 1})
     assert main(["train", "demo", *overrides, "--no-progress", "--evaluate"]) == 2
     assert seen == [threads + 1] and torch.get_num_threads() == threads
+
+
+def test_the_report_leaves_the_users_matplotlib_alone() -> None:
+    """Importing and drawing the report's figures keeps a notebook's backend and its open figures."""
+    code = (
+        "import matplotlib.pyplot as plt, numpy as np, crln, tempfile, pathlib\n"
+        "plt.figure()\n"
+        "crln.build_report\n"
+        "from crln.report.figures import plot_slice_overlay\n"
+        "image = np.zeros((8, 8, 8), np.float32); pred = np.zeros((8, 8, 8), np.uint8); pred[2:5, 2:5, 2:5] = 1\n"
+        "plot_slice_overlay(image, None, pred, pred.astype(np.float32), pathlib.Path(tempfile.mkdtemp()) / 'o.png')\n"
+        "print(plt.get_backend(), plt.get_fignums())\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["svg", "[1]"]
