@@ -60,6 +60,21 @@ def test_predict_gives_labels_and_probabilities(crln_run: Path, phantom_root: Pa
     assert np.array_equal(labels, probabilities.argmax(0).numpy())
 
 
+def test_predict_refuses_an_image_the_network_cannot_segment(crln_run: Path, phantom_root: Path) -> None:
+    """From Python as from the CLI: wrong channels, non-finite voxels or an empty axis are a CrlnError, not a
+    torch error or a silent prediction."""
+    predictor = Predictor.from_checkpoint(crln_run / "model_final.pt", device="cpu")
+    image = _test_cases(phantom_root)[0].image
+    with pytest.raises(CrlnError, match=r"image has 2 channel\(s\), expected model\.in_channels = 1"):
+        predictor.predict(np.stack([image, image]))
+    with pytest.raises(CrlnError, match=r"image has 1 NaN and 0 Inf voxels"):
+        predictor.predict(np.where(image == image.max(), np.nan, image))
+    with pytest.raises(CrlnError, match=r"empty axis"):
+        predictor.predict(image[:0])
+    with pytest.raises(CrlnError, match=r"expected 3D \(H, W, D\) or 4D"):
+        predictor.predict(image[..., 0])
+
+
 def test_inference_weights_file_predicts_as_the_full_checkpoint(crln_run: Path, phantom_root: Path) -> None:
     image = _test_cases(phantom_root)[0].image
     full = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu")
@@ -98,6 +113,8 @@ def test_eval_checkpoint_chooses_what_evaluate_uses(crln_run: Path, tmp_path: Pa
     (copy / "checkpoint_best.pt").unlink()
     with pytest.raises(CrlnError, match=r"no checkpoint_best\.pt"):
         evaluate(copy, device="cpu", limit=1, progress=False)
+    with pytest.raises(CrlnError, match=r"checkpoint 'last': expected one of latest, best, final"):
+        evaluate(crln_run, checkpoint="last", device="cpu", limit=1, progress=False)
 
 
 def test_evaluate_on_the_runs_held_out_validation_cases(

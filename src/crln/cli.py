@@ -14,11 +14,15 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crln import __version__
 from crln.engine.allocator import tune_cpu_allocator
 from crln.engine.cpu_threads import configure_openmp
 from crln.errors import EXIT_DIVERGED, EXIT_USER_ERROR, CrlnError, RunInterrupted, TrainingDiverged
+
+if TYPE_CHECKING:
+    from crln.config import RunConfig
 
 __all__ = ["EXIT_DIVERGED", "EXIT_USER_ERROR", "build_parser", "main"]
 
@@ -79,6 +83,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # checked before torch loads (seconds)
     if args.time_budget_s is not None and args.time_budget_s <= 0:
         raise CrlnError(f"--time-budget-s: expected a positive number of seconds, got {args.time_budget_s}")
+    from crln.engine.device import run_settings
+
+    with run_settings(config.train.threads):  # train.threads is the whole command's, --evaluate's too
+        return _train_and_evaluate(args, config)
+
+
+def _train_and_evaluate(args: argparse.Namespace, config: RunConfig) -> int:
     from crln.engine.trainer import train
 
     result = train(

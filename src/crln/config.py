@@ -337,7 +337,9 @@ def validate_config(config: RunConfig) -> None:
         ),
         (
             "method.pretrain_iterations",
-            getattr(config.method, "pretrain_iterations", -1) < config.train.iterations,
+            # only methods with a pretraining stage (BCP) have the key; a negative train.iterations is its own check
+            not hasattr(config.method, "pretrain_iterations")
+            or config.method.pretrain_iterations < config.train.iterations,
             f"fewer than train.iterations ({config.train.iterations}), so that self-training runs",
         ),
         # the loss weights of every method: a negative one trains towards a worse fit (BCP) or fails at build
@@ -495,6 +497,8 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
     ``data.num_classes`` and ``model.in_channels`` that neither the file nor an override sets come
     from the NIfTI dataset's ``dataset.json`` (see :func:`resolve_from_dataset_json`).
     """
+    if isinstance(overrides, str):  # a str is iterable too: each character would be read as an override
+        raise CrlnError(f"overrides: expected a list of key=value strings, got the string {overrides!r}")
     raw = apply_overrides(load_raw(name_or_path) if name_or_path else {}, overrides or [])
     config = build_config(raw)
     resolve_from_dataset_json(config, raw)

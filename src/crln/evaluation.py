@@ -25,20 +25,14 @@ from crln.config import RunConfig, build_config, load_yaml
 from crln.data.case import Case
 from crln.data.sources import open_dataset_root
 from crln.data.splits import plan_split
-from crln.data.validate import (
-    CHANNEL_STEM_RE,
-    channel_file_name,
-    check_channel_numbers,
-    check_channels,
-    validate_case,
-)
+from crln.data.validate import CHANNEL_STEM_RE, channel_file_name, check_channel_numbers
 from crln.data_formats import SCAN_ENDINGS, check_scans, read_scan, scan_format, select_format
 from crln.engine import distributed
 from crln.engine.run_folder import INFERENCE_WEIGHTS_NAME, RunFolder
 from crln.errors import CrlnError
 from crln.inference import entropy_map
 from crln.metrics import case_metrics, per_class_metric_names, summarize
-from crln.predictor import Predictor, inference_stride, training_preparation
+from crln.predictor import Predictor, check_input, inference_stride, training_preparation
 from crln.results import write_per_case, write_summary
 
 __all__ = [
@@ -123,13 +117,6 @@ def own_eval_dir(folder: RunFolder, config: RunConfig) -> Path:
         default_split=split,
         default_checkpoint=config.eval.checkpoint,
     )
-
-
-def _check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:
-    """Refuse a case the network of ``config`` cannot segment: non-finite voxels, a rank or channel
-    count other than ``(H, W, D)`` / ``(model.in_channels, H, W, D)``, labels outside the classes."""
-    validate_case(case, num_classes=config.data.num_classes, require_label=require_label, allow_channels=True)
-    check_channels(case, config.model.in_channels, " of the checkpoint's network")
 
 
 def eval_dir_name(
@@ -313,7 +300,7 @@ def _score_cases(
     scored: list[tuple[int, dict[str, Any]]] = []
     for index, case_id in distributed.shard(ids):
         (case,) = dataset.load_many([case_id], with_label=True)
-        _check_input(case, config, require_label=True)
+        check_input(case, config, require_label=True)
         start = time.perf_counter()
         pred, _ = predictor.predict(case.image, **protocol)
         seconds = time.perf_counter() - start
@@ -550,7 +537,7 @@ def predict_files(
     written, notes = [], set()
     for case_id, paths in groups:
         case = _read_input(paths, prepare)
-        _check_input(case, config, require_label=False)
+        check_input(case, config, require_label=False)
         case_stride, note = inference_stride(config, stride, paths[0].parent, run_dir, predictor.training_data)
         if progress and note and note not in notes:  # once per folder, not per scan
             notes.add(note)

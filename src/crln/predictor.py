@@ -30,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from crln.config import RunConfig, build_config
+from crln.data.case import Case
 from crln.data.transforms import normalize_intensity
+from crln.data.validate import check_channels, validate_case
 from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state
 from crln.engine.device import Performance, resolve_device
 from crln.errors import CrlnError
@@ -39,11 +41,19 @@ from crln.methods import Method, method_for_run
 
 __all__ = [
     "Predictor",
+    "check_input",
     "inference_stride",
     "method_from_checkpoint",
     "network_from_checkpoint",
     "training_preparation",
 ]
+
+
+def check_input(case: Case, config: RunConfig, *, require_label: bool) -> None:
+    """Refuse a case the network of ``config`` cannot segment: non-finite voxels, a rank or channel
+    count other than ``(H, W, D)`` / ``(model.in_channels, H, W, D)``, labels outside the classes."""
+    validate_case(case, num_classes=config.data.num_classes, require_label=require_label, allow_channels=True)
+    check_channels(case, config.model.in_channels, " of the checkpoint's network")
 
 
 def method_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Method, RunConfig]:
@@ -265,11 +275,17 @@ class Predictor:
             CPU softmax probabilities (summing to 1 over C).
 
         Raises:
-            CrlnError: a bad image rank, stride or batch size (see :func:`crln.inference.sliding_window_predict`).
+            CrlnError: an image the network cannot take (:func:`check_input`: rank, channels, non-finite or
+                absurd voxels, an empty axis), a bad stride or batch size (see
+                :func:`crln.inference.sliding_window_predict`).
         """
         config = self.config
         if isinstance(image, Tensor):  # the intensity modes are numpy code
             image = image.detach().to("cpu", torch.float32).numpy()
+        image = np.asarray(image)
+        # An in-memory image is checked as the CLI checks a file: otherwise torch fails on the channels, and
+        # NaNs come out as a silent label map.
+        check_input(Case("image", image, source="predict"), config, require_label=False)
         return predict_case(
             lambda x: self.network(self.perf.input(x)),
             normalize_intensity(image, config.data.intensity),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import nn
 
 from crln.errors import CrlnError
 
-__all__ = ["Performance", "resolve_device", "seed_everything"]
+__all__ = ["Performance", "resolve_device", "run_settings", "seed_everything"]
 
 
 def resolve_device(name: str, option: str = "config key train.device") -> torch.device:
@@ -40,6 +41,28 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+
+
+@contextlib.contextmanager
+def run_settings(threads: int = 0) -> Iterator[None]:
+    """Within: ``threads`` CPU threads (``train.threads``; 0 keeps the process's). After: the thread count,
+    deterministic-kernel, cuDNN and TF32 settings the process had before (which a run's seeding and
+    :meth:`Performance.for_device` set process-wide): in a notebook, the next run and the user's own code
+    get what they had, not the last run's ``train.threads`` or ``train.deterministic``."""
+    saved_threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    flags = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != saved_threads:
+            torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = flags
 
 
 @dataclass(frozen=True)

@@ -97,8 +97,8 @@ class RunFolder:
         return self.path / "eval"
 
     def checkpoint(self, which: str) -> Path:
-        if which not in CHECKPOINT_NAMES:
-            raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {which!r}")
+        if which not in CHECKPOINT_NAMES:  # a user's value from Python (evaluate(checkpoint=...)): the CLI has choices
+            raise CrlnError(f"checkpoint {which!r}: expected one of {', '.join(CHECKPOINT_NAMES)}")
         return self.path / f"checkpoint_{which}.pt"
 
     @property

@@ -51,7 +51,7 @@ from crln.engine import distributed
 from crln.engine.allocator import tune_cpu_allocator
 from crln.engine.callbacks import Callback, TimeBudget, default_callbacks, validate
 from crln.engine.checkpoint import save_checkpoint
-from crln.engine.device import Performance, seed_everything
+from crln.engine.device import Performance, run_settings, seed_everything
 from crln.engine.run_folder import MetricsLog, RunFolder
 from crln.engine.schedule import lr_factor, poly_lr_factor, schedule_window
 from crln.engine.state import NullLog, RunState, inference_weights, read_resume_checkpoint
@@ -118,6 +118,19 @@ def train(
     """
     budget = TimeBudget(time_budget_s) if time_budget_s is not None else None  # counts from here
     tune_cpu_allocator()  # activation maps reuse heap memory instead of fresh page-faulted mmaps
+    with run_settings(config.train.threads):  # train.threads and train.deterministic end with the run
+        return _train(config, resume, run_dir, progress, budget, callbacks)
+
+
+def _train(
+    config: RunConfig,
+    resume: bool,
+    run_dir: str | Path | None,
+    progress: bool,
+    budget: TimeBudget | None,
+    callbacks: Sequence[Callback],
+) -> TrainResult:
+    """:func:`train` within its :func:`crln.engine.device.run_settings`."""
     folder = RunFolder(run_dir) if run_dir is not None else RunFolder.for_config(config)
     # Under torchrun: join the process group (cuda:LOCAL_RANK on GPUs); rank 0 alone reads and writes the folder.
     device = distributed.process_device(config.train.device)
@@ -151,10 +164,8 @@ def _check_run_folder(folder: RunFolder, resume: bool, option: bool) -> None:
 
 
 def _seed(config: RunConfig, device: torch.device) -> Performance:
-    """Seed every RNG, set the CPU threads; the device's performance settings (AMP, channels-last)."""
+    """Seed every RNG; the device's performance settings (AMP, channels-last)."""
     seed_everything(config.train.seed, config.train.deterministic)
-    if config.train.threads > 0:
-        torch.set_num_threads(config.train.threads)
     return Performance.for_device(device, config.train.amp, config.train.channels_last, config.train.deterministic)
 
 

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from crln.comparison import PairedDifference
 from crln.methods.base import TimelineMark
 from crln.metrics import PERCENT, Metric, metric_of
-from crln.report.figures import SavedFigure, legend_if_labelled, point_marker, save_figure
+from crln.report.figures import SavedFigure, legend_if_labelled, point_marker, save_figure, subplots
 
 __all__ = [
     "LoggedRun",
@@ -113,7 +112,7 @@ def plot_metric_by_method(
     seed_means = [np.asarray(e.seed_means, dtype=float) * scale for e in entries]
     means = np.array([np.nanmean(values) for values in seed_means])
     stds = np.array([e.pooled["boot_std"] * scale for e in entries])
-    fig, ax = plt.subplots(figsize=(9.0, 1.2 + BAR_INCHES_PER_ROW * len(entries)), layout="constrained")
+    fig, ax = subplots(figsize=(9.0, 1.2 + BAR_INCHES_PER_ROW * len(entries)))
     positions = np.arange(len(entries))[::-1]
     ax.barh(positions, means, xerr=stds, color="#4c72b0", alpha=0.8, capsize=3)
     for y, values in zip(positions, seed_means):
@@ -144,9 +143,9 @@ def plot_paired_differences(
     metrics = list(dict.fromkeys(name for _, diffs in entries for name, d in diffs.items() if d is not None))
     if not metrics:
         return None
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1, len(metrics), figsize=(5.5 * len(metrics), 1.4 + BAR_INCHES_PER_ROW * len(entries)),
-        squeeze=False, sharey=True, layout="constrained",
+        squeeze=False, sharey=True,
     )  # fmt: skip
     positions = np.arange(len(entries))[::-1]
     jitter = np.random.default_rng(0)  # spreads the points vertically only, so they do not hide each other
@@ -188,12 +187,11 @@ def plot_pseudo_label_quality(runs: Sequence[LoggedRun], path: str | Path) -> Sa
     if not runs:
         return None
     cols = len(QUALITY_PANELS)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(runs),
         cols,
         figsize=(QUALITY_PANEL_INCHES[0] * cols, QUALITY_PANEL_INCHES[1] * len(runs) + 0.6),
         squeeze=False,
-        layout="constrained",
     )
     fig.suptitle(
         "Teacher pseudo-labels before / after rectification "
@@ -227,7 +225,7 @@ def plot_mu(runs: Sequence[LoggedRun], path: str | Path) -> SavedFigure | None:
     runs = [run for run in runs if _series(run.records, "mu")[0].size]
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(7.0, 3.8), layout="constrained")
+    fig, ax = subplots(figsize=(7.0, 3.8))
     for run in runs:
         x, y = _series(run.records, "mu")
         ax.plot(x, y, lw=1.5, marker=point_marker(x.size), label=run.name)

@@ -1,4 +1,7 @@
-"""The report's figures, drawn with matplotlib's Agg backend (offscreen, no display needed).
+"""The report's figures, drawn offscreen on :class:`matplotlib.figure.Figure` objects (no display needed).
+
+No figure goes through ``pyplot`` (:func:`subplots`), and no backend is chosen here: a notebook that builds
+a report keeps its own backend and open figures. ``Figure.savefig`` renders the PNGs with Agg.
 
 Every figure has a fixed size in pixels (``figsize × DPI``, never ``bbox_inches="tight"``), so a
 reader (and the tests) know the PNG's dimensions in advance; :func:`save_figure` returns them.
@@ -22,10 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # before pyplot: offscreen rendering only
-
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -47,6 +46,7 @@ __all__ = [
     "plot_training_curves",
     "point_marker",
     "save_figure",
+    "subplots",
 ]
 
 DPI = 100
@@ -71,15 +71,19 @@ class SavedFigure:
     height: int
 
 
+def subplots(*grid: int, figsize: tuple[float, float], layout: str | None = "constrained", **kwargs: Any) -> Any:
+    """``(figure, axes)`` as ``pyplot.subplots`` gives them, on a figure that pyplot never sees: it neither
+    switches the user's backend nor joins their open figures, and it is freed with its last reference."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def save_figure(fig: Figure, path: str | Path) -> SavedFigure:
-    """Write ``fig`` as a PNG atomically at :data:`DPI` and close it; returns its path and pixel size."""
+    """Write ``fig`` as a PNG atomically at :data:`DPI`; returns its path and pixel size."""
     path = Path(path)
     width, height = (round(v * DPI) for v in fig.get_size_inches())
-    try:
-        with atomic_path(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=DPI, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return SavedFigure(path, int(width), int(height))
 
 
@@ -166,16 +170,15 @@ def plot_training_curves(
         return None
     cols = min(CURVE_COLUMNS, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         rows,
         cols,
         figsize=(CURVE_PANEL_INCHES[0] * CURVE_COLUMNS, CURVE_PANEL_INCHES[1] * rows + 0.5),
         squeeze=False,
-        layout="constrained",
     )
     if title:
         fig.suptitle(title, fontsize=12)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, ax in enumerate(axes.flat):
         if index >= len(panels):
             ax.set_visible(False)
@@ -265,7 +268,7 @@ def plot_slice_overlay(
     through the object's centre; row 2: the confidence (max softmax) map with the prediction contour."""
     centre = object_centre(label > 0 if label is not None else None, pred > 0, shape=image.shape)
     lo, hi = np.percentile(image, [1, 99.5])
-    fig, axes = plt.subplots(2, 3, figsize=OVERLAY_INCHES, layout="constrained")
+    fig, axes = subplots(2, 3, figsize=OVERLAY_INCHES)
     if title:
         fig.suptitle(title, fontsize=12)
     aspects = _plane_aspects(spacing)
@@ -358,7 +361,7 @@ def plot_surface_render(
 
     gt_mask = label > 0 if label is not None else None
     pred_mask = pred > 0
-    fig = plt.figure(figsize=RENDER_INCHES)
+    fig = Figure(figsize=RENDER_INCHES)
     if title:
         fig.suptitle(title, fontsize=12)
     sp = np.asarray(spacing, dtype=float)
@@ -408,7 +411,7 @@ def plot_surface_render(
         ax.view_init(elev=25, azim=-60)
         ax.set_axis_off()
     if norm is not None:
-        mappable = plt.cm.ScalarMappable(norm=norm, cmap="turbo")
+        mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap="turbo")
         fig.colorbar(mappable, ax=fig.axes, shrink=0.6, label=f"distance to GT surface ({distance_unit})")
     return save_figure(fig, path)
 
@@ -434,7 +437,7 @@ def plot_rectification(
     z = object_centre(label > 0 if label is not None else None, teacher.argmax(0) > 0, shape=image.shape)[2]
     aspect = float(spacing[1]) / float(spacing[0])
     lo, hi = np.percentile(image, [1, 99.5])
-    fig, axes = plt.subplots(2, 4, figsize=RECTIFY_INCHES, layout="constrained")
+    fig, axes = subplots(2, 4, figsize=RECTIFY_INCHES)
     if title:
         fig.suptitle(title, fontsize=12)
 
