@@ -156,6 +156,26 @@ def test_data_phantom_and_prepare(tmp_path: Path) -> None:
     assert (dst / "train.list").read_text() == (src / "train.list").read_text()
 
 
+def test_data_phantom_refuses_a_folder_holding_another_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A phantom written into a real dataset's folder would replace its case lists; a rerun with fewer cases
+    # would leave the old case files beside the new ones.
+    real = tmp_path / "LA"
+    real.mkdir()
+    (real / "train.list").write_text("case_a\n")
+    argv = ["data", "phantom", "--dst", str(real), "--train", "2", "--test", "1", "--shape", "32,32,16"]
+    assert main(argv) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"crln: error: --dst {real}: holds train.list, expected a new or empty folder"
+    )
+    assert (real / "train.list").read_text() == "case_a\n" and sorted(p.name for p in real.iterdir()) == ["train.list"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*argv[:3], str(empty), *argv[4:]]) == 0  # an empty folder is fine
+
+
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["demo", "--out", str(tmp_path / "demo"), "--iterations", "4", "--train-cases", "7", "--test-cases", "1"]
     tiny = ["model.n_filters=4", "data.patch_size=[32,32,32]", "train.val_every=2", "data.num_workers=0"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from crln.errors import CrlnError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_dir"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_dir", "check_unshared_output_dir"]
 
 
 def _fsync_file(path: Path) -> None:
@@ -90,4 +90,19 @@ def check_output_dir(path: str | Path, what: str) -> Path:
         if folder.exists() and not folder.is_dir():
             found = "an existing file" if folder == path else f"{folder} above it is a file"
             raise CrlnError(f"{what} {path}: {found}, expected a folder to write into")
+    return path
+
+
+def check_unshared_output_dir(path: str | Path, what: str, expected: str = "a new or empty folder") -> Path:
+    """:func:`check_output_dir`, and the folder, where it exists, empty: a command that writes a whole
+    dataset (its case lists included) must not mix its files into another dataset's folder.
+
+    Raises:
+        CrlnError: as :func:`check_output_dir`, or the folder holds files (the first three named).
+    """
+    path = check_output_dir(path, what)
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise CrlnError(f"{what} {path}: holds {shown}, expected {expected}")
     return path

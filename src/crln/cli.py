@@ -394,8 +394,12 @@ def _add_phantom_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
+    from crln.atomic import check_unshared_output_dir
     from crln.data.phantom import write_phantom_h5_dataset, write_phantom_nifti_dataset
 
+    # Its case lists and dataset.json would replace those of a dataset already there (a real one, say), and
+    # a rerun with fewer cases would leave the old case files beside the new.
+    check_unshared_output_dir(args.dst, "--dst")
     if args.seed < 0:  # numpy seeds only non-negative integers, and would fail with a traceback
         raise CrlnError(f"--seed {args.seed}: expected an integer >= 0")
     writer = write_phantom_nifti_dataset if args.format == "nifti" else write_phantom_h5_dataset

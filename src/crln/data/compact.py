@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from crln import __version__
-from crln.atomic import atomic_path, atomic_write_text, check_output_dir
+from crln.atomic import atomic_path, atomic_write_text, check_unshared_output_dir
 from crln.data.case import Case
 from crln.data.h5 import H5Dataset, locate_case, read_case_list, read_h5_case
 from crln.data.prepare import PREPARE_MANIFEST, SCALE_RECORD
@@ -450,14 +450,8 @@ def _check_destination(dst: Path) -> None:
     """Refuse a ``dst`` that is a file, or a folder holding anything but a compact copy (e.g. another dataset,
     whose case lists the copy would overwrite). A copy writes its manifest before anything else, so an
     interrupted one is always recognised."""
-    check_output_dir(dst, "--dst")
-    if dst.is_dir() and not is_compact_root(dst):
-        found = sorted(p.name for p in dst.iterdir())
-        if found:
-            shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-            raise CrlnError(
-                f"--dst {dst}: holds {shown} but no {MANIFEST_NAME}, expected a new or empty folder or a compact copy"
-            )
+    if not is_compact_root(dst):
+        check_unshared_output_dir(dst, "--dst", f"a new or empty folder or a compact copy (with {MANIFEST_NAME})")
 
 
 def _entry_done(root: Path, entry: dict[str, Any] | None, source: dict[str, int]) -> bool:
