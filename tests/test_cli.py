@@ -176,6 +176,23 @@ def test_data_phantom_refuses_a_folder_holding_another_dataset(
     assert main([*argv[:3], str(empty), *argv[4:]]) == 0  # an empty folder is fine
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train", "0"], "--train 0 --test 4: expected --train >= 1 and --test >= 0"),
+        (["--test", "-1"], "--train 12 --test -1: expected --train >= 1 and --test >= 0"),
+        (["--shape", "4,32,32"], "--shape 4,32,32: expected at least 8 voxels per axis and at most 512³ voxels in all"),
+        (["--shape", "10000"], "--shape 10000,10000,10000: expected at least 8 voxels"),
+        (["--num-classes", "300"], "--num-classes 300: expected 2 to 256 for a phantom"),
+    ],
+)
+def test_data_phantom_flags_out_of_range_are_named_as_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    assert main(["data", "phantom", "--dst", str(tmp_path / "ph"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "ph").exists()
+
+
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["demo", "--out", str(tmp_path / "demo"), "--iterations", "4", "--train-cases", "7", "--test-cases", "1"]
     tiny = ["model.n_filters=4", "data.patch_size=[32,32,32]", "train.val_every=2", "data.num_workers=0"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import shlex
@@ -400,14 +401,30 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     # Its case lists and dataset.json would replace those of a dataset already there (a real one, say), and
     # a rerun with fewer cases would leave the old case files beside the new.
     check_unshared_output_dir(args.dst, "--dst")
-    if args.seed < 0:  # numpy seeds only non-negative integers, and would fail with a traceback
-        raise CrlnError(f"--seed {args.seed}: expected an integer >= 0")
+    _check_phantom_flags(args)
     writer = write_phantom_nifti_dataset if args.format == "nifti" else write_phantom_h5_dataset
     root = writer(
         args.dst, n_train=args.train, n_test=args.test, shape=args.shape, seed=args.seed, num_classes=args.num_classes
     )
     print(f"phantom dataset written to {root}")
     return 0
+
+
+#: The largest phantom volume (512³ voxels): its generation holds several float32 maps of that size at once.
+PHANTOM_MAX_VOXELS = 512**3
+
+
+def _check_phantom_flags(args: argparse.Namespace) -> None:
+    """The flags' ranges, named as flags (the writers' own checks name their Python arguments)."""
+    if args.seed < 0:  # numpy seeds only non-negative integers, and would fail with a traceback
+        raise CrlnError(f"--seed {args.seed}: expected an integer >= 0")
+    if args.train < 1 or args.test < 0:
+        raise CrlnError(f"--train {args.train} --test {args.test}: expected --train >= 1 and --test >= 0")
+    shape = ",".join(map(str, args.shape))
+    if min(args.shape) < 8 or math.prod(args.shape) > PHANTOM_MAX_VOXELS:
+        raise CrlnError(f"--shape {shape}: expected at least 8 voxels per axis and at most 512³ voxels in all")
+    if not 2 <= args.num_classes <= 256:  # the label is uint8: classes 0..255
+        raise CrlnError(f"--num-classes {args.num_classes}: expected 2 to 256 for a phantom")
 
 
 def _add_compact_parser(sub: argparse._SubParsersAction) -> None:
