@@ -109,6 +109,7 @@ def time_steps(
     results: dict[tuple[str, str], StepTimes] = {}
     for variant in variants:
         perf = Performance.for_device(device, variant.amp, variant.channels_last)
+        perf.apply_cuda_tuning()  # as training does (a whole process: no flags to give back)
         data = _batch(patch, *batch, device)
         data.labeled_image, data.unlabeled_image = perf.input(data.labeled_image), perf.input(data.unlabeled_image)
         for name in methods:

@@ -395,6 +395,7 @@ def part_inference(settings: Settings, config: Any, data: dict[str, Any], second
     variants = {}
     for name, (amp, layout) in {"fp32": ("none", "off"), "bf16 + channels-last": ("bf16", "on")}.items():
         perf = Performance.for_device(device, amp, layout)
+        perf.apply_cuda_tuning()  # as crln predict does
         fast = optimize_for_inference(network, device)  # CPU: a folded copy; CUDA: the network itself
         fast = copy.deepcopy(fast).to(memory_format=torch.channels_last_3d) if perf.channels_last else fast
         variants[name] = (perf, fast)

@@ -20,7 +20,7 @@ from conftest import tiny_overrides
 from crln.config import load_config
 from crln.data.batch import Batch
 from crln.engine.checkpoint import load_checkpoint
-from crln.engine.device import Performance, seed_everything
+from crln.engine.device import Performance, run_settings, seed_everything
 from crln.engine.run_folder import read_log
 from crln.engine.trainer import train
 from crln.methods import build_method, method_config_class, method_names
@@ -149,8 +149,11 @@ def test_channels_last_gives_the_same_logits_and_trains(name: str, device: str) 
 @needs_cuda
 def test_cudnn_is_used_with_the_speed_settings_and_off_when_deterministic() -> None:
     assert torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
-    Performance.for_device(torch.device("cuda"))
-    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.benchmark = False
+    with run_settings():
+        Performance.for_device(torch.device("cuda")).apply_cuda_tuning()
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+    assert not torch.backends.cudnn.benchmark  # the process's own flags again
     x = torch.randn(1, 1, 16, 16, 16, device="cuda", dtype=torch.bfloat16)
     assert torch.backends.cudnn.is_acceptable(x)
     try:

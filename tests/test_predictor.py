@@ -75,6 +75,30 @@ def test_predict_refuses_an_image_the_network_cannot_segment(crln_run: Path, pha
         predictor.predict(image[..., 0])
 
 
+def test_predict_tunes_cuda_only_while_it_runs(crln_run: Path, phantom_root: Path) -> None:
+    """cuDNN autotuning and TF32 are process-wide flags: a predictor (here one that would tune, as on CUDA) sets
+    them for its own forward passes and gives the caller's back, so a notebook's other code keeps its numerics."""
+    import dataclasses
+
+    predictor = Predictor.from_checkpoint(crln_run / "model_final.pt", device="cpu")
+    predictor.perf = dataclasses.replace(predictor.perf, cuda_tuning=True)
+    network, seen = predictor.network, []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32))
+        return network(x)
+
+    predictor.network = recording
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        predictor.predict(_test_cases(phantom_root)[0].image)
+        assert seen and all(flags == (True, True) for flags in seen)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_inference_weights_file_predicts_as_the_full_checkpoint(crln_run: Path, phantom_root: Path) -> None:
     image = _test_cases(phantom_root)[0].image
     full = Predictor.from_checkpoint(crln_run / "checkpoint_final.pt", device="cpu")

@@ -34,7 +34,7 @@ from crln.data.case import Case
 from crln.data.transforms import normalize_intensity
 from crln.data.validate import check_channels, validate_case
 from crln.engine.checkpoint import INFERENCE_WEIGHTS, load_checkpoint, restore_module_state
-from crln.engine.device import Performance, resolve_device
+from crln.engine.device import Performance, resolve_device, run_settings
 from crln.errors import CrlnError
 from crln.inference import optimize_for_inference, predict_case, scaled_stride
 from crln.methods import Method, method_for_run
@@ -286,14 +286,16 @@ class Predictor:
         # An in-memory image is checked as the CLI checks a file: otherwise torch fails on the channels, and
         # NaNs come out as a silent label map.
         check_input(Case("image", image, source="predict"), config, require_label=False)
-        return predict_case(
-            lambda x: self.network(self.perf.input(x)),
-            normalize_intensity(image, config.data.intensity),
-            patch_size=config.data.patch_size,
-            stride=tuple(stride) if stride is not None else tuple(config.eval.stride),
-            num_classes=config.data.num_classes,
-            sw_batch_size=sw_batch_size if sw_batch_size is not None else config.eval.sw_batch_size,
-            device=self.perf.device,
-            amp_dtype=self.perf.amp_dtype,
-            largest_component=largest_component,
-        )
+        with run_settings():  # cuDNN autotuning and TF32 for this call only: the caller's own code keeps its flags
+            self.perf.apply_cuda_tuning()
+            return predict_case(
+                lambda x: self.network(self.perf.input(x)),
+                normalize_intensity(image, config.data.intensity),
+                patch_size=config.data.patch_size,
+                stride=tuple(stride) if stride is not None else tuple(config.eval.stride),
+                num_classes=config.data.num_classes,
+                sw_batch_size=sw_batch_size if sw_batch_size is not None else config.eval.sw_batch_size,
+                device=self.perf.device,
+                amp_dtype=self.perf.amp_dtype,
+                largest_component=largest_component,
+            )

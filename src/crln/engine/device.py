@@ -77,6 +77,7 @@ class Performance:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+    cuda_tuning: bool = False  # cuDNN autotuning and TF32 while crln computes (CUDA, not deterministic)
 
     @classmethod
     def for_device(
@@ -86,11 +87,15 @@ class Performance:
         dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         amp_dtype = (torch.bfloat16 if cuda else None) if amp == "auto" else dtypes[amp]
         use_cl = channels_last in ("auto", "on")
-        if cuda and not deterministic:
+        return cls(device=device, amp_dtype=amp_dtype, channels_last=use_cl, cuda_tuning=cuda and not deterministic)
+
+    def apply_cuda_tuning(self) -> None:
+        """Switch cuDNN autotuning and TF32 on when ``cuda_tuning`` says so. They are process-wide flags: call
+        it within :func:`run_settings`, which gives the caller's code its own flags back afterwards."""
+        if self.cuda_tuning:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cls(device=device, amp_dtype=amp_dtype, channels_last=use_cl)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for forward passes (a no-op when AMP is off)."""

@@ -166,7 +166,9 @@ def _check_run_folder(folder: RunFolder, resume: bool, option: bool) -> None:
 def _seed(config: RunConfig, device: torch.device) -> Performance:
     """Seed every RNG; the device's performance settings (AMP, channels-last)."""
     seed_everything(config.train.seed, config.train.deterministic)
-    return Performance.for_device(device, config.train.amp, config.train.channels_last, config.train.deterministic)
+    perf = Performance.for_device(device, config.train.amp, config.train.channels_last, config.train.deterministic)
+    perf.apply_cuda_tuning()  # within train's run_settings: the flags end with the run
+    return perf
 
 
 def _prepare_data(config: RunConfig, resumed: RunFolder | None = None) -> tuple[Method, _Data]:
