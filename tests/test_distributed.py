@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -133,9 +134,19 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_processes(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every 2-process job, run once in one pair of spawned processes; returns their output folder."""
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), phantom_root, out), nprocs=WORLD, join=True)
-    return out
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("ddp")
+        try:
+            mp.spawn(_worker, args=(_free_port(), phantom_root, out), nprocs=WORLD, join=True)
+            return out
+        except mp.ProcessExitedException as err:
+            # About one full-suite run in seven, a rank dies with SIGABRT ("terminate called without an active
+            # exception", from a C++ thread of torch's CPU process-group path; cause not yet found, see
+            # docs/distributed.md). Once is retried in fresh folders, visibly; twice, or any other death, fails.
+            if attempt == 2 or err.signal_name != "SIGABRT":
+                raise
+            warnings.warn(f"2-process job aborted ({err}); retried once in fresh folders", stacklevel=1)
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
