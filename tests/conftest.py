@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,19 @@ def assert_user_error(
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def poison_supervised_step(monkeypatch: pytest.MonkeyPatch, at_step: int, change: Callable[[dict], None]) -> None:
+    """Let ``change(out)`` alter the supervised baseline's loss terms of (0-based) iteration ``at_step``: a
+    divergence made to order."""
+    from crln.methods.supervised import Supervised
+
+    original = Supervised.train_step
+
+    def poisoned(self: Supervised, batch: object, step: int) -> dict[str, torch.Tensor]:
+        out = original(self, batch, step)
+        if step == at_step:
+            change(out)
+        return out
+
+    monkeypatch.setattr(Supervised, "train_step", poisoned)

@@ -11,8 +11,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 
-from conftest import tiny_overrides
+from conftest import poison_supervised_step, tiny_overrides
 from crln.bench import load_plan, run_plan
 from crln.cli import main
 from crln.engine.callbacks import Callback
@@ -416,20 +417,13 @@ def test_no_train_before_any_run_finished_writes_a_table_saying_so(tmp_path: Pat
 
 
 def _diverge_seed(monkeypatch: pytest.MonkeyPatch, seed: int, at_step: int) -> None:
-    """Supervised runs of ``seed`` get an infinite loss at (0-based) iteration ``at_step``; others train as usual."""
-    import torch
+    """Make the supervised baseline's loss infinite at ``at_step`` in the run of ``seed`` only."""
 
-    from crln.methods.supervised import Supervised
-
-    original = Supervised.train_step
-
-    def poisoned(self: Supervised, batch: object, step: int) -> dict[str, torch.Tensor]:
-        out = original(self, batch, step)
-        if step == at_step and torch.initial_seed() == seed:  # the trainer seeds torch with train.seed
+    def infinite(out: dict[str, torch.Tensor]) -> None:
+        if torch.initial_seed() == seed:  # the trainer seeds torch with train.seed
             out["loss"] = out["loss"] * float("inf")
-        return out
 
-    monkeypatch.setattr(Supervised, "train_step", poisoned)
+    poison_supervised_step(monkeypatch, at_step, infinite)
 
 
 def test_a_diverged_seed_is_recorded_tabled_and_not_trained_again(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import assert_user_error, tiny_overrides
+from conftest import assert_user_error, poison_supervised_step, tiny_overrides
 from crln.cli import main
 from crln.config import load_config
 from crln.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -156,19 +156,6 @@ def test_a_failed_log_write_is_a_clear_error(tmp_path: Path) -> None:
 # a diverging run
 
 
-def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int, change: Any) -> None:
-    """Let ``change(out)`` alter the loss terms of (0-based) iteration ``at_step``."""
-    original = Supervised.train_step
-
-    def poisoned(self: Supervised, batch: Any, step: int) -> dict[str, torch.Tensor]:
-        out = original(self, batch, step)
-        if step == at_step:
-            change(out)
-        return out
-
-    monkeypatch.setattr(Supervised, "train_step", poisoned)
-
-
 def test_non_finite_loss_stops_naming_the_term_and_iteration(
     phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -179,7 +166,7 @@ def test_non_finite_loss_stops_naming_the_term_and_iteration(
         out["loss_dice"] = torch.full_like(out["loss_dice"], float("inf"))
         out["loss"] = out["loss"] + out["loss_dice"]
 
-    _poison(monkeypatch, 4, dice_overflows)
+    poison_supervised_step(monkeypatch, 4, dice_overflows)
     argv = ["train", "demo", *overrides, "--no-progress"]
     message = ("training diverged: loss term 'loss_dice' is inf", "at iteration 5", "last good")
     assert_user_error(argv, capsys, *message, exit_code=EXIT_DIVERGED)
@@ -248,7 +235,7 @@ def test_fp16_gradient_overflow_is_skipped_by_the_scaler(
     def scaled_up(out: dict[str, torch.Tensor]) -> None:
         out["loss"] = out["loss"] * overflow_factor
 
-    _poison(monkeypatch, 0, scaled_up)
+    poison_supervised_step(monkeypatch, 0, scaled_up)
     assert main(["train", "demo", *overrides, "--no-progress"]) == 0
     final = load_checkpoint(_run_dir(overrides) / "checkpoint_final.pt")
     initial_scale = inspect.signature(torch.amp.GradScaler).parameters["init_scale"].default
